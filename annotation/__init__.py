@@ -1,0 +1,6 @@
+"""annotation: Label Studio box-annotation campaigns, quality control and automatic box estimation."""
+
+import logging
+
+logger = logging.getLogger("annotation")
+logger.addHandler(logging.NullHandler())

@@ -1,0 +1,7 @@
+"""``python -m gldboxes`` runs the ``gldboxes`` command."""
+
+import sys
+
+from gldboxes.cli.main import main
+
+sys.exit(main())

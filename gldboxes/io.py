@@ -1,0 +1,103 @@
+"""Shared file conventions: atomic writes, versioned JSON, resolved configs beside outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "config_hash",
+    "read_json",
+    "write_config",
+    "write_json",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    A crash (or an exception in the ``with`` body) leaves ``path`` untouched and removes the
+    temporary file, so nothing half-written is ever mistaken for a finished output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike[str],
+    mode: str = "w",
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
+) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing and atomically rename it onto ``path`` on success."""
+    if "b" in mode:
+        encoding = None
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as fh:
+        yield fh
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
+    """Atomically write ``obj`` as JSON (sorted keys for stable bytes) and return the path."""
+    with atomic_write(path) as fh:
+        json.dump(obj, fh, indent=indent, sort_keys=True)
+        fh.write("\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, raising ``ValueError`` that names the file when it is malformed."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def write_config(directory: str | os.PathLike[str], conf: Mapping[str, Any], *,
+                 name: str = "config.yaml") -> Path:
+    """Write the resolved configuration of a stage as YAML beside its outputs."""
+    path = Path(directory) / name
+    with atomic_write(path) as fh:
+        yaml.safe_dump(_plain(conf), fh, sort_keys=True)
+    return path
+
+
+def config_hash(conf: Mapping[str, Any], length: int = 12) -> str:
+    """A short stable hash of a configuration (used in folder names and done-markers)."""
+    blob = json.dumps(_plain(conf), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _plain(obj: Any) -> Any:
+    """Convert tuples, paths and numpy scalars into YAML/JSON-friendly builtins."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj

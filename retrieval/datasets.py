@@ -1,0 +1,307 @@
+"""Revisited Oxford/Paris datasets: safe ground-truth loading, image paths, official downloads.
+
+A dataset folder is laid out as the official downloads are::
+
+    roxford5k/
+        gnd_roxford5k.pkl      # {'imlist': [...], 'qimlist': [...], 'gnd': [{bbx, easy, hard, junk}]}
+        jpg/<name>.jpg         # database and query images
+
+The synthetic world (:mod:`gldboxes.synth`) writes the same layout, so everything here works on
+both.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gldboxes.http import download_file, new_session
+from gldboxes.io import atomic_write, read_json, write_json
+
+__all__ = [
+    "DATASETS",
+    "RevisitedDataset",
+    "UnsafePickleError",
+    "download_revisited",
+    "load_gnd",
+    "safe_load_pickle",
+    "save_gnd",
+]
+
+logger = logging.getLogger("retrieval.datasets")
+
+# Official sources (revisitop / VGG). Images come as tarballs; the ground truth as a pickle.
+DATASETS: dict[str, dict[str, Any]] = {
+    "roxford5k": {
+        "gnd_url": "http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl",
+        "image_urls": [
+            "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",
+        ],
+    },
+    "rparis6k": {
+        "gnd_url": "http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl",
+        "image_urls": [
+            "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
+            "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz",
+        ],
+    },
+}
+
+# The only globals a ground-truth pickle may reference: builtin containers and numpy arrays.
+_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+        ("builtins", "complex"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle that references something other than builtins and numpy arrays."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, fh: Any, source: str) -> None:
+        super().__init__(fh, encoding="latin1")
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"{self._source}: refusing to load {module}.{name}; ground-truth pickles may only "
+            "hold builtin containers and numpy arrays"
+        )
+
+
+def safe_load_pickle(path: str | Path) -> Any:
+    """Load a third-party pickle admitting only builtins and numpy arrays.
+
+    Raises:
+        UnsafePickleError: the pickle tries to import anything else (e.g. ``os.system``).
+        ValueError: the file is not a readable pickle.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), str(path)).load()
+    except UnsafePickleError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def _as_int_list(x: Any) -> list[int]:
+    return [int(v) for v in np.asarray(x).ravel()]
+
+
+def _validate_gnd(cfg: Any, source: str) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: expected a dict with imlist/qimlist/gnd, got {type(cfg)}")
+    for key in ("imlist", "qimlist", "gnd"):
+        if key not in cfg:
+            raise ValueError(f"{source}: ground truth has no {key!r} entry")
+    n_db, n_q = len(cfg["imlist"]), len(cfg["qimlist"])
+    if len(cfg["gnd"]) != n_q:
+        raise ValueError(f"{source}: {len(cfg['gnd'])} gnd entries for {n_q} queries")
+    gnd = []
+    for i, g in enumerate(cfg["gnd"]):
+        entry: dict[str, Any] = {}
+        for key in ("easy", "hard", "junk"):
+            if key not in g:
+                raise ValueError(f"{source}: query {i} has no {key!r} list")
+            ids = _as_int_list(g[key])
+            bad = [v for v in ids if v < 0 or v >= n_db]
+            if bad:
+                raise ValueError(f"{source}: query {i} {key} id {bad[0]} outside [0, {n_db})")
+            entry[key] = ids
+        if "bbx" in g and g["bbx"] is not None:
+            bbx = [float(v) for v in np.asarray(g["bbx"]).ravel()]
+            if len(bbx) != 4:
+                raise ValueError(f"{source}: query {i} bbx must have 4 numbers, got {bbx}")
+            entry["bbx"] = bbx
+        gnd.append(entry)
+    return {"imlist": [str(s) for s in cfg["imlist"]],
+            "qimlist": [str(s) for s in cfg["qimlist"]], "gnd": gnd}
+
+
+def load_gnd(path: str | Path) -> dict[str, Any]:
+    """Load a Revisited ground-truth file (official ``.pkl`` or our ``.json`` twin) and check it.
+
+    Returns:
+        ``{'imlist': [str], 'qimlist': [str], 'gnd': [{'bbx': [x1, y1, x2, y2], 'easy': [int],
+        'hard': [int], 'junk': [int]}]}`` with 0-based database indices.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ground-truth file not found: {path}")
+    raw = read_json(path) if path.suffix == ".json" else safe_load_pickle(path)
+    return _validate_gnd(raw, str(path))
+
+
+def save_gnd(cfg: dict[str, Any], path: str | Path) -> Path:
+    """Write a ground truth with the official pickle structure (builtins only) and a JSON twin."""
+    path = Path(path)
+    clean = _validate_gnd(cfg, str(path))
+    with atomic_write(path, "wb") as fh:
+        pickle.dump(clean, fh, protocol=3)
+    write_json(path.with_suffix(".json"), clean)
+    return path
+
+
+@dataclass(frozen=True)
+class RevisitedDataset:
+    """A Revisited-style benchmark folder: ground truth plus ``jpg/`` images.
+
+    Attributes:
+        root: the dataset folder.
+        name: dataset name (``roxford5k``, ``rparis6k``, ``synth`` ...).
+        imlist: database image names (n_db,).
+        qimlist: query image names (n_q,).
+        gnd: per-query dicts with ``bbx``, ``easy``, ``hard``, ``junk``.
+    """
+
+    root: Path
+    name: str
+    imlist: list[str]
+    qimlist: list[str]
+    gnd: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, root: str | Path, name: str | None = None) -> RevisitedDataset:
+        """Open a dataset folder holding one ``gnd_*.pkl`` (or ``gnd_*.json``) and ``jpg/``."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {root}")
+        if name is None:
+            cands = sorted(root.glob("gnd_*.pkl")) or sorted(root.glob("gnd_*.json"))
+            if len(cands) != 1:
+                raise ValueError(
+                    f"{root}: expected exactly one gnd_<name>.pkl, found {[c.name for c in cands]}"
+                )
+            gnd_path = cands[0]
+            name = gnd_path.stem[len("gnd_"):]
+        else:
+            gnd_path = root / f"gnd_{name}.pkl"
+            if not gnd_path.exists():
+                gnd_path = root / f"gnd_{name}.json"
+        cfg = load_gnd(gnd_path)
+        return cls(root=root, name=name, imlist=cfg["imlist"], qimlist=cfg["qimlist"],
+                   gnd=cfg["gnd"])
+
+    @property
+    def n_db(self) -> int:
+        return len(self.imlist)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.qimlist)
+
+    def image_path(self, name: str) -> Path:
+        """Path of an image by name (``jpg/<name>.jpg``)."""
+        return self.root / "jpg" / f"{name}.jpg"
+
+    def db_paths(self) -> list[Path]:
+        return [self.image_path(n) for n in self.imlist]
+
+    def query_paths(self) -> list[Path]:
+        return [self.image_path(n) for n in self.qimlist]
+
+    def query_bbx(self, i: int) -> tuple[float, float, float, float] | None:
+        """The query's box ``(x1, y1, x2, y2)`` in pixels, or ``None``."""
+        b = self.gnd[i].get("bbx")
+        return None if b is None else (b[0], b[1], b[2], b[3])
+
+    def missing_images(self) -> list[str]:
+        """Names of database and query images not present on disk."""
+        return [n for n in (*self.imlist, *self.qimlist) if not self.image_path(n).exists()]
+
+
+def download_revisited(
+    name: str,
+    out: str | Path,
+    *,
+    base_urls: dict[str, str] | None = None,
+    retries: int = 5,
+) -> RevisitedDataset:
+    """Download a Revisited dataset's ground truth and images into ``out/<name>/``.
+
+    Resumable: finished files are kept, partial transfers resume with HTTP Range requests, and
+    tarballs are extracted (images only, flattened into ``jpg/``) once fully downloaded. The
+    download counts as verified when the tarballs are valid archives and every image named by the
+    ground truth is present.
+
+    Args:
+        name: ``roxford5k`` or ``rparis6k``.
+        out: the data root.
+        base_urls: optional replacement of the hosts (for mirrors and tests), mapping ``"gnd"``
+            and ``"images"`` to a base URL; file names are kept.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    spec = DATASETS[name]
+    root = Path(out) / name
+    (root / "jpg").mkdir(parents=True, exist_ok=True)
+
+    def _url(kind: str, url: str) -> str:
+        if base_urls and kind in base_urls:
+            return base_urls[kind].rstrip("/") + "/" + url.rsplit("/", 1)[1]
+        return url
+
+    session = new_session(2)
+    gnd_url = _url("gnd", spec["gnd_url"])
+    download_file(gnd_url, root / gnd_url.rsplit("/", 1)[1], session=session, retries=retries)
+    archives = root / "archives"
+    for url in spec["image_urls"]:
+        url = _url("images", url)
+        fname = url.rsplit("/", 1)[1]
+        done = archives / (fname + ".extracted")
+        if done.exists():
+            continue
+        tgz = download_file(url, archives / fname, session=session, retries=retries)
+        _extract_images(tgz, root / "jpg")
+        done.write_text("ok\n")
+    ds = RevisitedDataset.load(root, name)
+    missing = ds.missing_images()
+    if missing:
+        raise ValueError(
+            f"{root}: {len(missing)} images of the ground truth are missing after extraction "
+            f"(first: {missing[:3]})"
+        )
+    logger.info("%s ready: %d database images, %d queries", name, ds.n_db, ds.n_queries)
+    return ds
+
+
+def _extract_images(tgz: Path, jpg_dir: Path) -> None:
+    """Extract the ``.jpg`` members of a tarball flat into ``jpg_dir`` (no path traversal)."""
+    try:
+        with tarfile.open(tgz, "r:*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.lower().endswith(".jpg"):
+                    continue
+                fh = tar.extractfile(member)
+                if fh is None:
+                    continue
+                target = jpg_dir / Path(member.name).name
+                with atomic_write(target, "wb") as out:
+                    out.write(fh.read())
+    except tarfile.TarError as exc:
+        tgz.unlink(missing_ok=True)
+        raise ValueError(f"{tgz}: not a valid image archive ({exc}); deleted, rerun to refetch")
+

@@ -1,0 +1,250 @@
+"""Revisited Oxford/Paris evaluation: mAP and mP@k, vectorised, exact to revisitop's reference.
+
+The reference is ``compute_map`` of Radenovic et al.'s revisitop kit. Its semantics, kept here:
+
+* ``ranks`` has shape (n_ranked, n_queries): column ``q`` lists database ids, best first.
+  ``n_ranked`` may be smaller than the database (a truncated ranking): positives missing from
+  the list count as not found, because AP divides by the number of positives.
+* Junk images are removed from the list before positions are counted.
+* AP is the trapezoid rule over the positives' positions; mP@k uses ``k`` capped at the position
+  of the last positive found. Queries without positives are left out of the means (their AP and
+  precisions are ``nan``). A query whose list holds none of its positives has AP 0 and P@k 0
+  (the reference crashes there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "PROTOCOLS",
+    "ProtocolResult",
+    "compute_ap",
+    "compute_map",
+    "evaluate_protocols",
+    "format_table",
+    "protocol_gnd",
+    "validate_ranks",
+]
+
+Protocol = Literal["easy", "medium", "hard"]
+PROTOCOLS: tuple[Protocol, ...] = ("easy", "medium", "hard")
+
+
+def compute_ap(ranks: npt.ArrayLike, nres: int) -> float:
+    """Average precision of one query by the trapezoid rule (revisitop's ``compute_ap``).
+
+    Args:
+        ranks: 0-based positions (after junk removal) of the positives found, ascending (P,).
+        nres: number of positives of the query (>= P).
+    """
+    pos = np.asarray(ranks, dtype=np.float64)
+    if nres <= 0:
+        raise ValueError(f"nres must be positive, got {nres}")
+    j = np.arange(pos.size, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p0 = np.where(pos == 0, 1.0, j / pos)
+    p1 = (j + 1.0) / (pos + 1.0)
+    return float(((p0 + p1) / 2.0).sum() / nres)
+
+
+def validate_ranks(ranks: npt.ArrayLike, n_queries: int, n_db: int | None = None) -> np.ndarray:
+    """Check a ranking matrix and return it as an int64 array (n_ranked, n_queries).
+
+    Raises:
+        ValueError: wrong number of dimensions or queries, ids out of range, negative ids, or
+            an id listed twice for the same query.
+    """
+    arr = np.asarray(ranks)
+    if arr.ndim == 1 and n_queries == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"ranks must be 2-D (n_db, n_queries), got shape {arr.shape}")
+    if arr.shape[1] != n_queries:
+        hint = " (did you pass the transpose?)" if arr.shape[0] == n_queries else ""
+        raise ValueError(
+            f"ranks has {arr.shape[1]} columns but the ground truth has {n_queries} queries; "
+            f"expected shape (n_db, {n_queries}), got {arr.shape}{hint}"
+        )
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise ValueError(f"ranks must hold integer image ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0:
+            raise ValueError(f"ranks holds a negative image id ({lo})")
+        if n_db is not None and hi >= n_db:
+            raise ValueError(f"ranks holds image id {hi} but the database has {n_db} images")
+        srt = np.sort(arr, axis=0)
+        dup = np.nonzero((srt[1:] == srt[:-1]).any(axis=0))[0]
+        if dup.size:
+            q = int(dup[0])
+            col = srt[:, q]
+            d = int(col[1:][col[1:] == col[:-1]][0])
+            raise ValueError(f"ranks lists image id {d} more than once for query {q}")
+    return arr
+
+
+def compute_map(
+    ranks: npt.ArrayLike,
+    gnd: Sequence[Mapping[str, Any]],
+    kappas: Sequence[int] = (1, 5, 10),
+    *,
+    n_db: int | None = None,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean average precision and mean precision at k, revisitop's ``compute_map``.
+
+    Args:
+        ranks: database ids best first, shape (n_ranked, n_queries); may be truncated.
+        gnd: one dict per query with ``ok`` (positive ids) and optionally ``junk``.
+        kappas: the k of mP@k.
+        n_db: database size, to reject out-of-range ids (optional).
+
+    Returns:
+        ``(map, aps, pr, prs)``: mAP (float), per-query AP (n_queries,), mP@k (len(kappas),)
+        and per-query P@k (n_queries, len(kappas)); queries without positives are ``nan`` and
+        left out of the means.
+    """
+    nq = len(gnd)
+    r = validate_ranks(ranks, nq, n_db)
+    kap = np.asarray(list(kappas), dtype=np.int64)
+    if kap.size and kap.min() < 1:
+        raise ValueError(f"kappas must be >= 1, got {list(kappas)}")
+    n_ranked = r.shape[0]
+
+    ok = [np.asarray(g["ok"], dtype=np.int64).ravel() for g in gnd]
+    junk = [np.asarray(g.get("junk", []), dtype=np.int64).ravel() for g in gnd]
+    max_id = max([int(r.max()) if r.size else -1] + [int(a.max()) for a in ok + junk if a.size])
+    width = max_id + 1
+
+    # Label matrix (n_queries, width): bit 1 = positive, bit 2 = junk.
+    labels = np.zeros((nq, max(width, 1)), dtype=np.int8)
+    q_ok = np.repeat(np.arange(nq), [a.size for a in ok])
+    q_junk = np.repeat(np.arange(nq), [a.size for a in junk])
+    if q_ok.size:
+        labels[q_ok, np.concatenate(ok)] |= 1
+    if q_junk.size:
+        labels[q_junk, np.concatenate(junk)] |= 2
+    npos = np.array([a.size for a in ok], dtype=np.int64)
+
+    lab = labels[np.arange(nq)[:, None], r.T] if n_ranked else np.zeros((nq, 0), np.int8)
+    is_pos = (lab & 1).astype(bool)
+    is_junk = (lab & 2).astype(bool)
+    # Position of each item once the junk before it is removed (0-based).
+    junk_before = np.cumsum(is_junk, axis=1) - is_junk
+    adj = np.arange(n_ranked, dtype=np.int64)[None, :] - junk_before
+    # Index j of each positive among the positives found (0-based).
+    j = np.cumsum(is_pos, axis=1) - 1
+    adj_f = adj.astype(np.float64)
+    j_f = j.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p0 = np.where(adj == 0, 1.0, j_f / adj_f)
+    p1 = (j_f + 1.0) / (adj_f + 1.0)
+    contrib = np.where(is_pos, (p0 + p1) / 2.0, 0.0)
+    valid = npos > 0
+    aps = np.full(nq, np.nan)
+    aps[valid] = contrib[valid].sum(axis=1) / npos[valid]
+
+    # mP@k: k capped at the (1-based) position of the last positive found.
+    prs = np.full((nq, kap.size), np.nan)
+    found = is_pos.sum(axis=1)
+    last = np.where(is_pos, adj + 1, 0).max(axis=1) if n_ranked else np.zeros(nq, np.int64)
+    for c, k in enumerate(kap):
+        kq = np.minimum(last, k)
+        hits = (is_pos & (adj + 1 <= kq[:, None])).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pk = np.where(found > 0, hits / np.maximum(kq, 1), 0.0)
+        prs[valid, c] = pk[valid]
+
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return float("nan"), aps, np.full(kap.size, np.nan), prs
+    mean_ap = float(np.nansum(aps) / n_valid)
+    pr = np.nansum(prs, axis=0) / n_valid
+    return mean_ap, aps, pr, prs
+
+
+def protocol_gnd(gnd: Sequence[Mapping[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:
+    """Build the ``ok``/``junk`` lists of one Revisited protocol from ``easy/hard/junk``.
+
+    Easy: positives easy, junk junk + hard. Medium: positives easy + hard, junk junk.
+    Hard: positives hard, junk junk + easy.
+    """
+    out: list[dict[str, Any]] = []
+    for i, g in enumerate(gnd):
+        try:
+            easy = np.asarray(g["easy"], dtype=np.int64)
+            hard = np.asarray(g["hard"], dtype=np.int64)
+            jk = np.asarray(g["junk"], dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(f"ground truth of query {i} has no {exc.args[0]!r} list") from exc
+        if protocol == "easy":
+            out.append({"ok": easy, "junk": np.concatenate([jk, hard])})
+        elif protocol == "medium":
+            out.append({"ok": np.concatenate([easy, hard]), "junk": jk})
+        elif protocol == "hard":
+            out.append({"ok": hard, "junk": np.concatenate([jk, easy])})
+        else:
+            raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    return out
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """Metrics of one protocol: mAP, mP@k and the per-query figures (fractions in [0, 1])."""
+
+    protocol: str
+    map: float
+    mp_at: dict[int, float]
+    aps: np.ndarray
+    prs: np.ndarray
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mAP": self.map,
+            "mP@k": {str(k): v for k, v in self.mp_at.items()},
+            "aps": [None if np.isnan(a) else float(a) for a in self.aps],
+        }
+
+
+def evaluate_protocols(
+    ranks: npt.ArrayLike,
+    gnd: Sequence[Mapping[str, Any]],
+    kappas: Sequence[int] = (1, 5, 10),
+    *,
+    n_db: int | None = None,
+    protocols: Sequence[Protocol] = PROTOCOLS,
+) -> dict[str, ProtocolResult]:
+    """Evaluate a ranking under the Revisited protocols (easy / medium / hard)."""
+    res: dict[str, ProtocolResult] = {}
+    for p in protocols:
+        m, aps, pr, prs = compute_map(ranks, protocol_gnd(gnd, p), kappas, n_db=n_db)
+        res[p] = ProtocolResult(p, m, {int(k): float(v) for k, v in zip(kappas, pr, strict=True)},
+                                aps, prs)
+    return res
+
+
+def format_table(results: Mapping[str, Mapping[str, ProtocolResult]],
+                 kappas: Sequence[int] = (1, 5, 10)) -> str:
+    """A Markdown table, one row per method: mAP and mP@k per protocol, in percent."""
+    cols = ["method"]
+    for p in PROTOCOLS:
+        cols += [f"{p[0].upper()} mAP"] + [f"{p[0].upper()} mP@{k}" for k in kappas]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for method, res in results.items():
+        row = [method]
+        for p in PROTOCOLS:
+            r = res.get(p)
+            if r is None:
+                row += ["-"] * (1 + len(kappas))
+                continue
+            row.append(f"{100 * r.map:.2f}")
+            row += [f"{100 * r.mp_at.get(int(k), float('nan')):.2f}" for k in kappas]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
