@@ -75,8 +75,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def write_config(directory: str | os.PathLike[str], conf: Mapping[str, Any], *,
-                 name: str = "config.yaml") -> Path:
+def write_config(
+    directory: str | os.PathLike[str], conf: Mapping[str, Any], *, name: str = "config.yaml"
+) -> Path:
     """Write the resolved configuration of a stage as YAML beside its outputs."""
     path = Path(directory) / name
     with atomic_write(path) as fh:

@@ -1,4 +1,4 @@
-"""retrieval: local features, codebooks, ASMK-family kernels, inverted files and Revisited evaluation."""
+"""retrieval: local features, codebooks, ASMK kernels, inverted files, Revisited evaluation."""
 
 import logging
 

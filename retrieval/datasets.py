@@ -3,7 +3,7 @@
 A dataset folder is laid out as the official downloads are::
 
     roxford5k/
-        gnd_roxford5k.pkl      # {'imlist': [...], 'qimlist': [...], 'gnd': [{bbx, easy, hard, junk}]}
+        gnd_roxford5k.pkl      # {'imlist', 'qimlist', 'gnd': [{bbx, easy, hard, junk}]}
         jpg/<name>.jpg         # database and query images
 
 The synthetic world (:mod:`gldboxes.synth`) writes the same layout, so everything here works on
@@ -137,8 +137,11 @@ def _validate_gnd(cfg: Any, source: str) -> dict[str, Any]:
                 raise ValueError(f"{source}: query {i} bbx must have 4 numbers, got {bbx}")
             entry["bbx"] = bbx
         gnd.append(entry)
-    return {"imlist": [str(s) for s in cfg["imlist"]],
-            "qimlist": [str(s) for s in cfg["qimlist"]], "gnd": gnd}
+    return {
+        "imlist": [str(s) for s in cfg["imlist"]],
+        "qimlist": [str(s) for s in cfg["qimlist"]],
+        "gnd": gnd,
+    }
 
 
 def load_gnd(path: str | Path) -> dict[str, Any]:
@@ -196,14 +199,15 @@ class RevisitedDataset:
                     f"{root}: expected exactly one gnd_<name>.pkl, found {[c.name for c in cands]}"
                 )
             gnd_path = cands[0]
-            name = gnd_path.stem[len("gnd_"):]
+            name = gnd_path.stem[len("gnd_") :]
         else:
             gnd_path = root / f"gnd_{name}.pkl"
             if not gnd_path.exists():
                 gnd_path = root / f"gnd_{name}.json"
         cfg = load_gnd(gnd_path)
-        return cls(root=root, name=name, imlist=cfg["imlist"], qimlist=cfg["qimlist"],
-                   gnd=cfg["gnd"])
+        return cls(
+            root=root, name=name, imlist=cfg["imlist"], qimlist=cfg["qimlist"], gnd=cfg["gnd"]
+        )
 
     @property
     def n_db(self) -> int:
@@ -303,5 +307,6 @@ def _extract_images(tgz: Path, jpg_dir: Path) -> None:
                     out.write(fh.read())
     except tarfile.TarError as exc:
         tgz.unlink(missing_ok=True)
-        raise ValueError(f"{tgz}: not a valid image archive ({exc}); deleted, rerun to refetch")
-
+        raise ValueError(
+            f"{tgz}: not a valid image archive ({exc}); deleted, rerun to refetch"
+        ) from exc

@@ -225,13 +225,15 @@ def evaluate_protocols(
     res: dict[str, ProtocolResult] = {}
     for p in protocols:
         m, aps, pr, prs = compute_map(ranks, protocol_gnd(gnd, p), kappas, n_db=n_db)
-        res[p] = ProtocolResult(p, m, {int(k): float(v) for k, v in zip(kappas, pr, strict=True)},
-                                aps, prs)
+        res[p] = ProtocolResult(
+            p, m, {int(k): float(v) for k, v in zip(kappas, pr, strict=True)}, aps, prs
+        )
     return res
 
 
-def format_table(results: Mapping[str, Mapping[str, ProtocolResult]],
-                 kappas: Sequence[int] = (1, 5, 10)) -> str:
+def format_table(
+    results: Mapping[str, Mapping[str, ProtocolResult]], kappas: Sequence[int] = (1, 5, 10)
+) -> str:
     """A Markdown table, one row per method: mAP and mP@k per protocol, in percent."""
     cols = ["method"]
     for p in PROTOCOLS:

@@ -1,0 +1,25 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
+# Each sets up .venv on a fresh machine first.
+TEST_EXTRAS := dev,detection,annotation,view
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup setup-test lint typecheck pytest clean
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh $(TEST_EXTRAS)
+	scripts/system_packages.sh
+
+demo: setup
+	.venv/bin/gldboxes demo --out runs/demo
+
+test: setup-test
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	.venv/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
