@@ -26,6 +26,7 @@ __all__ = [
     "ProtocolResult",
     "compute_ap",
     "compute_map",
+    "compute_map_loop",
     "evaluate_protocols",
     "format_table",
     "protocol_gnd",
@@ -81,12 +82,13 @@ def validate_ranks(ranks: npt.ArrayLike, n_queries: int, n_db: int | None = None
             raise ValueError(f"ranks holds a negative image id ({lo})")
         if n_db is not None and hi >= n_db:
             raise ValueError(f"ranks holds image id {hi} but the database has {n_db} images")
-        srt = np.sort(arr, axis=0)
-        dup = np.nonzero((srt[1:] == srt[:-1]).any(axis=0))[0]
+        # Duplicates: count every (query, id) pair once with one bincount.
+        width = hi + 1
+        keys = arr + (np.arange(arr.shape[1], dtype=np.int64) * width)[None, :]
+        counts = np.bincount(keys.ravel(), minlength=width * arr.shape[1])
+        dup = np.flatnonzero(counts > 1)
         if dup.size:
-            q = int(dup[0])
-            col = srt[:, q]
-            d = int(col[1:][col[1:] == col[:-1]][0])
+            q, d = divmod(int(dup[0]), width)
             raise ValueError(f"ranks lists image id {d} more than once for query {q}")
     return arr
 
@@ -134,32 +136,32 @@ def compute_map(
     npos = np.array([a.size for a in ok], dtype=np.int64)
 
     lab = labels[np.arange(nq)[:, None], r.T] if n_ranked else np.zeros((nq, 0), np.int8)
-    is_pos = (lab & 1).astype(bool)
-    is_junk = (lab & 2).astype(bool)
-    # Position of each item once the junk before it is removed (0-based).
+    # Junk before each item (exclusive), then work on the positives found only.
+    is_junk = ((lab >> 1) & 1).astype(np.int32)
     junk_before = np.cumsum(is_junk, axis=1) - is_junk
-    adj = np.arange(n_ranked, dtype=np.int64)[None, :] - junk_before
-    # Index j of each positive among the positives found (0-based).
-    j = np.cumsum(is_pos, axis=1) - 1
-    adj_f = adj.astype(np.float64)
-    j_f = j.astype(np.float64)
+    qi, ci = np.nonzero(lab & 1)  # row-major: grouped by query, ascending rank
+    adj = (ci - junk_before[qi, ci]).astype(np.float64)  # 0-based position without junk
+    found = np.bincount(qi, minlength=nq)
+    starts = np.cumsum(found) - found
+    j = (np.arange(qi.size) - starts[qi]).astype(np.float64)  # index among positives found
     with np.errstate(divide="ignore", invalid="ignore"):
-        p0 = np.where(adj == 0, 1.0, j_f / adj_f)
-    p1 = (j_f + 1.0) / (adj_f + 1.0)
-    contrib = np.where(is_pos, (p0 + p1) / 2.0, 0.0)
+        p0 = np.where(adj == 0, 1.0, j / adj)
+    p1 = (j + 1.0) / (adj + 1.0)
+    ap_sum = np.bincount(qi, weights=(p0 + p1) / 2.0, minlength=nq)
     valid = npos > 0
     aps = np.full(nq, np.nan)
-    aps[valid] = contrib[valid].sum(axis=1) / npos[valid]
+    aps[valid] = ap_sum[valid] / npos[valid]
 
     # mP@k: k capped at the (1-based) position of the last positive found.
     prs = np.full((nq, kap.size), np.nan)
-    found = is_pos.sum(axis=1)
-    last = np.where(is_pos, adj + 1, 0).max(axis=1) if n_ranked else np.zeros(nq, np.int64)
+    last = np.zeros(nq)
+    has = found > 0
+    last[has] = adj[(starts + found - 1)[has]] + 1.0
     for c, k in enumerate(kap):
         kq = np.minimum(last, k)
-        hits = (is_pos & (adj + 1 <= kq[:, None])).sum(axis=1)
+        hits = np.bincount(qi, weights=(adj + 1.0 <= kq[qi]).astype(np.float64), minlength=nq)
         with np.errstate(divide="ignore", invalid="ignore"):
-            pk = np.where(found > 0, hits / np.maximum(kq, 1), 0.0)
+            pk = np.where(has, hits / np.maximum(kq, 1.0), 0.0)
         prs[valid, c] = pk[valid]
 
     n_valid = int(valid.sum())
@@ -168,6 +170,60 @@ def compute_map(
     mean_ap = float(np.nansum(aps) / n_valid)
     pr = np.nansum(prs, axis=0) / n_valid
     return mean_ap, aps, pr, prs
+
+
+def compute_map_loop(
+    ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int]
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Slow, obviously-correct reference: revisitop's ``compute_map`` loop for loop.
+
+    Used by the tests and the benchmark to check :func:`compute_map`. A query whose list holds
+    none of its positives has AP 0 and P@k 0 (where the original raises).
+    """
+    nq = len(gnd)
+    aps = np.zeros(nq)
+    pr = np.zeros(len(kappas))
+    prs = np.zeros((nq, len(kappas)))
+    nempty = 0
+    total = 0.0
+    for i in range(nq):
+        qgnd = np.array(gnd[i]["ok"])
+        if qgnd.shape[0] == 0:
+            aps[i] = float("nan")
+            prs[i, :] = float("nan")
+            nempty += 1
+            continue
+        qgndj = np.array(gnd[i].get("junk", []))
+        ok_set, junk_set = set(qgnd.tolist()), set(qgndj.tolist())
+        pos = [j for j in range(ranks.shape[0]) if ranks[j, i] in ok_set]
+        junk = [j for j in range(ranks.shape[0]) if ranks[j, i] in junk_set]
+        k = 0
+        ij = 0
+        if junk:
+            ip = 0
+            while ip < len(pos):
+                while ij < len(junk) and pos[ip] > junk[ij]:
+                    k += 1
+                    ij += 1
+                pos[ip] = pos[ip] - k
+                ip += 1
+        ap = 0.0
+        recall_step = 1.0 / len(qgnd)
+        for j, rank in enumerate(pos):
+            precision_0 = 1.0 if rank == 0 else float(j) / rank
+            precision_1 = float(j + 1) / (rank + 1)
+            ap += (precision_0 + precision_1) * recall_step / 2.0
+        total += ap
+        aps[i] = ap
+        pos1 = [p + 1 for p in pos]
+        for j, kap in enumerate(kappas):
+            if not pos1:
+                prs[i, j] = 0.0
+                continue
+            kq = min(max(pos1), kap)
+            prs[i, j] = sum(1 for p in pos1 if p <= kq) / kq
+        pr += prs[i, :]
+    return total / (nq - nempty), aps, pr / (nq - nempty), prs
 
 
 def protocol_gnd(gnd: Sequence[Mapping[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:

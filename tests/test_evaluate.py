@@ -12,57 +12,15 @@ import numpy as np
 import pytest
 
 from retrieval.datasets import load_gnd
-from retrieval.evaluate import compute_ap, compute_map, evaluate_protocols, protocol_gnd
+from retrieval.evaluate import (
+    compute_ap,
+    compute_map,
+    compute_map_loop,
+    evaluate_protocols,
+    protocol_gnd,
+)
 
-
-def reference_compute_map(
-    ranks: np.ndarray, gnd: list[dict[str, Any]], kappas: list[int]
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """revisitop's compute_map, loop for loop; a query with no positive found has AP 0, P@k 0."""
-    nq = len(gnd)
-    aps = np.zeros(nq)
-    pr = np.zeros(len(kappas))
-    prs = np.zeros((nq, len(kappas)))
-    nempty = 0
-    total = 0.0
-    for i in range(nq):
-        qgnd = np.array(gnd[i]["ok"])
-        if qgnd.shape[0] == 0:
-            aps[i] = float("nan")
-            prs[i, :] = float("nan")
-            nempty += 1
-            continue
-        qgndj = np.array(gnd[i].get("junk", []))
-        ok_set, junk_set = set(qgnd.tolist()), set(qgndj.tolist())
-        pos = [j for j in range(ranks.shape[0]) if ranks[j, i] in ok_set]
-        junk = [j for j in range(ranks.shape[0]) if ranks[j, i] in junk_set]
-        k = 0
-        ij = 0
-        if junk:
-            ip = 0
-            while ip < len(pos):
-                while ij < len(junk) and pos[ip] > junk[ij]:
-                    k += 1
-                    ij += 1
-                pos[ip] = pos[ip] - k
-                ip += 1
-        ap = 0.0
-        recall_step = 1.0 / len(qgnd)
-        for j, rank in enumerate(pos):
-            precision_0 = 1.0 if rank == 0 else float(j) / rank
-            precision_1 = float(j + 1) / (rank + 1)
-            ap += (precision_0 + precision_1) * recall_step / 2.0
-        total += ap
-        aps[i] = ap
-        pos1 = [p + 1 for p in pos]
-        for j, kap in enumerate(kappas):
-            if not pos1:
-                prs[i, j] = 0.0
-                continue
-            kq = min(max(pos1), kap)
-            prs[i, j] = sum(1 for p in pos1 if p <= kq) / kq
-        pr = pr + prs[i, :]
-    return total / (nq - nempty), aps, pr / (nq - nempty), prs
+reference_compute_map = compute_map_loop
 
 
 def _random_gnd(rng: np.random.Generator, n_db: int, nq: int) -> list[dict[str, Any]]:
