@@ -1,4 +1,4 @@
-"""annotation: Label Studio box-annotation campaigns, quality control and automatic box estimation."""
+"""annotation: Label Studio box campaigns, quality control and automatic box estimation."""
 
 import logging
 

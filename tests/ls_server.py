@@ -1,0 +1,52 @@
+"""Test helper: a real Label Studio server started from a cached, migrated template data dir.
+
+The template (``<repo>/.cache/labelstudio-template/<version>-<key>/``) is built once per machine
+(``label-studio init``: migrations, admin, legacy token; ~35-135 s) and copied per test module,
+so a server is up in ~5-15 s. The Label Studio venv is installed on first use
+(``annotation.server.ensure_installed``; a few minutes once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from annotation import server
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "labelstudio-template"
+ADMIN_EMAIL = "admin@gldboxes.test"
+ADMIN_PASSWORD = "gldboxes-test-pw"
+ADMIN_TOKEN = "gldboxes-test-token-0123456789"
+
+
+def template() -> Path:
+    """The migrated template data dir (built on first call on this machine)."""
+    return server.template_data_dir(
+        CACHE, username=ADMIN_EMAIL, password=ADMIN_PASSWORD, token=ADMIN_TOKEN
+    )
+
+
+def settings(data_dir: Path, document_root: Path, port: int | None = None) -> server.ServerSettings:
+    """Server settings of the test admin on a free port."""
+    return server.ServerSettings(
+        data_dir=data_dir,
+        port=port or server.free_port(),
+        username=ADMIN_EMAIL,
+        password=ADMIN_PASSWORD,
+        token=ADMIN_TOKEN,
+        document_root=document_root,
+    )
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path, document_root: Path) -> Iterator[server.ServerSettings]:
+    """Copy the template into ``data_dir``, start Label Studio on it, stop it afterwards."""
+    server.copy_data_dir(template(), data_dir)
+    conf = settings(data_dir, document_root)
+    server.start(conf, timeout=180)
+    try:
+        yield conf
+    finally:
+        server.stop(data_dir)
