@@ -1,7 +1,30 @@
-"""The Google Landmark Boxes format: one ``Box`` model and its CSV reader/writer.
+"""The Google Landmark Boxes format: one ``Box`` model, its CSV files and every box conversion.
 
 A boxes CSV has a header ``id,box`` (ground truth) or ``id,box,score`` (detector output, several
 rows per id allowed), with ``box = "ymin xmin ymax xmax"`` normalised to [0, 1].
+
+Conversions (all through :class:`Box`, whose native order is the Google Landmark Boxes one):
+
+========================  ==========================================  =========================
+format                    coordinates                                 needs
+========================  ==========================================  =========================
+``gld`` / ``tf_od``       normalised ``(ymin, xmin, ymax, xmax)``     -
+``fiftyone``              relative ``[x, y, w, h]`` (top-left, size)  -
+``coco``                  absolute ``[x, y, w, h]`` in pixels         image width and height
+``label_studio``          percent ``x, y, width, height`` + rotation  image size if rotated
+========================  ==========================================  =========================
+
+Axis-aligned conversions round-trip to float precision (well within 1e-6). A Label Studio
+rectangle with a non-zero ``rotation`` (degrees, clockwise on screen, about its top-left corner
+``(x, y)``) becomes the axis-aligned box enclosing it, clipped to the image: that conversion is
+**lossy** (the rotation is not kept) and needs ``original_width``/``original_height``, because
+the rotation happens in pixels, not in percentages.
+
+The official Google Landmark Boxes files (``boxes_split1.csv``: ~54k training boxes,
+``boxes_split2.csv``: ~32k validation boxes, from the GLDv1 training set) have the header
+``id,box`` and one row per image with ``box = "ymin xmin ymax xmax"`` (normalised top, left,
+bottom, right). :func:`read_gld_boxes_csv` reads them and also accepts repeated ids and fields
+holding several boxes (a multiple of 4 numbers), which the official files do not use.
 """
 
 from __future__ import annotations
@@ -9,13 +32,40 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
 
 from gldboxes.io import atomic_write
 
-__all__ = ["Box", "read_boxes_csv", "write_boxes_csv"]
+__all__ = [
+    "BOX_FORMATS",
+    "OFFICIAL_BOX_FILES",
+    "Box",
+    "BoxFormat",
+    "array_to_boxes",
+    "boxes_from_label_studio_results",
+    "boxes_to_array",
+    "convert_boxes",
+    "read_boxes_csv",
+    "read_gld_boxes_csv",
+    "read_official_boxes",
+    "validate_boxes",
+    "write_boxes_csv",
+]
+
+BoxFormat = Literal["gld", "tf_od", "fiftyone", "coco", "label_studio"]
+BOX_FORMATS: tuple[str, ...] = ("gld", "tf_od", "fiftyone", "coco", "label_studio")
+
+# The official Google Landmark Boxes release: split name -> file name.
+OFFICIAL_BOX_FILES: dict[str, str] = {"train": "boxes_split1.csv", "val": "boxes_split2.csv"}
+
+# Coordinates this close outside [0, 1] are floating-point noise from a conversion and snapped.
+_SNAP = 1e-9
+_LABEL_STUDIO_RECT_TYPES = frozenset({"rectanglelabels", "rectangle"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +127,356 @@ class Box:
         y1 = min(height, math.ceil(self.ymax * height))
         return x0, y0, x1, y1
 
+    # ----------------------------------------------------------------------------- TF OD / GLD
+    def to_tf_od(self) -> tuple[float, float, float, float]:
+        """TF Object Detection order: normalised ``(ymin, xmin, ymax, xmax)``."""
+        return (self.ymin, self.xmin, self.ymax, self.xmax)
 
+    @classmethod
+    def from_tf_od(
+        cls, values: Sequence[float], score: float | None = None, *, clip: bool = False
+    ) -> Box:
+        """From normalised ``(ymin, xmin, ymax, xmax)`` (TF OD API, Google Landmark Boxes)."""
+        y0, x0, y1, x1 = _four(values, "TF OD (ymin, xmin, ymax, xmax)")
+        return _make("TF OD (ymin, xmin, ymax, xmax)", values, y0, x0, y1, x1, score, clip)
+
+    # ------------------------------------------------------------------------------- FiftyOne
+    def to_fiftyone(self) -> list[float]:
+        """FiftyOne ``bounding_box``: relative ``[x, y, w, h]`` (top-left corner and size)."""
+        return [self.xmin, self.ymin, self.xmax - self.xmin, self.ymax - self.ymin]
+
+    @classmethod
+    def from_fiftyone(
+        cls, values: Sequence[float], score: float | None = None, *, clip: bool = False
+    ) -> Box:
+        """From FiftyOne's relative ``[x, y, w, h]``."""
+        name = "FiftyOne [x, y, w, h]"
+        x, y, w, h = _four(values, name)
+        _positive_size(name, values, w, h)
+        return _make(name, values, y, x, y + h, x + w, score, clip)
+
+    # ----------------------------------------------------------------------------------- COCO
+    def to_coco(self, width: float, height: float) -> list[float]:
+        """COCO ``bbox``: absolute ``[x, y, w, h]`` in pixels of a ``width`` x ``height`` image."""
+        _check_size(width, height, "COCO")
+        return [
+            self.xmin * width,
+            self.ymin * height,
+            (self.xmax - self.xmin) * width,
+            (self.ymax - self.ymin) * height,
+        ]
+
+    @classmethod
+    def from_coco(
+        cls,
+        values: Sequence[float],
+        width: float,
+        height: float,
+        score: float | None = None,
+        *,
+        clip: bool = False,
+    ) -> Box:
+        """From COCO's absolute ``[x, y, w, h]`` in a ``width`` x ``height`` image."""
+        name = f"COCO [x, y, w, h] in a {width}x{height} image"
+        _check_size(width, height, "COCO")
+        x, y, w, h = _four(values, name)
+        _positive_size(name, values, w, h)
+        return _make(
+            name, values, y / height, x / width, (y + h) / height, (x + w) / width, score, clip
+        )
+
+    # ---------------------------------------------------------------------------- Label Studio
+    def to_label_studio(
+        self, width: int | None = None, height: int | None = None
+    ) -> dict[str, float]:
+        """A Label Studio rectangle ``value``: percent ``x, y, width, height`` and ``rotation`` 0.
+
+        Args:
+            width, height: the original image size; when given, ``original_width`` and
+                ``original_height`` are added (Label Studio stores them beside the value).
+        """
+        out: dict[str, float] = {
+            "x": self.xmin * 100.0,
+            "y": self.ymin * 100.0,
+            "width": (self.xmax - self.xmin) * 100.0,
+            "height": (self.ymax - self.ymin) * 100.0,
+            "rotation": 0.0,
+        }
+        if width is not None or height is not None:
+            if width is None or height is None:
+                raise ValueError("Label Studio export needs both width and height, or neither")
+            _check_size(width, height, "Label Studio")
+            out["original_width"] = width
+            out["original_height"] = height
+        return out
+
+    @classmethod
+    def from_label_studio(
+        cls,
+        value: Mapping[str, Any],
+        original_width: float | None = None,
+        original_height: float | None = None,
+        score: float | None = None,
+        *,
+        clip: bool = False,
+    ) -> Box:
+        """From a Label Studio rectangle ``value`` (percent ``x, y, width, height``, ``rotation``).
+
+        A rotated rectangle (``rotation`` not a multiple of 360) becomes the axis-aligned box
+        enclosing its four corners, clipped to the image: lossy, and it needs the original size
+        (taken from the arguments or from ``value["original_width"/"original_height"]``).
+
+        Args:
+            clip: clip an axis-aligned box that sticks out of the image instead of raising
+                (Label Studio lets annotators drag a box past the border).
+        """
+        try:
+            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
+            rotation = float(value.get("rotation", 0.0) or 0.0)
+        except KeyError as exc:
+            raise ValueError(f"Label Studio value {dict(value)} lacks {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Label Studio value {dict(value)} holds a non-number") from exc
+        name = "Label Studio rectangle (percent x, y, width, height)"
+        shown = (x, y, w, h, rotation)
+        _positive_size(name, shown, w, h)
+        turn = math.remainder(rotation, 360.0)
+        if abs(turn) < 1e-9:
+            return _make(
+                name, shown, y / 100.0, x / 100.0, (y + h) / 100.0, (x + w) / 100.0, score, clip
+            )
+        ow = original_width if original_width is not None else value.get("original_width")
+        oh = original_height if original_height is not None else value.get("original_height")
+        if ow is None or oh is None:
+            raise ValueError(
+                f"{name} {shown} is rotated by {rotation} degrees: converting it "
+                "needs original_width and original_height"
+            )
+        ow, oh = float(ow), float(oh)
+        _check_size(ow, oh, "Label Studio")
+        corners = _label_studio_corners(x, y, w, h, rotation, ow, oh)
+        xs, ys = corners[:, 0] / ow, corners[:, 1] / oh
+        return _make(
+            f"rotated {name}",
+            shown,
+            float(ys.min()),
+            float(xs.min()),
+            float(ys.max()),
+            float(xs.max()),
+            score,
+            clip=True,
+        )
+
+
+def _label_studio_corners(
+    x: float, y: float, w: float, h: float, rotation: float, width: float, height: float
+) -> np.ndarray:
+    """Pixel corners (4, 2) as (x, y) of a Label Studio rectangle rotated about its top-left."""
+    px, py = x / 100.0 * width, y / 100.0 * height
+    pw, ph = w / 100.0 * width, h / 100.0 * height
+    theta = math.radians(rotation)
+    c, s = math.cos(theta), math.sin(theta)
+    local = np.array([[0.0, 0.0], [pw, 0.0], [pw, ph], [0.0, ph]])
+    rot = np.array([[c, -s], [s, c]])
+    return local @ rot.T + np.array([px, py])
+
+
+def _four(values: Sequence[float], name: str) -> tuple[float, float, float, float]:
+    try:
+        vals = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} box {values!r} holds a non-number") from exc
+    if len(vals) != 4:
+        raise ValueError(f"{name} box {values!r} must have 4 numbers, got {len(vals)}")
+    return vals[0], vals[1], vals[2], vals[3]
+
+
+def _positive_size(name: str, values: Any, w: float, h: float) -> None:
+    if not (w > 0 and h > 0):  # also catches NaN
+        raise ValueError(f"{name} box {values!r} has a non-positive width or height")
+
+
+def _check_size(width: float, height: float, fmt: str) -> None:
+    if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
+        raise ValueError(f"{fmt} conversion needs a positive image size, got {width}x{height}")
+
+
+def _make(
+    name: str,
+    values: Any,
+    ymin: float,
+    xmin: float,
+    ymax: float,
+    xmax: float,
+    score: float | None,
+    clip: bool,
+) -> Box:
+    """Build a Box from converted edges: snap float noise, optionally clip, validate."""
+    edges = [ymin, xmin, ymax, xmax]
+    lo, hi = (-math.inf, math.inf) if clip else (-_SNAP, 1.0 + _SNAP)
+    edges = [min(1.0, max(0.0, v)) if lo <= v <= hi else v for v in edges]
+    try:
+        return Box(edges[0], edges[1], edges[2], edges[3], score)
+    except ValueError as exc:
+        raise ValueError(f"{name} box {values!r}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------ array versions
+def boxes_to_array(boxes: Iterable[Box]) -> np.ndarray:
+    """Stack boxes into a (N, 4) float64 array in ``ymin, xmin, ymax, xmax`` order."""
+    arr = np.array([[b.ymin, b.xmin, b.ymax, b.xmax] for b in boxes], dtype=np.float64)
+    return arr.reshape(-1, 4)
+
+
+def array_to_boxes(arr: np.ndarray, scores: np.ndarray | None = None) -> list[Box]:
+    """(N, 4) ``ymin, xmin, ymax, xmax`` array (and optional (N,) scores) into ``Box`` objects."""
+    arr = np.asarray(arr, dtype=np.float64).reshape(-1, 4)
+    validate_boxes(arr)
+    sc: list[float | None] = (
+        [None] * len(arr) if scores is None else [float(s) for s in np.asarray(scores)]
+    )
+    return [
+        Box(float(r[0]), float(r[1]), float(r[2]), float(r[3]), s)
+        for r, s in zip(arr.tolist(), sc, strict=True)
+    ]
+
+
+def validate_boxes(arr: np.ndarray, *, name: str = "boxes", tol: float = 1e-9) -> None:
+    """Vectorised :meth:`Box.validate` for a (N, 4) ``ymin, xmin, ymax, xmax`` array.
+
+    Raises:
+        ValueError: naming ``name``, the number of bad rows and the first bad row.
+    """
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"{name}: expected an (N, 4) array, got shape {arr.shape}")
+    checks = (
+        (~np.isfinite(arr).all(axis=1), "non-finite coordinate"),
+        (((arr < -tol) | (arr > 1 + tol)).any(axis=1), "not inside [0, 1]"),
+        (
+            ~((arr[:, 0] < arr[:, 2]) & (arr[:, 1] < arr[:, 3])),
+            "degenerate or unordered (need ymin<ymax, xmin<xmax)",
+        ),
+    )
+    for bad, what in checks:
+        if bad.any():
+            idx = np.flatnonzero(bad)
+            raise ValueError(
+                f"{name}: {len(idx)} box(es) {what}; first is row {idx[0]}: "
+                f"{arr[idx[0]].tolist()} (ymin xmin ymax xmax)"
+            )
+
+
+def convert_boxes(
+    arr: np.ndarray,
+    src: BoxFormat | str,
+    dst: BoxFormat | str,
+    *,
+    width: float | np.ndarray | None = None,
+    height: float | np.ndarray | None = None,
+    clip: bool = False,
+) -> np.ndarray:
+    """Convert an (N, 4) array of boxes between formats, vectorised (no rotation support).
+
+    Args:
+        arr: (N, 4) boxes in ``src`` layout (``label_studio`` means percent ``x, y, w, h``
+            with rotation 0).
+        src, dst: one of :data:`BOX_FORMATS`.
+        width, height: image size, scalars or (N,) arrays; required when ``coco`` is involved.
+        clip: clip to the image instead of raising on boxes that stick out.
+
+    Returns:
+        (N, 4) float64 array in ``dst`` layout. The boxes are validated in normalised form.
+    """
+    for fmt in (src, dst):
+        if fmt not in BOX_FORMATS:
+            raise ValueError(f"unknown box format {fmt!r}; expected one of {BOX_FORMATS}")
+    a = np.asarray(arr, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 4:
+        raise ValueError(f"{src} boxes: expected an (N, 4) array, got shape {a.shape}")
+    scale: np.ndarray = np.ones((len(a), 4))  # pixels per normalised unit, as (w, h, w, h) per box
+    if "coco" in (src, dst):
+        if width is None or height is None:
+            raise ValueError("COCO conversion needs the image width and height")
+        w = np.broadcast_to(np.asarray(width, dtype=np.float64), (len(a),))
+        h = np.broadcast_to(np.asarray(height, dtype=np.float64), (len(a),))
+        if not (np.isfinite(w).all() and np.isfinite(h).all() and (w > 0).all() and (h > 0).all()):
+            raise ValueError("COCO conversion needs positive, finite image sizes")
+        scale = np.stack([w, h, w, h], axis=1)
+    # to normalised ymin, xmin, ymax, xmax
+    if src in ("gld", "tf_od"):
+        g = a.copy()
+    else:
+        if src == "label_studio":
+            a = a / 100.0
+        elif src == "coco":
+            a = a / scale
+        x, y, bw, bh = a.T
+        if not ((bw > 0) & (bh > 0)).all():
+            bad = int(np.flatnonzero(~((bw > 0) & (bh > 0)))[0])
+            raise ValueError(
+                f"{src} boxes: non-positive width or height at row {bad}: "
+                f"{np.asarray(arr)[bad].tolist()}"
+            )
+        g = np.stack([y, x, y + bh, x + bw], axis=1)
+    lo, hi = (-np.inf, np.inf) if clip else (-_SNAP, 1.0 + _SNAP)
+    near = (g >= lo) & (g <= hi)
+    g = np.where(near, np.clip(g, 0.0, 1.0), g)
+    validate_boxes(g, name=f"{src} boxes")
+    if dst in ("gld", "tf_od"):
+        return g
+    ymin, xmin, ymax, xmax = g.T
+    out = np.stack([xmin, ymin, xmax - xmin, ymax - ymin], axis=1)
+    if dst == "label_studio":
+        out *= 100.0
+    elif dst == "coco":
+        out *= scale
+    return out
+
+
+# ------------------------------------------------------------------------------ Label Studio
+def boxes_from_label_studio_results(
+    results: Iterable[Mapping[str, Any]],
+    *,
+    from_name: str | None = None,
+    clip: bool = False,
+) -> list[Box]:
+    """Boxes of the rectangle results of one Label Studio annotation or prediction.
+
+    Args:
+        results: the ``result`` list (each item has ``type``, ``value``, ``original_width``,
+            ``original_height``); non-rectangle results (choices, polygons) are skipped.
+        from_name: keep only results of this control tag.
+        clip: clip boxes that stick out of the image instead of raising.
+
+    Returns:
+        one ``Box`` per rectangle, with ``score`` from the result when present (predictions).
+    """
+    out: list[Box] = []
+    for res in results:
+        if res.get("type") not in _LABEL_STUDIO_RECT_TYPES:
+            continue
+        if from_name is not None and res.get("from_name") != from_name:
+            continue
+        value = res.get("value")
+        if not isinstance(value, Mapping):
+            raise ValueError(f"Label Studio result {res.get('id')!r} has no 'value' mapping")
+        score = res.get("score")
+        try:
+            box = Box.from_label_studio(
+                value,
+                res.get("original_width"),
+                res.get("original_height"),
+                None if score is None else float(score),
+                clip=clip,
+            )
+        except ValueError as exc:
+            raise ValueError(f"Label Studio result {res.get('id')!r}: {exc}") from exc
+        out.append(box)
+    return out
+
+
+# --------------------------------------------------------------------------------- CSV files
 def read_boxes_csv(path: str | os.PathLike[str]) -> dict[str, list[Box]]:
     """Read a boxes CSV into ``{id: [Box, ...]}`` (ids without a box have no entry).
 
@@ -99,6 +498,80 @@ def read_boxes_csv(path: str | os.PathLike[str]) -> dict[str, list[Box]]:
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{path}:{line}: {exc}") from exc
             out.setdefault(row["id"], []).append(box)
+    return out
+
+
+def read_gld_boxes_csv(path: str | os.PathLike[str], *, clip: bool = False) -> dict[str, list[Box]]:
+    """Read an official Google Landmark Boxes file (``boxes_split1.csv``/``boxes_split2.csv``).
+
+    Header ``id,box``; ``box`` is ``"ymin xmin ymax xmax"`` normalised. Tolerated beyond the
+    official layout: repeated ids (boxes accumulate), a field with ``4k`` numbers (``k``
+    boxes), an empty field (the id maps to an empty list), extra columns (ignored).
+
+    Args:
+        clip: clip coordinates into [0, 1] instead of raising.
+
+    Raises:
+        ValueError: naming the file, line and what is wrong.
+    """
+    path = Path(path)
+    out: dict[str, list[Box]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file (expected header 'id,box')")
+        cols = [c.strip().lower() for c in header]
+        if "id" not in cols or "box" not in cols:
+            raise ValueError(f"{path}: expected header 'id,box', got {header}")
+        i_id, i_box = cols.index("id"), cols.index("box")
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) <= max(i_id, i_box):
+                raise ValueError(f"{path}:{line}: expected {len(cols)} fields, got {row}")
+            key, text = row[i_id].strip(), row[i_box]
+            if not key:
+                raise ValueError(f"{path}:{line}: empty id")
+            parts = text.split()
+            if len(parts) % 4:
+                raise ValueError(
+                    f"{path}:{line}: box field {text!r} must hold 4 numbers "
+                    "per box (ymin xmin ymax xmax)"
+                )
+            try:
+                nums = [float(p) for p in parts]
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line}: box field {text!r} holds a non-number") from exc
+            boxes = out.setdefault(key, [])
+            for k in range(0, len(nums), 4):
+                try:
+                    boxes.append(Box.from_tf_od(nums[k : k + 4], clip=clip))
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{line}: id {key}: {exc}") from exc
+    return out
+
+
+def read_official_boxes(
+    directory: str | os.PathLike[str], *, clip: bool = False
+) -> dict[str, dict[str, list[Box]]]:
+    """Read ``boxes_split1.csv`` (train) and ``boxes_split2.csv`` (val) from ``directory``.
+
+    Returns:
+        ``{"train": {id: [Box]}, "val": {id: [Box]}}`` for the files that exist.
+
+    Raises:
+        FileNotFoundError: neither file is in ``directory``.
+    """
+    directory = Path(directory)
+    out: dict[str, dict[str, list[Box]]] = {}
+    for split, name in OFFICIAL_BOX_FILES.items():
+        if (directory / name).exists():
+            out[split] = read_gld_boxes_csv(directory / name, clip=clip)
+    if not out:
+        raise FileNotFoundError(
+            f"{directory}: neither {' nor '.join(OFFICIAL_BOX_FILES.values())} found"
+        )
     return out
 
 

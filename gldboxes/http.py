@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["DownloadError", "download_file", "md5sum", "new_session"]
+__all__ = ["DownloadError", "download_file", "fetch_bytes", "md5sum", "new_session"]
 
 logger = logging.getLogger("gldboxes.http")
 
@@ -19,7 +19,15 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class DownloadError(RuntimeError):
-    """A transfer that failed for good (after retries) or whose checksum did not match."""
+    """A transfer that failed for good (after retries) or whose checksum did not match.
+
+    Attributes:
+        status: the HTTP status of a permanent failure (404, 403, ...), else ``None``.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def new_session(pool_size: int = 8) -> requests.Session:
@@ -122,7 +130,7 @@ def _fetch_into(
     on_bytes: Callable[[int], None] | None,
 ) -> None:
     if url.startswith("file://"):
-        src = Path(url[len("file://"):])
+        src = Path(url[len("file://") :])
         if not src.exists():
             raise DownloadError(f"{url}: no such file")
         with open(src, "rb") as fin, open(part, "wb") as fout:
@@ -132,7 +140,10 @@ def _fetch_into(
                     on_bytes(len(block))
         return
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # identity: a compressed body would break byte offsets (Range) and Content-Length checks.
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
     with sess.get(url, headers=headers, stream=True, timeout=timeout) as resp:
         if resp.status_code == 416 and have:
             # Range not satisfiable: the partial file is complete or stale; start over.
@@ -141,10 +152,19 @@ def _fetch_into(
         if resp.status_code in RETRY_STATUS:
             raise _Retryable(f"HTTP {resp.status_code}")
         if resp.status_code >= 400:
-            raise DownloadError(f"{url}: HTTP {resp.status_code}")
+            raise DownloadError(f"{url}: HTTP {resp.status_code}", status=resp.status_code)
+        if have and resp.status_code == 206 and _range_start(resp) != have:
+            # The server resumed from another offset than asked: never splice; start over.
+            part.unlink(missing_ok=True)
+            raise _Retryable(f"HTTP 206 from offset {_range_start(resp)}, asked {have}")
         mode = "ab" if (have and resp.status_code == 206) else "wb"
         expected = resp.headers.get("Content-Length")
         received = 0
+        if expected is not None and hasattr(resp.raw, "enforce_content_length"):
+            # Let urllib3 hand over the bytes of a body cut short instead of raising and
+            # discarding its last partial read: we check the length below and resume from
+            # exactly where the connection dropped.
+            resp.raw.enforce_content_length = False
         with open(part, mode) as fout:
             for block in resp.iter_content(chunk_size):
                 fout.write(block)
@@ -153,3 +173,70 @@ def _fetch_into(
                     on_bytes(len(block))
         if expected is not None and received < int(expected):
             raise _Retryable(f"connection dropped after {received} of {expected} bytes")
+
+
+def _range_start(resp: requests.Response) -> int | None:
+    """First byte offset of a 206 answer from ``Content-Range: bytes a-b/n``, if parseable."""
+    value = resp.headers.get("Content-Range", "")
+    try:
+        unit, rest = value.split(" ", 1)
+        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
+def fetch_bytes(
+    url: str,
+    *,
+    session: requests.Session | None = None,
+    retries: int = 3,
+    backoff: float = 0.5,
+    timeout: float = 30.0,
+    max_bytes: int | None = None,
+) -> bytes:
+    """GET ``url`` into memory with retries and exponential backoff (small files: images, CSVs).
+
+    Connection errors, timeouts, truncated bodies and 408/425/429/5xx answers are retried;
+    other 4xx answers fail at once with ``DownloadError.status`` set (a dead URL is not
+    transient).
+
+    Args:
+        max_bytes: refuse bodies larger than this (``DownloadError``), to bound memory.
+
+    Raises:
+        DownloadError: after ``retries + 1`` failed attempts or on a permanent HTTP error.
+    """
+    own_session = session is None
+    sess = session or new_session(1)
+    wait = backoff
+    last_error = "no attempt made"
+    try:
+        for attempt in range(retries + 1):
+            if attempt:
+                logger.debug("retry %d for %s in %.1fs (%s)", attempt, url, wait, last_error)
+                time.sleep(wait)
+                wait *= 2
+            try:
+                with sess.get(url, stream=True, timeout=timeout) as resp:
+                    if resp.status_code in RETRY_STATUS:
+                        last_error = f"HTTP {resp.status_code}"
+                        continue
+                    if resp.status_code >= 400:
+                        raise DownloadError(
+                            f"{url}: HTTP {resp.status_code}", status=resp.status_code
+                        )
+                    chunks: list[bytes] = []
+                    size = 0
+                    for block in resp.iter_content(1 << 16):
+                        size += len(block)
+                        if max_bytes is not None and size > max_bytes:
+                            raise DownloadError(f"{url}: larger than {max_bytes} bytes")
+                        chunks.append(block)
+                    return b"".join(chunks)
+            except requests.RequestException as exc:  # reset, timeout, truncated body, ...
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+    finally:
+        if own_session:
+            sess.close()
+    raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last_error})")

@@ -1,0 +1,591 @@
+"""GLDv2 shard and URL-list downloaders against a local fault-injecting HTTP server."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import requests
+from fault_server import Fault, FaultServer
+
+from gldboxes.cli.main import main as cli_main
+from gldboxes.gld import (
+    GLDV2_METADATA,
+    download_gldv2,
+    download_url_list,
+    extract_shard,
+    image_relpath,
+    parse_md5_file,
+    parse_shard_spec,
+)
+from gldboxes.http import DownloadError, download_file, fetch_bytes
+from gldboxes.io import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+FAST: dict[str, Any] = {"retries": 3, "backoff": 0.02, "timeout": 2.0, "progress": False}
+
+pytestmark = pytest.mark.server
+
+
+# ----------------------------------------------------------------------------- test mirror
+def make_tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def gldv2_mirror(
+    split: str = "train",
+    n_shards: int = 3,
+    per_shard: int = 4,
+    image_bytes: int = 3000,
+    seed: int = 0,
+) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Files of a GLDv2-layout mirror and the images {relpath: bytes} its shards hold."""
+    rng = np.random.default_rng(seed)
+    files: dict[str, bytes] = {}
+    images: dict[str, bytes] = {}
+    for s in range(n_shards):
+        members = {}
+        for _ in range(per_shard):
+            image_id = "".join(rng.choice(list("0123456789abcdef"), 16))
+            members[image_relpath(image_id)] = rng.bytes(image_bytes)
+        images.update(members)
+        tar = make_tar(members)
+        name = f"images_{s:03d}.tar"
+        files[f"{split}/{name}"] = tar
+        files[f"md5sum/{split}/md5.images_{s:03d}.txt"] = (
+            f"{hashlib.md5(tar).hexdigest()}  {name}\n".encode()
+        )
+    for rel in GLDV2_METADATA[split]:
+        files[rel] = f"id,landmark_id\n# {rel}\n".encode()
+    return files, images
+
+
+def check_images(root: Path, images: dict[str, bytes]) -> None:
+    for rel, data in images.items():
+        assert (root / "images" / rel).read_bytes() == data, rel
+
+
+def images_of_shard(files: dict[str, bytes], split: str, index: int) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(files[f"{split}/images_{index:03d}.tar"])) as tf:
+        return tf.getnames()
+
+
+Mirror = tuple[FaultServer, dict[str, bytes], dict[str, bytes]]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``cli_main`` installs handlers on the package loggers; undo it after each test."""
+    names = ("gldboxes", "retrieval", "detection", "annotation")
+    saved = {
+        n: (
+            list(logging.getLogger(n).handlers),
+            logging.getLogger(n).propagate,
+            logging.getLogger(n).level,
+        )
+        for n in names
+    }
+    yield
+    for n, (handlers, propagate, level) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+        lg.setLevel(level)
+
+
+@pytest.fixture
+def mirror() -> Iterator[Mirror]:
+    files, images = gldv2_mirror()
+    with FaultServer(files) as srv:
+        yield srv, files, images
+
+
+# ----------------------------------------------------------------------------- fault server
+class TestFaultServer:
+    def test_range_faults_and_restart(self) -> None:
+        data = bytes(range(256)) * 40
+        with FaultServer({"f.bin": data}) as srv:
+            r = requests.get(srv.url("f.bin"), headers={"Range": "bytes=100-"}, timeout=5)
+            assert r.status_code == 206 and r.content == data[100:]
+            assert r.headers["Content-Range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+            r = requests.get(srv.url("f.bin"), headers={"Range": "bytes=5-9"}, timeout=5)
+            assert r.content == data[5:10]
+            r = requests.get(srv.url("f.bin"), headers={"Range": f"bytes={len(data)}-"}, timeout=5)
+            assert r.status_code == 416
+            assert requests.get(srv.url("nope"), timeout=5).status_code == 404
+            srv.add_fault("f.*", Fault(status=503, times=1))
+            assert requests.get(srv.url("f.bin"), timeout=5).status_code == 503
+            assert requests.get(srv.url("f.bin"), timeout=5).content == data
+            srv.add_fault("f.bin", Fault(drop_after=1000))
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                requests.get(srv.url("f.bin"), timeout=5).content  # noqa: B018
+            assert srv.requests("f.bin")[-1].bytes_sent == 1000
+            srv.add_fault("f.bin", Fault(corrupt=True))
+            assert requests.get(srv.url("f.bin"), timeout=5).content == bytes(255 - b for b in data)
+            assert srv.hits("f.bin") == 7
+            port = srv.port
+            srv.stop()
+            with pytest.raises(requests.exceptions.ConnectionError):
+                requests.get(f"http://127.0.0.1:{port}/f.bin", timeout=2)
+            srv.start()
+            assert srv.port == port
+            assert requests.get(srv.url("f.bin"), timeout=5).content == data
+
+
+# ----------------------------------------------------------------------------- http helpers
+class TestHttp:
+    def test_resume_when_server_ignores_range(self, tmp_path: Path) -> None:
+        data = os.urandom(50_000)
+        md5 = hashlib.md5(data).hexdigest()
+        with FaultServer({"x": data}) as srv:
+            srv.add_fault("x", Fault(drop_after=20_000))
+            srv.add_fault("x", Fault(ignore_range=True))  # the resume gets a full 200 answer
+            out = download_file(srv.url("x"), tmp_path / "x", md5=md5, retries=3, backoff=0.01)
+            assert out.read_bytes() == data
+            assert [r.status for r in srv.requests("x")] == [200, 200]
+            assert not (tmp_path / "x.part").exists()
+
+    def test_stale_part_and_permanent_errors(self, tmp_path: Path) -> None:
+        data = os.urandom(10_000)
+        with FaultServer({"x": data}) as srv:
+            # a stale .part longer than the file: 416, restart from scratch
+            (tmp_path / "x.part").write_bytes(os.urandom(20_000))
+            download_file(
+                srv.url("x"),
+                tmp_path / "x",
+                md5=hashlib.md5(data).hexdigest(),
+                retries=2,
+                backoff=0.01,
+            )
+            assert (tmp_path / "x").read_bytes() == data
+            with pytest.raises(DownloadError) as err:
+                download_file(srv.url("missing"), tmp_path / "m", retries=3, backoff=0.01)
+            assert err.value.status == 404 and srv.hits("missing") == 1  # 404 is not retried
+            srv.add_fault("x", Fault(status=500, times=None))
+            with pytest.raises(DownloadError, match="failed after 3 attempts"):
+                fetch_bytes(srv.url("x"), retries=2, backoff=0.01)
+            srv.clear_faults()
+            with pytest.raises(DownloadError, match="larger than"):
+                fetch_bytes(srv.url("x"), max_bytes=100)
+
+
+# ----------------------------------------------------------------------------- helpers
+class TestHelpers:
+    def test_parse_shard_spec(self) -> None:
+        assert parse_shard_spec("0-2,7,5-5", 10) == [0, 1, 2, 5, 7]
+        assert parse_shard_spec(None, 3) == [0, 1, 2]
+        with pytest.raises(ValueError, match="out of range"):
+            parse_shard_spec("0-20", 20)
+        with pytest.raises(ValueError, match="not N or N-M"):
+            parse_shard_spec("1..3", 20)
+
+    def test_parse_md5_file(self) -> None:
+        h = "0123456789abcdef0123456789abcdef"
+        assert parse_md5_file(f"{h}  images_007.tar\n", "images_007.tar") == h
+        assert parse_md5_file(f"{h.upper()} *images_007.tar", "images_007.tar") == h
+        with pytest.raises(ValueError, match=r"no md5 for images_008\.tar"):
+            parse_md5_file(f"{h}  images_007.tar\n", "images_008.tar")
+        with pytest.raises(ValueError, match="no md5"):
+            parse_md5_file("<html>AccessDenied</html>", "images_000.tar")
+
+    def test_extract_rejects_unsafe_members(self, tmp_path: Path) -> None:
+        tar = tmp_path / "evil.tar"
+        tar.write_bytes(make_tar({"a/b/c/abc0.jpg": b"ok", "../escape.jpg": b"x"}))
+        with pytest.raises(ValueError, match="unsafe member name"):
+            extract_shard(tar, tmp_path / "images")
+        assert not (tmp_path / "escape.jpg").exists()
+        assert not (tmp_path / "images" / "a/b/c/abc0.jpg").exists()  # nothing half-extracted
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            link = tarfile.TarInfo("a/b/c/link.jpg")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(link)
+        tar.write_bytes(buf.getvalue())
+        with pytest.raises(ValueError, match="not a regular file"):
+            extract_shard(tar, tmp_path / "images")
+        tar.write_bytes(make_tar({"a/b/c/abc1.jpg": os.urandom(5000)})[:3000])  # truncated
+        with pytest.raises(ValueError, match="not a readable tar"):
+            extract_shard(tar, tmp_path / "images")
+        assert not list((tmp_path / "images").rglob("*.jpg"))
+
+
+# ----------------------------------------------------------------------------- GLDv2 shards
+class TestGLDv2:
+    def test_smoke_and_second_run_skips(self, tmp_path: Path, mirror: Mirror) -> None:
+        srv, files, images = mirror
+        rep = download_gldv2(
+            "train", tmp_path, shards="0-2", base_url=srv.base_url, workers=2, **FAST
+        )
+        root = tmp_path / "train"
+        assert rep.ok and rep.done == ["images_000.tar", "images_001.tar", "images_002.tar"]
+        assert rep.images == 12
+        check_images(root, images)
+        assert len(list((root / "images").rglob("*.jpg"))) == 12
+        assert not list((root / "tars").glob("*"))  # tars removed after extraction
+        assert (root / "train.csv").read_bytes() == files["metadata/train.csv"]
+        man = read_json(root / "manifest.json")
+        assert man["format_version"] == 1 and man["split"] == "train"
+        assert all(man["shards"][f"images_00{i}.tar"]["extracted"] for i in range(3))
+        assert man["shards"]["images_001.tar"]["images"] == 4
+        hits = srv.hits("train/*.tar")
+        rep2 = download_gldv2("train", tmp_path, shards="0-2", base_url=srv.base_url, **FAST)
+        assert rep2.ok and rep2.skipped == rep.done and rep2.done == []
+        assert srv.hits("train/*.tar") == hits == 3
+
+    def test_500s_are_retried(self, tmp_path: Path, mirror: Mirror) -> None:
+        srv, _, images = mirror
+        srv.add_fault("train/images_000.tar", Fault(status=500, times=2))
+        srv.add_fault("md5sum/train/md5.images_001.txt", Fault(status=503, times=1))
+        rep = download_gldv2("train", tmp_path, shards="0-2", base_url=srv.base_url, **FAST)
+        assert rep.ok
+        assert srv.hits("train/images_000.tar") == 3
+        assert srv.hits("md5sum/train/md5.images_001.txt") == 2
+        check_images(tmp_path / "train", images)
+
+    def test_dropped_connection_resumes_with_range(self, tmp_path: Path, mirror: Mirror) -> None:
+        srv, files, images = mirror
+        size = len(files["train/images_001.tar"])
+        srv.add_fault("train/images_001.tar", Fault(drop_after=5000, times=1))
+        rep = download_gldv2(
+            "train", tmp_path, shards=[1], base_url=srv.base_url, metadata=False, **FAST
+        )
+        assert rep.ok
+        reqs = srv.requests("train/images_001.tar")
+        assert [(r.status, r.range_start, r.bytes_sent) for r in reqs] == [
+            (200, None, 5000),
+            (206, 5000, size - 5000),
+        ]  # no byte fetched twice
+        check_images(tmp_path / "train", {k: images[k] for k in images_of_shard(files, "train", 1)})
+
+    def test_wrong_md5_once_is_refetched(self, tmp_path: Path, mirror: Mirror) -> None:
+        srv, files, images = mirror
+        srv.add_fault("train/images_002.tar", Fault(corrupt=True, times=1))
+        rep = download_gldv2(
+            "train", tmp_path, shards=[2], base_url=srv.base_url, metadata=False, **FAST
+        )
+        assert rep.ok and srv.hits("train/images_002.tar") == 2
+        check_images(tmp_path / "train", {k: images[k] for k in images_of_shard(files, "train", 2)})
+
+    def test_bad_shard_is_never_extracted_and_named(
+        self, tmp_path: Path, mirror: Mirror, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        srv, files, _ = mirror
+        srv.add_fault("train/images_001.tar", Fault(corrupt=True, times=None))
+        srv.remove_file("md5sum/train/md5.images_002.txt")
+        code = cli_main(
+            [
+                "-q",
+                "download",
+                "gldv2",
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path),
+                "--shards",
+                "0-2",
+                "--base-url",
+                srv.base_url,
+                "--retries",
+                "2",
+                "--backoff",
+                "0.01",
+                "--no-progress",
+            ]
+        )
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "FAILED (2): images_001.tar, images_002.tar" in out
+        assert "md5 mismatch" in out and "HTTP 404" in out
+        assert srv.hits("train/images_001.tar") == 3  # fetched, refetched, refetched
+        root = tmp_path / "train"
+        man = read_json(root / "manifest.json")
+        assert set(man["shards"]) == {"images_000.tar"}
+        extracted = {str(p.relative_to(root / "images")) for p in (root / "images").rglob("*.jpg")}
+        assert extracted == set(images_of_shard(files, "train", 0))
+        assert not (root / "tars" / "images_001.tar").exists()  # only ever as .part
+
+    def test_slow_response_times_out_and_retries(self, tmp_path: Path, mirror: Mirror) -> None:
+        srv, _, _ = mirror
+        srv.add_fault("train/images_000.tar", Fault(delay=1.0, times=1))
+        t0 = time.perf_counter()
+        rep = download_gldv2(
+            "train",
+            tmp_path,
+            shards=[0],
+            base_url=srv.base_url,
+            metadata=False,
+            retries=2,
+            backoff=0.01,
+            timeout=0.3,
+            progress=False,
+        )
+        assert rep.ok and srv.hits("train/images_000.tar") == 2
+        assert time.perf_counter() - t0 < 5
+
+    def test_server_stops_then_resume(self, tmp_path: Path) -> None:
+        files, images = gldv2_mirror(per_shard=4, image_bytes=6000, seed=1)
+        with FaultServer(files) as srv:
+            srv.add_fault("train/*.tar", Fault(rate=40_000, times=None))  # ~0.6 s a shard
+            threading.Timer(0.3, srv.stop).start()
+            rep = download_gldv2(
+                "train",
+                tmp_path,
+                shards="0-2",
+                base_url=srv.base_url,
+                metadata=False,
+                workers=3,
+                retries=1,
+                backoff=0.05,
+                timeout=1.0,
+                progress=False,
+            )
+            assert set(rep.failed) == {"images_000.tar", "images_001.tar", "images_002.tar"}
+            root = tmp_path / "train"
+            assert (
+                not (root / "manifest.json").exists()
+                or not read_json(root / "manifest.json")["shards"]
+            )
+            assert not (root / "images").exists() or not list((root / "images").rglob("*.jpg"))
+            parts = list((root / "tars").glob("*.part"))
+            assert parts and all(0 < p.stat().st_size < 30_000 for p in parts)
+            srv.clear_faults()
+            srv.start()
+            rep = download_gldv2(
+                "train", tmp_path, shards="0-2", base_url=srv.base_url, metadata=False, **FAST
+            )
+            assert rep.ok and len(rep.done) == 3
+            check_images(root, images)
+            resumed = [r for r in srv.requests("train/*.tar") if r.range_start]
+            assert len(resumed) == len(parts)
+
+    @pytest.mark.slow
+    def test_killed_run_resumes_without_refetching(self, tmp_path: Path) -> None:
+        files, images = gldv2_mirror(n_shards=4, per_shard=4, image_bytes=5000, seed=2)
+        with FaultServer(files) as srv:
+            srv.add_fault("train/*.tar", Fault(rate=30_000, times=None))  # ~0.7 s a shard
+            cmd = [
+                sys.executable,
+                "-m",
+                "gldboxes",
+                "-q",
+                "download",
+                "gldv2",
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path),
+                "--shards",
+                "0-3",
+                "--base-url",
+                srv.base_url,
+                "--workers",
+                "1",
+                "--no-metadata",
+                "--no-progress",
+            ]
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            manifest = tmp_path / "train" / "manifest.json"
+            deadline = time.time() + 60
+            done: list[str] = []
+            while time.time() < deadline and proc.poll() is None:
+                if manifest.exists():
+                    done = [
+                        k for k, v in read_json(manifest)["shards"].items() if v.get("extracted")
+                    ]
+                    if done:
+                        break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert 1 <= len(done) < 4, "the run was not killed mid-way"
+            done = [k for k, v in read_json(manifest)["shards"].items() if v.get("extracted")]
+            before = {name: srv.hits(f"train/{name}") for name in done}
+            srv.clear_faults()
+            rep = download_gldv2(
+                "train", tmp_path, shards="0-3", base_url=srv.base_url, metadata=False, **FAST
+            )
+            assert rep.ok and sorted(rep.skipped) == sorted(done)
+            assert {name: srv.hits(f"train/{name}") for name in done} == before
+            check_images(tmp_path / "train", images)
+            assert not list((tmp_path / "train" / "images").glob(".extract-*"))
+
+    def test_no_extract_then_extract(self, tmp_path: Path, mirror: Mirror) -> None:
+        srv, _, images = mirror
+        rep = download_gldv2(
+            "train",
+            tmp_path,
+            shards="0-2",
+            base_url=srv.base_url,
+            metadata=False,
+            extract=False,
+            **FAST,
+        )
+        assert rep.ok and len(list((tmp_path / "train" / "tars").glob("*.tar"))) == 3
+        assert not (tmp_path / "train" / "images").exists()
+        hits = srv.hits("train/*.tar")
+        rep = download_gldv2(
+            "train",
+            tmp_path,
+            shards="0-2",
+            base_url=srv.base_url,
+            metadata=False,
+            keep_tars=True,
+            **FAST,
+        )
+        assert rep.ok and rep.images == 12 and srv.hits("train/*.tar") == hits
+        check_images(tmp_path / "train", images)
+        assert len(list((tmp_path / "train" / "tars").glob("*.tar"))) == 3
+
+
+# ----------------------------------------------------------------------------- URL lists
+def jpeg(seed: int, w: int = 64, h: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 0)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return buf.tobytes()
+
+
+class TestUrlList:
+    def _setup(self, tmp_path: Path) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+        files = {f"img/{i}.jpg": jpeg(i) for i in range(10)}
+        _, png = cv2.imencode(".png", np.full((30, 20, 3), 200, np.uint8))
+        files["img/p.png"] = png.tobytes()
+        files["img/html.jpg"] = b"<html>moved</html>"
+        return files, []
+
+    def _csv(self, tmp_path: Path, srv: FaultServer, names: list[str]) -> Path:
+        path = tmp_path / "train.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "url", "landmark_id"])
+            for k, name in enumerate(names):
+                w.writerow([f"{k:016x}", srv.url(f"img/{name}"), 7])
+            w.writerow(["fff0000000000000", "None", 7])
+        return path
+
+    def test_download_failures_and_resume(self, tmp_path: Path) -> None:
+        files, _ = self._setup(tmp_path)
+        names = [f"{i}.jpg" for i in range(10)] + ["p.png", "html.jpg", "gone.jpg"]
+        with FaultServer(files) as srv:
+            srv.add_fault("img/0.jpg", Fault(status=500, times=1))
+            srv.add_fault("img/1.jpg", Fault(drop_after=300, times=1))
+            srv.add_fault("img/2.jpg", Fault(status=502, times=None))
+            path = self._csv(tmp_path, srv, names)
+            out = tmp_path / "out"
+            rep = download_url_list(
+                path,
+                out,
+                workers=4,
+                max_size=32,
+                retries=2,
+                backoff=0.01,
+                timeout=2,
+                progress=False,
+            )
+            assert (rep.downloaded, rep.failed, rep.present) == (10, 4, 0)
+            ids = {
+                row["url"].rsplit("/", 1)[1]: row["id"]
+                for row in csv.DictReader(open(path))
+                if row["url"] != "None"
+            }
+            for i in (0, 1, 3, 9):
+                img = cv2.imread(str(out / "images" / image_relpath(ids[f"{i}.jpg"])))
+                assert img is not None and max(img.shape[:2]) == 32
+            png = cv2.imread(str(out / "images" / image_relpath(ids["p.png"])))
+            assert png is not None and png.shape[:2] == (30, 20)  # small images are not upscaled
+            fails = {r["id"]: r for r in csv.DictReader(open(out / "failures.csv"))}
+            assert set(fails) == {
+                ids["2.jpg"],
+                ids["html.jpg"],
+                ids["gone.jpg"],
+                "fff0000000000000",
+            }
+            assert "HTTP 502" in fails[ids["2.jpg"]]["reason"]
+            assert "not a decodable image" in fails[ids["html.jpg"]]["reason"]
+            assert "HTTP 404" in fails[ids["gone.jpg"]]["reason"]
+            assert fails["fff0000000000000"]["reason"] == "no url"
+            assert srv.hits("img/2.jpg") == 3 and srv.hits("img/gone.jpg") == 1
+            assert not list(out.rglob("*.tmp"))
+
+            # resume: present images are not fetched again; failures are retried ...
+            srv.clear_faults()
+            before = srv.hits("img/*")
+            rep = download_url_list(path, out, workers=4, max_size=32, retries=0, progress=False)
+            assert (rep.present, rep.downloaded, rep.failed) == (10, 1, 3)
+            assert srv.hits("img/*") - before == 3  # 2.jpg, html.jpg, gone.jpg
+            left = {r["id"] for r in csv.DictReader(open(out / "failures.csv"))}
+            assert ids["2.jpg"] not in left and ids["gone.jpg"] in left
+            # ... unless told to skip them
+            before = srv.hits("img/*")
+            rep = download_url_list(path, out, retry_failed=False, progress=False)
+            assert srv.hits("img/*") == before and rep.skipped_failed == 3
+
+    def test_reencoding_keeps_pixels(self, tmp_path: Path) -> None:
+        data = jpeg(5, 80, 60)
+        with FaultServer({"img/a.jpg": data}) as srv:
+            path = tmp_path / "l.csv"
+            path.write_text(f"id,url\nabcdef0123456789,{srv.url('img/a.jpg')}\n")
+            rep = download_url_list(path, tmp_path / "o", quality=95, progress=False)
+            assert rep.downloaded == 1
+            got = cv2.imread(str(tmp_path / "o/images/a/b/c/abcdef0123456789.jpg"))
+            ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            assert got is not None and ref is not None and got.shape == ref.shape
+            assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3.0
+
+    def test_bad_csv(self, tmp_path: Path) -> None:
+        path = tmp_path / "x.csv"
+        path.write_text("image,link\n")
+        with pytest.raises(ValueError, match=r"x\.csv: expected a header with 'id' and 'url'"):
+            download_url_list(path, tmp_path / "o", progress=False)
+
+
+def test_cli_urls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with FaultServer({"img/a.jpg": jpeg(1)}) as srv:
+        path = tmp_path / "l.csv"
+        path.write_text(
+            f"id,url,landmark_id\nabcdef0123456789,{srv.url('img/a.jpg')},1\n"
+            f"bbcdef0123456789,{srv.url('img/dead.jpg')},1\n"
+        )
+        code = cli_main(
+            [
+                "-q",
+                "download",
+                "urls",
+                "--csv",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+                "--max-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        assert code == 0  # dead URLs are recorded, not fatal
+        assert "1 downloaded, 0 already present, 1 failed" in capsys.readouterr().out
+        img = cv2.imread(str(tmp_path / "o/images/a/b/c/abcdef0123456789.jpg"))
+        assert img is not None and max(img.shape[:2]) == 16
