@@ -21,7 +21,12 @@ __all__ = ["build_parser", "main"]
 # Modules that register subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "gldboxes.cli.synth",
+    "gldboxes.cli.download",
+    "gldboxes.cli.split",
+    "gldboxes.cli.view",
+    "detection.cli",
     "retrieval.cli",
+    "annotation.cli",
 )
 
 
@@ -32,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect-to-Retrieve toolkit: landmark boxes, detectors and regional retrieval.",
     )
     parser.add_argument("--version", action="version", version=f"gldboxes {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info is the default, -vv debug)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (-v info is the default, -vv debug)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -43,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
+    """One stderr handler per package logger; calling again replaces it (no duplicates)."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s",
-                                           datefmt="%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    )
+    handler.set_name("gldboxes-cli")
     for name in ("gldboxes", "retrieval", "detection", "annotation"):
         lg = logging.getLogger(name)
+        for old in [h for h in lg.handlers if h.get_name() == "gldboxes-cli"]:
+            lg.removeHandler(old)
         lg.setLevel(level)
         lg.addHandler(handler)
         lg.propagate = False
