@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (the whole suite).
 # Each sets up .venv on a fresh machine first.
-TEST_EXTRAS := dev,detection,annotation,view
+TEST_EXTRAS := dev,detection,annotation,view,ray
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup setup-test lint typecheck pytest clean
