@@ -10,8 +10,9 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> None:
     """Add ``retrieval`` and its subcommands to the top-level parser."""
-    parser = subparsers.add_parser("retrieval", help="local features, ASMK*, regional search, "
-                                   "Revisited evaluation")
+    parser = subparsers.add_parser(
+        "retrieval", help="local features, ASMK*, regional search, Revisited evaluation"
+    )
     sub = parser.add_subparsers(dest="retrieval_command", metavar="STEP")
     sub.required = True
 
@@ -28,6 +29,193 @@ def register(subparsers: Any) -> None:
     dl.add_argument("--gnd-base-url", help="mirror for the ground-truth pickle")
     dl.add_argument("--images-base-url", help="mirror for the image tarballs")
     dl.set_defaults(func=_download)
+
+    # Engine stages (retrieval.engine); all write config-named folders under --out.
+    ex = sub.add_parser(
+        "extract",
+        help="local features of a dataset (db + cropped queries) or "
+        "of an image folder, into OUT/features/<preset>/",
+    )
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="Revisited-style folder (gnd_<name>.pkl + jpg/)")
+    src.add_argument("--images", help="any image folder (recursive), e.g. a codebook training set")
+    _engine_options(ex)
+    ex.set_defaults(func=_extract)
+
+    cb = sub.add_parser("codebook", help="seeded faiss k-means on a features file")
+    cb.add_argument(
+        "--train-features", required=True, help="features .h5 of ANOTHER dataset than the benchmark"
+    )
+    cb.add_argument("--out", required=True, help="output root (OUT/codebooks/<name>/)")
+    cb.add_argument("--features", default="rootsift", help="features preset of the file")
+    cb.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--niter", type=int, default=20, help="k-means iterations")
+    cb.add_argument("--max-descriptors", type=int, default=500_000, help="training sample size")
+    cb.add_argument("--name", help="training-set name for the folder (default: file stem)")
+    cb.add_argument("--overwrite", action="store_true")
+    cb.set_defaults(func=_codebook)
+
+    ix = sub.add_parser("index", help="aggregate the database and build the inverted file")
+    ix.add_argument("--dataset", required=True, help="Revisited-style folder")
+    ix.add_argument("--codebook", required=True, help="codebook.npy (or its folder)")
+    _engine_options(ix)
+    ix.set_defaults(func=_index)
+
+    se = sub.add_parser("search", help="rank the database for every query (ranks.npy)")
+    se.add_argument("--dataset", required=True, help="Revisited-style folder")
+    se.add_argument("--codebook", required=True, help="codebook.npy (or its folder)")
+    _engine_options(se)
+    se.set_defaults(func=_search)
+
+    rn = sub.add_parser("run", help="one shot: features, codebook, index, ranks, metrics table")
+    rn.add_argument("--dataset", required=True, help="Revisited-style folder")
+    cbs = rn.add_mutually_exclusive_group()
+    cbs.add_argument("--codebook-images", help="train the codebook on this image folder")
+    cbs.add_argument("--codebook-dataset", help="train it on another Revisited folder's database")
+    cbs.add_argument("--codebook", help="use this codebook.npy")
+    rn.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
+    rn.add_argument("--codebook-seed", type=int, default=0)
+    rn.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _engine_options(rn)
+    rn.set_defaults(func=_run)
+
+    _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.learned_rmac)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output root of the config-named folders")
+    p.add_argument("--features", default="rootsift", help="features preset: rootsift | delf")
+    p.add_argument("--model-path", help="delf: SavedModel directory")
+    p.add_argument("--pca-path", help="delf: PCA .npz or folder of .datum files")
+    p.add_argument(
+        "--kernel",
+        default="asmk_star",
+        help="vlad | asmk | asmk_star | r_vlad | r_asmk | r_asmk_star",
+    )
+    p.add_argument("--num-assignments", type=int, default=1, help="visual words per descriptor")
+    p.add_argument("--top-k", type=int, help="ranks kept per query (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished work")
+
+
+def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    from retrieval.engine import resolve_conf
+
+    model: dict[str, Any] = {}
+    if getattr(args, "model_path", None):
+        model["path"] = args.model_path
+    if getattr(args, "pca_path", None):
+        model["pca_path"] = args.pca_path
+    return resolve_conf(
+        features=args.features,
+        feature_model=model,
+        kernel=getattr(args, "kernel", "asmk_star"),
+        num_assignments=getattr(args, "num_assignments", 1),
+        top_k=getattr(args, "top_k", None),
+        **extra,
+    )
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from retrieval.datasets import RevisitedDataset
+    from retrieval.engine import extract, extract_folder
+
+    conf = _engine_conf(args)
+    if args.images:
+        path, name = extract_folder(conf, args.images, args.out, overwrite=args.overwrite)
+        print(f"{name}: {path}")
+    else:
+        db, q = extract(
+            conf, RevisitedDataset.load(args.dataset), args.out, overwrite=args.overwrite
+        )
+        print(f"database: {db}\nqueries: {q}")
+    return 0
+
+
+def _codebook(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from retrieval.engine import build_codebook
+
+    cbconf = {
+        "size": args.codebook_size,
+        "seed": args.seed,
+        "niter": args.niter,
+        "max_descriptors": args.max_descriptors,
+        "max_points_per_centroid": 256,
+    }
+    conf = _engine_conf(args, codebook=cbconf)
+    name = args.name or Path(args.train_features).stem
+    path = build_codebook(conf, args.train_features, name, args.out, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def _index_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    from pathlib import Path
+
+    from retrieval.codebook import load_codebook
+    from retrieval.datasets import RevisitedDataset
+    from retrieval.engine import codebook_tag, extract
+
+    ds = RevisitedDataset.load(args.dataset)
+    k = load_codebook(args.codebook).shape[0]
+    conf = _engine_conf(args, codebook={"size": k})
+    feats = extract(conf, ds, args.out)
+    return conf, ds, feats, codebook_tag(Path(args.codebook))
+
+
+def _index(args: argparse.Namespace) -> int:
+    from retrieval.engine import build_index
+
+    conf, ds, feats, tag = _index_inputs(args)
+    path = build_index(conf, ds, feats[0], args.codebook, tag, args.out, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from retrieval.engine import build_index, search
+
+    conf, ds, feats, tag = _index_inputs(args)
+    idx = build_index(conf, ds, feats[0], args.codebook, tag, args.out)
+    print(search(conf, ds, feats[1], idx, args.codebook, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from retrieval.engine import run
+
+    conf = _engine_conf(args, codebook={"size": args.codebook_size, "seed": args.codebook_seed})
+    res = run(
+        args.dataset,
+        args.out,
+        conf,
+        codebook_images=args.codebook_images,
+        codebook_dataset=args.codebook_dataset,
+        codebook_path=args.codebook,
+        overwrite=args.overwrite,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ranks": str(res.ranks),
+                    "metrics": str(res.metrics_path),
+                    "index": str(res.index),
+                    "index_stats": res.index_stats,
+                    "mAP": {p: r.map for p, r in res.results.items()},
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(res.table())
+        print(f"index: {res.index} ({res.index_stats.get('bytes_per_image', 0):.0f} bytes/image)")
+        print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -69,4 +257,105 @@ def _download(args: argparse.Namespace) -> int:
         base["images"] = args.images_base_url
     ds = download_revisited(args.name, args.out, base_urls=base or None)
     print(f"{ds.name}: {ds.n_db} database images, {ds.n_queries} queries in {ds.root}")
+    return 0
+
+
+# --------------------------------------------------------------------------- R-MAC family
+def _register_rmac(sub: Any) -> None:
+    """``retrieval rmac`` (rank a dataset) and ``retrieval rmac-train`` (learned R-MAC)."""
+    rm = sub.add_parser(
+        "rmac", help="MAC / R-MAC (+AML re-ranking, +QE) or learned R-MAC on a Revisited dataset"
+    )
+    rm.add_argument("--dataset", required=True, help="Revisited-style folder")
+    rm.add_argument("--out", required=True, help="output root (OUT/rmac/...)")
+    rm.add_argument(
+        "--method",
+        default="rmac",
+        choices=["mac", "rmac", "rmac+aml", "rmac+aml+qe", "learned-rmac"],
+    )
+    rm.add_argument("--preset", default="resnet101-rmac", help="retrieval.rmac.confs preset")
+    rm.add_argument("--weights", help="'imagenet', 'random', or a Keras weights file")
+    rm.add_argument("--max-side", type=int, help="downscale images to this long side")
+    rm.add_argument("--levels", type=int, help="R-MAC levels L")
+    rm.add_argument("--rerank", type=int, help="AML: re-rank the top N")
+    rm.add_argument("--model", help="learned-rmac: the model folder of 'rmac-train'")
+    wsrc = rm.add_mutually_exclusive_group()
+    wsrc.add_argument("--whitening-images", help="learn the PCA-whitening on this image folder")
+    wsrc.add_argument("--whitening-dataset", help="... or on another Revisited folder's database")
+    rm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rm.add_argument("--overwrite", action="store_true")
+    rm.set_defaults(func=_rmac)
+
+    tr = sub.add_parser("rmac-train", help="train learned R-MAC (triplet loss, hard mining)")
+    tr.add_argument(
+        "--train-csv", required=True, help="id,url,landmark_id (e.g. OUT/train/train.csv)"
+    )
+    tr.add_argument("--out", required=True, help="the model goes to OUT/<preset output>/")
+    tr.add_argument("--preset", default="tiny-cpu", help="retrieval.learned_rmac.confs preset")
+    tr.add_argument("--steps", type=int, help="override the number of SGD steps")
+    tr.add_argument("--weights", help="backbone initialisation: 'imagenet', 'random' or a file")
+    tr.add_argument("--boxes", help="boxes CSV: pool its boxes instead of the R-MAC grid")
+    tr.add_argument("--overwrite", action="store_true")
+    tr.set_defaults(func=_rmac_train)
+
+
+def _weights_arg(value: str | None) -> Any:
+    return None if value == "random" else value
+
+
+def _rmac(args: argparse.Namespace) -> int:
+    import json
+
+    from retrieval.rmac import resolve_conf, run_rmac
+
+    over: dict[str, Any] = {"method": args.method}
+    if args.weights is not None:
+        over["weights"] = _weights_arg(args.weights)
+    for key in ("max_side", "levels", "model"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    if args.rerank is not None:
+        over["aml"] = {"rerank": args.rerank}
+    res = run_rmac(
+        args.dataset,
+        args.out,
+        resolve_conf(args.preset, **over),
+        whitening_images=args.whitening_images,
+        whitening_dataset=args.whitening_dataset,
+        overwrite=args.overwrite,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "method": res.method,
+                    "ranks": str(res.ranks),
+                    "metrics": str(res.metrics_path),
+                    "timings": res.timings,
+                    "mAP": {p: r.map for p, r in res.results.items()},
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(res.table())
+        print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
+    return 0
+
+
+def _rmac_train(args: argparse.Namespace) -> int:
+    import copy
+
+    from retrieval.learned_rmac import confs, main
+
+    if args.preset not in confs:
+        raise ValueError(f"unknown learned R-MAC preset {args.preset!r}; expected {sorted(confs)}")
+    conf = copy.deepcopy(confs[args.preset])
+    if args.steps is not None:
+        conf["steps"] = args.steps
+    if args.weights is not None:
+        conf["weights"] = _weights_arg(args.weights)
+    if args.boxes is not None:
+        conf["regions"] = "boxes"
+    print(main(conf, args.train_csv, args.out, boxes=args.boxes, overwrite=args.overwrite))
     return 0

@@ -1,0 +1,577 @@
+"""Aggregation kernels (VLAD, ASMK, ASMK* and their regional forms) and their similarity.
+
+An image is aggregated into a set of visual words, each carrying one vector:
+
+* ``vlad``: per-word residual sums ``sum(x - c)``; the whole K*D vector is L2-normalised, so the
+  similarity of two images (``alpha=1, tau=-inf, normalize=False``) is the VLAD cosine.
+* ``asmk``: per-word residual sums, each L2-normalised (float32 (n_words, D)).
+* ``asmk_star``: the sign bits ``residual > 0`` packed MSB-first (uint8 (n_words, D/8)).
+* ``r_vlad`` / ``r_asmk`` / ``r_asmk_star`` (regional, Teichmann et al. CVPR 2019): each region
+  (``regions[0]`` is the whole image) is VLAD-aggregated and L2-normalised as a whole; the region
+  vectors are averaged; then ``r_vlad`` L2-normalises the whole vector, ``r_asmk`` each word and
+  ``r_asmk_star`` keeps the sign bits.
+
+Words whose aggregated residual has a norm below :data:`ZERO_NORM` are dropped (they carry no
+direction). The similarity (:func:`similarity`) sums the selectivity
+``sigma(u) = sign(u)|u|^alpha if u > tau else 0`` over the shared words, where ``u`` is the dot
+product of the two words' vectors, or ``1 - 2h/D`` for binary words with Hamming distance ``h``;
+with ``normalize=True`` the sum is divided by ``sqrt(|W_a| |W_b|)`` (the ASMK normalisation of
+images whose words have unit self-similarity). An image without words scores -1 against anything.
+
+Everything is vectorised over descriptors and images: :func:`aggregate_many` assigns all
+descriptors of a batch of images with one exact-L2 faiss search and reduces residuals with a
+single sort and a sparse segment-sum product; :func:`aggregate` is its one-image face.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "BINARY_KERNELS",
+    "KERNELS",
+    "KERNEL_SIMILARITY",
+    "REGIONAL_KERNELS",
+    "ZERO_NORM",
+    "AggregatedBatch",
+    "AggregatedImage",
+    "aggregate",
+    "aggregate_many",
+    "assign",
+    "pack_signs",
+    "pair_similarity",
+    "selectivity",
+    "similarity",
+]
+
+logger = logging.getLogger("retrieval.aggregation")
+
+KERNELS: tuple[str, ...] = ("vlad", "asmk", "asmk_star", "r_vlad", "r_asmk", "r_asmk_star")
+REGIONAL_KERNELS: frozenset[str] = frozenset({"r_vlad", "r_asmk", "r_asmk_star"})
+BINARY_KERNELS: frozenset[str] = frozenset({"asmk_star", "r_asmk_star"})
+
+# Default similarity parameters of each kernel (alpha, tau, normalize). VLAD-type kernels are a
+# plain dot product of globally normalised vectors; regional ASMK is compared without the
+# 1/sqrt(|Wq||Wx|) normalisation (Teichmann et al.'s released code).
+KERNEL_SIMILARITY: dict[str, dict[str, Any]] = {
+    "vlad": {"alpha": 1.0, "tau": -np.inf, "normalize": False},
+    "r_vlad": {"alpha": 1.0, "tau": -np.inf, "normalize": False},
+    "asmk": {"alpha": 3.0, "tau": 0.0, "normalize": True},
+    "asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": True},
+    "r_asmk": {"alpha": 3.0, "tau": 0.0, "normalize": False},
+    "r_asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": False},
+}
+
+#: Aggregated residuals with an L2 norm at or below this are dropped (descriptor units).
+ZERO_NORM = 1e-6
+
+# Descriptors assigned per faiss call in aggregate_many (bounds memory: ~64 MB of float32 at D=128).
+_ASSIGN_CHUNK = 131072
+
+
+@dataclass(frozen=True, eq=False)
+class AggregatedImage:
+    """One aggregated image: its visual words and one vector per word.
+
+    Attributes:
+        words: sorted, unique visual-word ids, uint32 (n_words,).
+        data: float32 (n_words, D) residual vectors, or uint8 (n_words, D/8) sign bits packed
+            MSB-first (binary kernels).
+
+    Construct it from the two arrays (``AggregatedImage(words, data)``); they are checked and
+    converted (C-contiguous uint32 / float32 or uint8).
+    """
+
+    words: np.ndarray
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        words = np.ascontiguousarray(self.words)
+        data = np.ascontiguousarray(self.data)
+        if words.ndim != 1:
+            raise ValueError(f"AggregatedImage words must be 1-D, got shape {words.shape}")
+        if words.size and not np.issubdtype(words.dtype, np.integer):
+            raise ValueError(f"AggregatedImage words must be integer ids, got {words.dtype}")
+        if words.size and (words.min() < 0 or words.max() > np.iinfo(np.uint32).max):
+            raise ValueError("AggregatedImage words must be in [0, 2**32)")
+        if data.ndim != 2 or data.shape[0] != words.shape[0]:
+            raise ValueError(
+                f"AggregatedImage data must be (n_words, D) with n_words={words.shape[0]}, "
+                f"got shape {data.shape}"
+            )
+        if data.dtype == np.uint8:
+            pass
+        elif np.issubdtype(data.dtype, np.floating):
+            data = data.astype(np.float32, copy=False)
+        else:
+            raise ValueError(
+                f"AggregatedImage data must be float (residuals) or uint8 (packed bits), "
+                f"got {data.dtype}"
+            )
+        words = words.astype(np.uint32, copy=False)
+        if words.size > 1 and np.any(words[1:] <= words[:-1]):
+            raise ValueError("AggregatedImage words must be sorted and unique")
+        object.__setattr__(self, "words", words)
+        object.__setattr__(self, "data", data)
+
+    @property
+    def binary(self) -> bool:
+        """True for packed sign bits (ASMK*), False for float residuals."""
+        return bool(self.data.dtype == np.uint8)
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension D (8 bits per byte for binary data)."""
+        return int(self.data.shape[1] * (8 if self.binary else 1))
+
+    @property
+    def n_words(self) -> int:
+        return int(self.words.shape[0])
+
+    def __len__(self) -> int:
+        return self.n_words
+
+    def __repr__(self) -> str:
+        kind = "binary" if self.binary else "float"
+        return f"AggregatedImage(n_words={self.n_words}, dim={self.dim}, {kind})"
+
+
+@dataclass(frozen=True, eq=False)
+class AggregatedBatch:
+    """Many aggregated images in CSR form (the input of the inverted file).
+
+    Attributes:
+        offsets: int64 (n_images + 1,); image ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+        words: uint32 (n_rows,), sorted and unique within each image.
+        data: float32 (n_rows, D) or uint8 (n_rows, D/8).
+        dim: descriptor dimension D.
+    """
+
+    offsets: np.ndarray
+    words: np.ndarray
+    data: np.ndarray
+    dim: int
+
+    @property
+    def n_images(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def binary(self) -> bool:
+        return bool(self.data.dtype == np.uint8)
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def image(self, i: int) -> AggregatedImage:
+        """The ``i``-th image as an :class:`AggregatedImage` (views, no copy)."""
+        if not 0 <= i < self.n_images:
+            raise ValueError(f"image index {i} outside [0, {self.n_images})")
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return AggregatedImage(self.words[a:b], self.data[a:b])
+
+    def images(self) -> list[AggregatedImage]:
+        return [self.image(i) for i in range(self.n_images)]
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[AggregatedBatch]) -> AggregatedBatch:
+        """Join batches (same kind and dimension) one after the other."""
+        if not batches:
+            raise ValueError("concatenate: no batches given")
+        if len({(b.dim, b.binary) for b in batches}) > 1:
+            raise ValueError("concatenate: batches mix dimensions or binary/float data")
+        counts = np.concatenate([np.diff(b.offsets) for b in batches])
+        offsets = np.zeros(counts.size + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(
+            offsets=offsets,
+            words=np.concatenate([b.words for b in batches]),
+            data=np.concatenate([b.data for b in batches]),
+            dim=batches[0].dim,
+        )
+
+    @classmethod
+    def from_images(
+        cls, images: Sequence[AggregatedImage], dim: int | None = None
+    ) -> AggregatedBatch:
+        """Stack aggregated images (all binary or all float, one dimension) into a batch."""
+        if not images and dim is None:
+            raise ValueError("from_images: give dim when the list of images is empty")
+        dims = {im.dim for im in images}
+        kinds = {im.binary for im in images}
+        if len(dims) > 1 or len(kinds) > 1:
+            raise ValueError(f"from_images: images mix dimensions {dims} or binary/float data")
+        d = dim if dim is not None else dims.pop()
+        if images and images[0].dim != d:
+            raise ValueError(f"from_images: dim={d} but the images have D={images[0].dim}")
+        binary = kinds.pop() if images else False
+        counts = np.array([im.n_words for im in images], dtype=np.int64)
+        offsets = np.zeros(len(images) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        width = d // 8 if binary else d
+        dt = np.uint8 if binary else np.float32
+        words = np.concatenate([im.words for im in images]) if images else np.zeros(0, np.uint32)
+        data = np.concatenate([im.data for im in images]) if images else np.zeros((0, width), dt)
+        return cls(
+            offsets=offsets,
+            words=words.astype(np.uint32, copy=False),
+            data=data.reshape(-1, width),
+            dim=d,
+        )
+
+
+def selectivity(u: npt.ArrayLike, alpha: float = 3.0, tau: float = 0.0) -> np.ndarray:
+    """The ASMK selectivity ``sigma(u) = sign(u)|u|^alpha`` where ``u > tau``, else 0.
+
+    Args:
+        u: word similarities, any shape, in [-1, 1] for normalised words.
+        alpha: the exponent (3 in ASMK).
+        tau: the threshold (0 in ASMK; ``-inf`` keeps every word).
+
+    Returns:
+        float64 array of the same shape.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    out = np.sign(u) * np.abs(u) ** alpha if alpha != 1.0 else u.copy()
+    out[~(u > tau)] = 0.0
+    return out
+
+
+def pair_similarity(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
+    """Row-wise word similarity ``u`` of two aligned word-vector arrays.
+
+    Args:
+        a, b: float32 (M, D) residuals (dot product) or uint8 (M, D/8) packed bits
+            (``1 - 2 h / D`` with ``h`` the Hamming distance).
+        dim: descriptor dimension D.
+
+    Returns:
+        float64 (M,).
+    """
+    if a.dtype == np.uint8:
+        x = np.bitwise_xor(a, b)
+        if x.shape[1] % 8 == 0 and x.flags.c_contiguous:
+            x = x.view(np.uint64)
+        h = np.bitwise_count(x).sum(axis=1, dtype=np.int64)
+        return 1.0 - 2.0 * h.astype(np.float64) / dim
+    return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+
+def similarity(
+    a: AggregatedImage,
+    b: AggregatedImage,
+    *,
+    alpha: float = 3.0,
+    tau: float = 0.0,
+    normalize: bool = True,
+) -> float:
+    """Kernel similarity of two aggregated images.
+
+    ``sum over shared words w of selectivity(u_w, alpha, tau)``, divided by
+    ``sqrt(|W_a| |W_b|)`` when ``normalize``. An image with no words scores -1. The sum runs
+    sequentially in ascending word order in float64, exactly as
+    :class:`retrieval.inverted_file.InvertedFile` accumulates, so both give identical numbers.
+    """
+    if a.binary != b.binary:
+        raise ValueError("similarity: one image has binary words, the other float words")
+    if a.dim != b.dim:
+        raise ValueError(f"similarity: dimensions differ ({a.dim} vs {b.dim})")
+    if a.n_words == 0 or b.n_words == 0:
+        return -1.0
+    _, ia, ib = np.intersect1d(a.words, b.words, assume_unique=True, return_indices=True)
+    s = selectivity(pair_similarity(a.data[ia], b.data[ib], a.dim), alpha, tau)
+    # np.bincount adds weights one by one in order: the same rounding as the inverted file.
+    total = float(np.bincount(np.zeros(s.size, np.intp), weights=s, minlength=1)[0])
+    if normalize:
+        total /= float(np.sqrt(float(a.n_words) * float(b.n_words)))
+    return total
+
+
+def pack_signs(residuals: np.ndarray) -> np.ndarray:
+    """Binarise residuals (``> 0``) and pack the bits MSB-first: (M, D) -> uint8 (M, D/8)."""
+    if residuals.shape[1] % 8:
+        raise ValueError(f"binary kernels need D divisible by 8, got D={residuals.shape[1]}")
+    return np.packbits(residuals > 0, axis=1, bitorder="big")
+
+
+def _check_codebook(codebook: np.ndarray) -> np.ndarray:
+    cb = np.asarray(codebook)
+    if cb.ndim != 2 or cb.shape[0] < 1:
+        raise ValueError(f"codebook must be (K, D) with K >= 1, got shape {cb.shape}")
+    return np.ascontiguousarray(cb, dtype=np.float32)
+
+
+def assign(descriptors: np.ndarray, codebook: np.ndarray, num_assignments: int = 1) -> np.ndarray:
+    """Nearest visual words by exact L2 (brute force, BLAS-blocked; faiss for several words).
+
+    Args:
+        descriptors: float32 (N, D).
+        codebook: float32 (K, D).
+        num_assignments: words per descriptor (1 = hard assignment).
+
+    Returns:
+        int64 (N, num_assignments) word ids, nearest first.
+    """
+    import faiss
+
+    cb = _check_codebook(codebook)
+    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != cb.shape[1]:
+        raise ValueError(f"descriptors must be (N, {cb.shape[1]}), got shape {x.shape}")
+    if not 1 <= num_assignments <= cb.shape[0]:
+        raise ValueError(f"num_assignments must be in [1, {cb.shape[0]}], got {num_assignments}")
+    if x.shape[0] == 0:
+        return np.zeros((0, num_assignments), np.int64)
+    if num_assignments > 1:
+        _, ids = faiss.knn(x, cb, num_assignments)
+        return ids.astype(np.int64, copy=False)
+    return _nearest_word(x, cb)[:, None]
+
+
+def _nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarray:
+    """argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), by GEMM blocks of 4096 x 4096.
+
+    One BLAS GEMM per block into a reused buffer, then a running argmin: the distance matrix is
+    never materialised, so memory stays at ~64 MB whatever N and K.
+    """
+    n, k = x.shape[0], cb.shape[0]
+    cn = np.einsum("ij,ij->i", cb, cb)
+    neg2 = -2.0 * cb
+    out = np.empty(n, np.int64)
+    buf = np.empty((min(block, n), min(block, k)), np.float32)
+    for r in range(0, n, block):
+        xr = x[r : r + block]
+        best = np.full(xr.shape[0], np.inf, np.float32)
+        arg = np.zeros(xr.shape[0], np.int64)
+        for c in range(0, k, block):
+            cs = slice(c, min(k, c + block))
+            d = buf[: xr.shape[0], : cs.stop - c]
+            np.matmul(xr, neg2[cs].T, out=d)
+            d += cn[cs]
+            j = d.argmin(axis=1)
+            v = d[np.arange(d.shape[0]), j]
+            better = v < best
+            best[better] = v[better]
+            arg[better] = j[better] + c
+        out[r : r + block] = arg
+    return out
+
+
+def _residual_sums(
+    x: np.ndarray, item: np.ndarray, cb: np.ndarray, num_assignments: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (item, word) residual sums, sorted by item then word.
+
+    Args:
+        x: float32 (N, D) descriptors; item: int64 (N,) non-decreasing item index of each row.
+
+    Returns:
+        ``(items, words, sums)``: int64 (M,), int64 (M,), float32 (M, D).
+    """
+    k = cb.shape[0]
+    parts_i, parts_w, parts_s = [], [], []
+    # Chunk on item boundaries so that no (item, word) pair is split across chunks.
+    n = x.shape[0]
+    start = 0
+    while start < n:
+        stop = min(n, start + _ASSIGN_CHUNK)
+        if stop < n:
+            stop = int(np.searchsorted(item, item[stop], side="left"))
+            if stop <= start:  # one item larger than the chunk
+                stop = int(np.searchsorted(item, item[start], side="right"))
+        xs = x[start:stop]
+        ids = assign(xs, cb, num_assignments)  # (n, m)
+        w = ids.ravel()
+        rows = np.repeat(np.arange(xs.shape[0]), num_assignments)
+        key = item[start:stop][rows] * k + w
+        order = np.argsort(key, kind="stable")
+        key_s = key[order]
+        res = xs[rows] - cb[w]
+        first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
+        sums = _sum_sorted_segments(res, order, first)
+        uk = key_s[first]
+        parts_i.append(uk // k)
+        parts_w.append(uk % k)
+        parts_s.append(sums.astype(np.float32, copy=False))
+        start = stop
+    if not parts_i:
+        return (
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros((0, cb.shape[1]), np.float32),
+        )
+    return np.concatenate(parts_i), np.concatenate(parts_w), np.concatenate(parts_s)
+
+
+def _sum_sorted_segments(rows: np.ndarray, order: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Sum rows (M, D) per segment: segment j holds rows ``order[first[j]:first[j+1]]``.
+
+    A sparse (n_segments, M) 0/1 matrix times the rows: one pass over the data in C, ~15x
+    faster than ``np.add.reduceat`` on 2-D rows. Returns float32 (n_segments, D).
+    """
+    import scipy.sparse as sp
+
+    if first.size == 0:
+        return np.zeros((0, rows.shape[1]), np.float32)
+    indptr = np.r_[first, order.size].astype(np.int64)
+    ones = np.ones(order.size, np.float32)
+    mat = sp.csr_matrix((ones, order, indptr), shape=(first.size, rows.shape[0]))
+    return np.asarray(mat @ rows, dtype=np.float32)
+
+
+def _segment_sum(values: np.ndarray, segment: np.ndarray, n: int) -> np.ndarray:
+    """Sum of ``values`` (M,) per segment id (M,) into (n,) float64."""
+    return np.bincount(segment, weights=values.astype(np.float64), minlength=n)
+
+
+def _drop_zero(
+    items: np.ndarray, words: np.ndarray, sums: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    norms = np.sqrt(np.einsum("ij,ij->i", sums.astype(np.float64), sums.astype(np.float64)))
+    keep = norms > ZERO_NORM
+    return items[keep], words[keep], sums[keep], norms[keep]
+
+
+def _vlad_normalise(items: np.ndarray, sums: np.ndarray, norms: np.ndarray, n: int) -> np.ndarray:
+    """Divide each item's residuals by the L2 norm of its whole K*D vector."""
+    tot = np.sqrt(_segment_sum(norms**2, items, n))
+    return (sums / tot[items][:, None]).astype(np.float32)
+
+
+def _to_batch(
+    items: np.ndarray, words: np.ndarray, data: np.ndarray, n: int, dim: int
+) -> AggregatedBatch:
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(items, minlength=n), out=offsets[1:])
+    return AggregatedBatch(offsets=offsets, words=words.astype(np.uint32), data=data, dim=dim)
+
+
+def _stack(descs: Sequence[np.ndarray], dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-image descriptor arrays; return (X (N, D), item index (N,))."""
+    counts = []
+    for i, d in enumerate(descs):
+        arr = np.asarray(d)
+        if arr.ndim != 2 or (arr.shape[0] and arr.shape[1] != dim):
+            raise ValueError(f"{what} {i}: descriptors must be (N, {dim}), got shape {arr.shape}")
+        counts.append(arr.shape[0])
+    cnt = np.asarray(counts, np.int64)
+    if cnt.sum() == 0:
+        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    x = np.concatenate([np.asarray(d, np.float32).reshape(-1, dim) for d in descs])
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what}: descriptors hold NaN or infinite values")
+    return x, np.repeat(np.arange(len(descs), dtype=np.int64), cnt)
+
+
+def aggregate_many(
+    descriptors: Sequence[np.ndarray],
+    codebook: np.ndarray,
+    kernel: str,
+    *,
+    regions: Sequence[Sequence[np.ndarray]] | None = None,
+    num_assignments: int = 1,
+) -> AggregatedBatch:
+    """Aggregate a batch of images at once (vectorised over all their descriptors).
+
+    Args:
+        descriptors: per image, float32 (N_i, D) local descriptors (N_i may be 0).
+        codebook: float32 (K, D) visual words.
+        kernel: one of :data:`KERNELS`.
+        regions: regional kernels only: per image, a list of per-region descriptor arrays with
+            region 0 the whole image; ``None`` uses ``[descriptors[i]]`` (one region).
+        num_assignments: visual words per descriptor.
+
+    Returns:
+        an :class:`AggregatedBatch` with one entry per image.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
+    cb = _check_codebook(codebook)
+    dim = cb.shape[1]
+    n = len(descriptors)
+    if kernel in BINARY_KERNELS and dim % 8:
+        raise ValueError(f"kernel {kernel} needs D divisible by 8, got D={dim}")
+    if kernel not in REGIONAL_KERNELS:
+        if regions is not None:
+            raise ValueError(
+                f"kernel {kernel} is not regional; pass regions only with "
+                f"{sorted(REGIONAL_KERNELS)}"
+            )
+        x, item = _stack(descriptors, dim, "image")
+        items, words, sums = _residual_sums(x, item, cb, num_assignments)
+        items, words, sums, norms = _drop_zero(items, words, sums)
+        if kernel == "vlad":
+            data = _vlad_normalise(items, sums, norms, n)
+        elif kernel == "asmk":
+            data = (sums / norms[:, None]).astype(np.float32)
+        else:
+            data = pack_signs(sums)
+        return _to_batch(items, words, data, n, dim)
+
+    # Regional kernels: every region is an item; VLAD per region; average per image.
+    if regions is None:
+        regions = [[d] for d in descriptors]
+    if len(regions) != n:
+        raise ValueError(f"regions has {len(regions)} entries for {n} images")
+    n_reg = np.array([len(r) for r in regions], np.int64)
+    if np.any(n_reg < 1):
+        raise ValueError("every image needs at least one region (region 0 = whole image)")
+    flat = [r for regs in regions for r in regs]
+    region_image = np.repeat(np.arange(n, dtype=np.int64), n_reg)
+    x, ritem = _stack(flat, dim, "region")
+    ritems, words, sums = _residual_sums(x, ritem, cb, num_assignments)
+    ritems, words, sums, norms = _drop_zero(ritems, words, sums)
+    vlad = _vlad_normalise(ritems, sums, norms, len(flat))
+    img = region_image[ritems]
+    k = cb.shape[0]
+    key = img * k + words
+    order = np.argsort(key, kind="stable")
+    key_s = key[order]
+    first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]]) if key_s.size else key_s
+    acc = _sum_sorted_segments(vlad, order, first)
+    uk = key_s[first]
+    items, words = uk // k, uk % k
+    acc = (acc / n_reg[items][:, None]).astype(np.float32)  # average of the regions
+    items, words, acc, norms = _drop_zero(items, words, acc)
+    if kernel == "r_vlad":
+        data = _vlad_normalise(items, acc, norms, n)
+    elif kernel == "r_asmk":
+        data = (acc / norms[:, None]).astype(np.float32)
+    else:
+        data = pack_signs(acc)
+    return _to_batch(items, words, data, n, dim)
+
+
+def aggregate(
+    descriptors: np.ndarray,
+    codebook: np.ndarray,
+    kernel: str,
+    *,
+    regions: Sequence[np.ndarray] | None = None,
+    num_assignments: int = 1,
+) -> AggregatedImage:
+    """Aggregate one image's local descriptors with a kernel.
+
+    Args:
+        descriptors: float32 (N, D) local descriptors (N may be 0: an empty image).
+        codebook: float32 (K, D) visual words.
+        kernel: ``vlad``, ``asmk``, ``asmk_star`` or a regional kernel (``r_vlad``, ``r_asmk``,
+            ``r_asmk_star``).
+        regions: regional kernels: per-region descriptor arrays, region 0 the whole image
+            (``None``: the whole image is the only region). Other kernels reject it.
+        num_assignments: visual words per descriptor (multiple assignment when > 1).
+
+    Returns:
+        :class:`AggregatedImage` with sorted uint32 words (n_words,) and float32 (n_words, D)
+        or packed uint8 (n_words, D/8) data.
+    """
+    regs = None if regions is None else [list(regions)]
+    return aggregate_many(
+        [descriptors], codebook, kernel, regions=regs, num_assignments=num_assignments
+    ).image(0)

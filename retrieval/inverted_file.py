@@ -1,0 +1,378 @@
+"""Inverted file for ASMK-family kernels: CSR posting lists, vectorised scoring, top-k, npy files.
+
+Layout (``K`` visual words, ``N`` postings, ``n`` images)::
+
+    offsets          int64  (K + 1,)     word w owns postings offsets[w]:offsets[w+1]
+    image_ids        uint32 (N,)         ascending within each word
+    data             float32 (N, D)      residuals (asmk, vlad, r_asmk, r_vlad), or
+                     uint8   (N, D/8)    packed sign bits (asmk_star, r_asmk_star)
+    words_per_image  uint32 (n,)         |W_x|, for the ASMK normalisation
+
+Scoring a batch of queries gathers the postings of all query words at once, computes word
+similarities (dot products, or popcount of XOR-ed bits through ``np.bitwise_count`` on 64-bit
+lanes), applies the selectivity and accumulates per (query, image) with one ``np.bincount``. The
+result equals :func:`retrieval.aggregation.similarity` against every image, number for number.
+
+On disk an inverted file is a folder: ``header.json`` (format version, kernel, parameters,
+shapes, dtypes, config hash) and one ``.npy`` per array, loadable with ``mmap_mode="r"``. No
+pickle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gldboxes.io import read_json, write_json
+from retrieval.aggregation import (
+    KERNEL_SIMILARITY,
+    KERNELS,
+    AggregatedBatch,
+    AggregatedImage,
+    pair_similarity,
+    selectivity,
+)
+
+__all__ = ["FORMAT_VERSION", "InvertedFile", "top_k"]
+
+logger = logging.getLogger("retrieval.inverted_file")
+
+FORMAT_VERSION = 1
+_ARRAYS = ("offsets", "image_ids", "data", "words_per_image")
+# Postings gathered per scoring step (bounds the temporary memory to ~100 MB at D=128 float).
+_GATHER_CHUNK = 1 << 20
+
+
+def top_k(scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Best ``k`` image ids per row, by decreasing score, ties broken by ascending image id.
+
+    Args:
+        scores: float (n_queries, n_images).
+        k: how many to keep (``None`` or >= n_images: the full ranking).
+
+    Returns:
+        int64 (n_queries, k).
+    """
+    s = np.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (n_queries, n_images), got shape {s.shape}")
+    nq, n = s.shape
+    if k is None or k >= n:
+        ids = np.broadcast_to(np.arange(n), s.shape)
+        return np.lexsort((ids, -s), axis=-1).astype(np.int64)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    out = np.empty((nq, k), np.int64)
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(s, part, axis=1).min(axis=1)
+    for q in range(nq):  # per query (not per image): candidates include every tie at the k-th
+        cand = np.flatnonzero(s[q] >= kth[q])
+        order = np.lexsort((cand, -s[q, cand]))[:k]
+        out[q] = cand[order]
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class InvertedFile:
+    """An inverted file over a database of aggregated images (see the module docstring).
+
+    Attributes:
+        offsets, image_ids, data, words_per_image: the CSR arrays.
+        dim: descriptor dimension D.
+        kernel: the aggregation kernel of the database (one of ``KERNELS``).
+        alpha, tau, normalize: similarity parameters (defaults from ``KERNEL_SIMILARITY``).
+        meta: free JSON-able metadata saved in the header (config, config hash ...).
+    """
+
+    offsets: np.ndarray
+    image_ids: np.ndarray
+    data: np.ndarray
+    words_per_image: np.ndarray
+    dim: int
+    kernel: str
+    alpha: float = 3.0
+    tau: float = 0.0
+    normalize: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls,
+        batch: AggregatedBatch,
+        codebook_size: int,
+        kernel: str,
+        *,
+        alpha: float | None = None,
+        tau: float | None = None,
+        normalize: bool | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> InvertedFile:
+        """Build from an aggregated database (image ``i`` of the batch gets id ``i``).
+
+        Args:
+            batch: the database, as returned by :func:`retrieval.aggregation.aggregate_many`.
+            codebook_size: K, the number of visual words.
+            kernel: the kernel that produced ``batch``; sets default similarity parameters.
+            alpha, tau, normalize: override the kernel's defaults.
+        """
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
+        n = batch.n_images
+        if n >= 2**32 - 1:
+            raise ValueError(f"too many images for uint32 ids: {n}")
+        if batch.words.size and int(batch.words.max()) >= codebook_size:
+            raise ValueError(f"word id {int(batch.words.max())} >= codebook_size {codebook_size}")
+        counts = np.diff(batch.offsets)
+        img = np.repeat(np.arange(n, dtype=np.uint32), counts)
+        # Stable sort by word keeps ascending image ids inside each posting list.
+        order = np.argsort(batch.words, kind="stable")
+        offsets = np.zeros(codebook_size + 1, np.int64)
+        np.cumsum(np.bincount(batch.words, minlength=codebook_size), out=offsets[1:])
+        d = KERNEL_SIMILARITY[kernel]
+        return cls(
+            offsets=offsets,
+            image_ids=img[order],
+            data=np.ascontiguousarray(batch.data[order]),
+            words_per_image=counts.astype(np.uint32),
+            dim=int(batch.dim),
+            kernel=kernel,
+            alpha=float(d["alpha"] if alpha is None else alpha),
+            tau=float(d["tau"] if tau is None else tau),
+            normalize=bool(d["normalize"] if normalize is None else normalize),
+            meta=dict(meta or {}),
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_images(self) -> int:
+        return int(self.words_per_image.shape[0])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def binary(self) -> bool:
+        return bool(self.data.dtype == np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (what the ``.npy`` files hold, headers aside)."""
+        return int(sum(getattr(self, a).nbytes for a in _ARRAYS))
+
+    @property
+    def bytes_per_image(self) -> float:
+        return self.nbytes / max(self.n_images, 1)
+
+    def stats(self) -> dict[str, float]:
+        """Size figures: images, postings, bytes per image, mean words per image."""
+        return {
+            "images": self.n_images,
+            "postings": int(self.image_ids.shape[0]),
+            "bytes": self.nbytes,
+            "bytes_per_image": self.bytes_per_image,
+            "words_per_image_mean": float(np.mean(self.words_per_image)) if self.n_images else 0.0,
+        }
+
+    # ------------------------------------------------------------------ search
+    def _as_batch(self, queries: AggregatedBatch | Sequence[AggregatedImage]) -> AggregatedBatch:
+        if isinstance(queries, AggregatedImage):
+            queries = [queries]
+        b = (
+            queries
+            if isinstance(queries, AggregatedBatch)
+            else AggregatedBatch.from_images(list(queries), dim=self.dim)
+        )
+        if b.binary != self.binary or b.dim != self.dim:
+            raise ValueError(
+                f"queries ({'binary' if b.binary else 'float'}, D={b.dim}) do not match the "
+                f"index ({'binary' if self.binary else 'float'}, D={self.dim})"
+            )
+        if b.words.size and int(b.words.max()) >= self.codebook_size:
+            raise ValueError(
+                f"query word {int(b.words.max())} >= codebook size {self.codebook_size}"
+            )
+        return b
+
+    def scores(self, queries: AggregatedBatch | Sequence[AggregatedImage]) -> np.ndarray:
+        """Similarity of every query to every database image.
+
+        Args:
+            queries: aggregated queries (a batch or a list of images) of the index's kind.
+
+        Returns:
+            float64 (n_queries, n_images); -1 where the query or the image has no words.
+        """
+        q = self._as_batch(queries)
+        nq, n = q.n_images, self.n_images
+        flat = np.zeros(nq * n, np.float64)
+        qitem = np.repeat(np.arange(nq, dtype=np.int64), np.diff(q.offsets))
+        qw = q.words.astype(np.int64)
+        starts = self.offsets[qw]
+        lens = self.offsets[qw + 1] - starts
+        # Split the query words into chunks of about _GATHER_CHUNK postings.
+        cum = np.cumsum(lens)
+        bounds = np.searchsorted(
+            cum,
+            np.arange(_GATHER_CHUNK, int(cum[-1]) if cum.size else 0, _GATHER_CHUNK),
+            side="right",
+        )
+        edges = np.unique(np.r_[0, bounds, qw.size])
+        for a, b in itertools.pairwise(edges):
+            ln = lens[a:b]
+            tot = int(ln.sum())
+            if tot == 0:
+                continue
+            rows = np.repeat(np.arange(a, b), ln)
+            excl = np.cumsum(ln) - ln
+            idx = np.repeat(starts[a:b] - excl, ln) + np.arange(tot)
+            u = pair_similarity(q.data[rows], self.data[idx], self.dim)
+            s = selectivity(u, self.alpha, self.tau)
+            key = qitem[rows] * n + self.image_ids[idx].astype(np.int64)
+            flat += np.bincount(key, weights=s, minlength=nq * n)
+        out = flat.reshape(nq, n)
+        qn = np.diff(q.offsets).astype(np.float64)
+        dn = self.words_per_image.astype(np.float64)
+        if self.normalize:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out /= np.sqrt(qn[:, None] * dn[None, :])
+        out[qn == 0, :] = -1.0
+        out[:, dn == 0] = -1.0
+        return out
+
+    def search(
+        self,
+        queries: AggregatedBatch | Sequence[AggregatedImage],
+        k: int | None = None,
+        *,
+        batch_size: int = 64,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` database images per query (ties by ascending image id).
+
+        Args:
+            queries: aggregated queries.
+            k: how many results per query (``None``: rank the whole database).
+            batch_size: queries scored together (memory: batch_size * n_images floats).
+
+        Returns:
+            ``(ids, scores)``: int64 (n_queries, k) and float64 (n_queries, k).
+        """
+        q = self._as_batch(queries)
+        kk = self.n_images if k is None else min(k, self.n_images)
+        ids = np.zeros((q.n_images, kk), np.int64)
+        scs = np.zeros((q.n_images, kk), np.float64)
+        for a in range(0, q.n_images, batch_size):
+            b = min(q.n_images, a + batch_size)
+            sub = AggregatedBatch(
+                offsets=q.offsets[a : b + 1] - q.offsets[a],
+                words=q.words[q.offsets[a] : q.offsets[b]],
+                data=q.data[q.offsets[a] : q.offsets[b]],
+                dim=q.dim,
+            )
+            s = self.scores(sub)
+            top = top_k(s, kk)
+            ids[a:b] = top
+            scs[a:b] = np.take_along_axis(s, top, axis=1)
+        return ids, scs
+
+    # ------------------------------------------------------------------ files
+    def header(self) -> dict[str, Any]:
+        return {
+            "format": "gldboxes.inverted_file",
+            "format_version": FORMAT_VERSION,
+            "kernel": self.kernel,
+            "dim": self.dim,
+            "binary": self.binary,
+            "alpha": self.alpha,
+            "tau": None if not np.isfinite(self.tau) else self.tau,
+            "tau_is_neg_inf": bool(np.isneginf(self.tau)),
+            "normalize": self.normalize,
+            "n_images": self.n_images,
+            "codebook_size": self.codebook_size,
+            "arrays": {
+                a: {"shape": list(getattr(self, a).shape), "dtype": str(getattr(self, a).dtype)}
+                for a in _ARRAYS
+            },
+            "stats": self.stats(),
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the index folder atomically (a temp folder renamed onto ``path``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for a in _ARRAYS:
+                np.save(
+                    tmp / f"{a}.npy", np.ascontiguousarray(getattr(self, a)), allow_pickle=False
+                )
+            write_json(tmp / "header.json", self.header())
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool = True) -> InvertedFile:
+        """Open an index folder written by :meth:`save` (memory-mapped by default).
+
+        Raises:
+            FileNotFoundError: no such folder / header.
+            ValueError: wrong format or version, missing or truncated arrays, or arrays that do
+                not match the header.
+        """
+        path = Path(path)
+        hpath = path / "header.json"
+        if not hpath.exists():
+            raise FileNotFoundError(f"inverted file header not found: {hpath}")
+        h = read_json(hpath)
+        if not isinstance(h, dict) or h.get("format") != "gldboxes.inverted_file":
+            raise ValueError(f"{hpath}: not a gldboxes inverted-file header")
+        if h.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{hpath}: format_version {h.get('format_version')!r} is not supported "
+                f"(this gldboxes reads version {FORMAT_VERSION}); rebuild the index"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for a in _ARRAYS:
+            f = path / f"{a}.npy"
+            if not f.exists():
+                raise ValueError(f"{path}: array file {f.name} is missing")
+            try:
+                arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise ValueError(f"{f}: unreadable or truncated array ({exc})") from exc
+            want = h["arrays"][a]
+            if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
+                raise ValueError(
+                    f"{f}: shape {arr.shape} dtype {arr.dtype} does not match the header "
+                    f"({want['shape']} {want['dtype']}); the file is damaged or from another index"
+                )
+            arrays[a] = arr
+        off = arrays["offsets"]
+        if off.shape[0] < 1 or int(off[-1]) != arrays["image_ids"].shape[0]:
+            raise ValueError(f"{path}: offsets do not match the number of postings")
+        tau = -np.inf if h.get("tau_is_neg_inf") else float(h["tau"])
+        return cls(
+            **arrays,
+            dim=int(h["dim"]),
+            kernel=str(h["kernel"]),
+            alpha=float(h["alpha"]),
+            tau=tau,
+            normalize=bool(h["normalize"]),
+            meta=dict(h.get("meta") or {}),
+        )
