@@ -1,0 +1,538 @@
+"""Region sources for the index side of Detect-to-Retrieve, and cropping/assigning features to them.
+
+Every source gives, per database image, a list of normalised boxes (Google Landmark Boxes order
+``ymin xmin ymax xmax`` in [0, 1]) whose **region 0 is always the whole image**:
+
+========================  ============================================================  =========
+source                    boxes added after the whole image                             score
+========================  ============================================================  =========
+``detector``              detector boxes of a boxes CSV with ``score >= threshold``     detector
+``rmac``                  R-MAC grid ("RMACB", Tolias et al. 2016), levels ``1..L``     1.0
+``selective_search``      the first ``top_n`` proposals of OpenCV contrib's selective   1/(1+r)
+                          search (rank ``r``), computed on a downscaled image
+``gt``                    the ground-truth landmark boxes (the oracle upper bound)      1.0
+``whole``                 nothing (the single-image baseline)                           -
+========================  ============================================================  =========
+
+The stage :func:`main` writes a *regions CSV* in the boxes format (``id,box,score``), one row per
+region in region order, so row ``j`` of an image is ``region_j`` of the regional features
+(``id/region_j`` in the features HDF5). Region 0 is written explicitly as ``0.0 0.0 1.0 1.0``
+with score 1.0.
+
+Regional features can be computed two ways (the caller picks):
+
+* re-extracted on each crop, :func:`crop_box` (the paper's way): the crop is
+  ``[floor(xmin W), floor(ymin H), ceil(xmax W), ceil(ymax H)]``;
+* assigned from the whole image's features, :func:`assign_features_to_regions` (fast): a
+  keypoint ``(x, y)`` belongs to a region when it lies inside that same pixel rectangle,
+  ``x0 <= x < x1`` and ``y0 <= y < y1``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
+from gldboxes.io import write_config
+
+__all__ = [
+    "SOURCES",
+    "WHOLE_IMAGE",
+    "assign_features_to_regions",
+    "compute_regions",
+    "confs",
+    "crop_box",
+    "detector_boxes",
+    "main",
+    "read_regions_csv",
+    "regional_descriptors",
+    "rmac_boxes",
+    "rmac_grid",
+    "selective_search_boxes",
+]
+
+logger = logging.getLogger("retrieval.regions")
+
+SOURCES = ("detector", "rmac", "selective_search", "gt", "whole")
+
+#: Region 0 of every image.
+WHOLE_IMAGE = Box(0.0, 0.0, 1.0, 1.0, 1.0)
+
+
+def _detector(threshold: float) -> dict[str, Any]:
+    return {
+        "output": f"regions-d2r-{threshold:g}",  # file stem of the regions CSV
+        "source": "detector",  # boxes from a detector's boxes CSV (id,box,score)
+        "score_threshold": threshold,  # keep boxes with score >= threshold (paper: .7/.5/.3/.1)
+        "max_boxes": None,  # keep at most this many boxes per image, best first (None: all)
+    }
+
+
+def _rmac(levels: int) -> dict[str, Any]:
+    return {
+        "output": f"regions-rmacb-L{levels}",
+        "source": "rmac",  # R-MAC grid boxes (RMACB), Tolias et al.'s sampling
+        "levels": levels,  # levels l = 1..L; level l has l x (l + m - 1) square regions
+        "overlap": 0.4,  # desired overlap of neighbouring regions (Tolias: 0.4)
+    }
+
+
+def _ss(top_n: int) -> dict[str, Any]:
+    return {
+        "output": f"regions-ss-{top_n}",
+        "source": "selective_search",  # OpenCV contrib ximgproc selective search
+        "top_n": top_n,  # keep the first N proposals (OpenCV's rank order)
+        "mode": "fast",  # "fast" or "quality" (switchToSelectiveSearchFast / Quality)
+        "max_side": 256,  # run on the image downscaled to this long side (speed)
+        "min_area": 0.01,  # drop proposals smaller than this fraction of the image
+        "seed": 0,  # seeds libc rand(), which OpenCV's ranking uses (None: not seeded)
+    }
+
+
+#: Named presets (hloc style); ``output`` is the file stem of the regions CSV.
+confs: dict[str, dict[str, Any]] = {
+    **{f"d2r-{t:g}": _detector(t) for t in (0.7, 0.5, 0.3, 0.1)},
+    **{f"rmacb-L{n}": _rmac(n) for n in (1, 2, 3)},
+    **{f"ss-{n}": _ss(n) for n in (1, 2, 5, 10)},
+    "gt": {
+        "output": "regions-gt",
+        "source": "gt",  # ground-truth landmark boxes (oracle), e.g. the world's boxes_gt.csv
+    },
+    "whole": {
+        "output": "regions-whole",
+        "source": "whole",  # region 0 only: the single-image index
+    },
+}
+
+
+# --------------------------------------------------------------------------- R-MAC grid
+
+
+def rmac_grid(width: int, height: int, levels: int, *, overlap: float = 0.4) -> np.ndarray:
+    """R-MAC square regions of Tolias et al. (ICLR 2016), their exact sampling procedure.
+
+    At level ``l`` the square side is ``floor(2 w / (l + 1))`` with ``w = min(W, H)``; the long
+    side gets ``l + m - 1`` positions and the short side ``l``, where ``m`` (2..7, or 1 for a
+    square image) is the number of level-1 regions along the long side whose neighbours overlap
+    closest to ``overlap``. Positions are spread evenly from one border to the other.
+
+    Args:
+        width, height: image size ``W, H`` in pixels.
+        levels: ``L`` >= 1.
+        overlap: desired overlap of neighbouring level-1 regions.
+
+    Returns:
+        (R, 4) int64 regions ``[x0, y0, side, side]`` in pixels (top-left, 0-based), level by
+        level, row-major within a level; ``R = sum_l l (l + m - 1)``.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"rmac_grid: image size must be positive, got {width}x{height}")
+    if levels < 1:
+        raise ValueError(f"rmac_grid: levels must be >= 1, got {levels}")
+    w = min(width, height)
+    steps = np.arange(2, 8, dtype=np.float64)
+    b = (max(width, height) - w) / (steps - 1)
+    idx = int(np.argmin(np.abs((w * w - w * b) / (w * w) - overlap))) + 1  # 1-based, as MATLAB
+    wd = idx if height < width else 0  # extra positions along x
+    hd = idx if height > width else 0  # extra positions along y
+    out: list[np.ndarray] = []
+    for lev in range(1, levels + 1):
+        wl = math.floor(2 * w / (lev + 1))
+        if wl == 0:
+            continue
+        wl2 = math.floor(wl / 2 - 1)
+        starts = []
+        for size, extra in ((width, wd), (height, hd)):
+            n = lev + extra
+            step = (size - wl) / (n - 1) if n > 1 else 0.0
+            starts.append(np.floor(wl2 + np.arange(n) * step) - wl2)
+        xs, ys = starts
+        gy, gx = np.meshgrid(ys, xs, indexing="ij")
+        reg = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, wl), np.full(gx.size, wl)], 1)
+        out.append(reg.astype(np.int64))
+    return np.concatenate(out) if out else np.zeros((0, 4), np.int64)
+
+
+def rmac_boxes(width: int, height: int, levels: int, *, overlap: float = 0.4) -> list[Box]:
+    """R-MAC grid regions (:func:`rmac_grid`) as normalised boxes with score 1.0."""
+    grid = rmac_grid(width, height, levels, overlap=overlap).astype(np.float64)
+    x0, y0, side = grid[:, 0] / width, grid[:, 1] / height, grid[:, 2]
+    x1 = np.minimum((grid[:, 0] + side) / width, 1.0)
+    y1 = np.minimum((grid[:, 1] + side) / height, 1.0)
+    return [
+        Box(float(a), float(b), float(c), float(d), 1.0)
+        for a, b, c, d in zip(y0, x0, y1, x1, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- selective search
+
+_SS_LOCK = threading.Lock()
+
+
+def _seed_libc_rand(seed: int) -> None:
+    """Seed C ``rand()``: OpenCV's selective search ranks proposals with it."""
+    libc = ctypes.CDLL(None)
+    libc.srand(ctypes.c_uint(seed))
+
+
+def selective_search_boxes(
+    image: npt.NDArray[Any],
+    *,
+    top_n: int,
+    mode: str = "fast",
+    max_side: int | None = 256,
+    min_area: float = 0.01,
+    seed: int | None = 0,
+) -> list[Box]:
+    """The first ``top_n`` selective-search proposals (OpenCV contrib ``ximgproc``).
+
+    OpenCV orders proposals by a randomised hierarchical rank (level times C ``rand()``); with
+    ``seed`` set, ``rand()`` is seeded under a lock so the result is reproducible (this touches
+    the process-wide C generator). Exact duplicates and proposals under ``min_area`` are dropped
+    before taking the first ``top_n``.
+
+    Args:
+        image: (H, W, 3) BGR or (H, W) grey uint8 image.
+        top_n: number of proposals to keep (>= 0).
+        mode: ``"fast"`` or ``"quality"``.
+        max_side: downscale so the long side is at most this (None: full size).
+        min_area: minimum proposal area as a fraction of the image.
+        seed: seed of the ranking randomness (None: unseeded, not reproducible).
+
+    Returns:
+        Up to ``top_n`` boxes, best-ranked first, score ``1 / (1 + rank)``.
+    """
+    import cv2
+
+    if top_n < 0:
+        raise ValueError(f"selective_search_boxes: top_n must be >= 0, got {top_n}")
+    if mode not in ("fast", "quality"):
+        raise ValueError(f"selective_search_boxes: mode must be 'fast' or 'quality', got {mode!r}")
+    img: npt.NDArray[Any] = np.asarray(image)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 2 or img.shape[1] < 2:
+        raise ValueError(f"selective_search_boxes: expected an (H, W, 3) image, got {img.shape}")
+    if top_n == 0:
+        return []
+    if not hasattr(cv2, "ximgproc") or not hasattr(cv2.ximgproc, "segmentation"):
+        raise ValueError(
+            "selective search needs OpenCV contrib (cv2.ximgproc.segmentation); reinstall "
+            "opencv-contrib-python-headless with the same version as opencv-python-headless"
+        )
+    h, w = img.shape[:2]
+    if max_side is not None and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        img = cv2.resize(
+            img, (max(2, round(w * s)), max(2, round(h * s))), interpolation=cv2.INTER_AREA
+        )
+        h, w = img.shape[:2]
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(img))
+    if mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    else:
+        ss.switchToSelectiveSearchQuality()
+    if seed is not None:
+        with _SS_LOCK:
+            _seed_libc_rand(seed)
+            raw = ss.process()
+    else:
+        raw = ss.process()
+    rects: np.ndarray = np.asarray(raw, dtype=np.int64).reshape(-1, 4)  # x, y, w, h
+    keep = rects[:, 2] * rects[:, 3] >= min_area * w * h
+    rects = rects[keep]
+    _, first = np.unique(rects, axis=0, return_index=True)
+    rects = rects[np.sort(first)][:top_n]
+    out = []
+    for r, (x, y, bw, bh) in enumerate(rects.tolist()):
+        out.append(
+            Box(y / h, x / w, min((y + bh) / h, 1.0), min((x + bw) / w, 1.0), 1.0 / (1.0 + r))
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- detector / GT
+
+
+def detector_boxes(
+    boxes: Sequence[Box], *, score_threshold: float, max_boxes: int | None = None
+) -> list[Box]:
+    """Detector boxes with ``score >= score_threshold``, best first, at most ``max_boxes``.
+
+    Boxes without a score count as score 1.0 (ground-truth files used as detections).
+    """
+    scored = [b if b.score is not None else Box(b.ymin, b.xmin, b.ymax, b.xmax, 1.0) for b in boxes]
+    kept = [b for b in scored if b.score is not None and b.score >= score_threshold]
+    kept.sort(key=lambda b: -(b.score or 0.0))  # stable: file order among equal scores
+    return kept if max_boxes is None else kept[:max_boxes]
+
+
+def compute_regions(
+    conf: Mapping[str, Any],
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    image: npt.NDArray[Any] | None = None,
+    boxes: Sequence[Box] | None = None,
+) -> list[Box]:
+    """All regions of one image under a preset: the whole image first, then the source's boxes.
+
+    Args:
+        conf: a preset of :data:`confs` (or a dict with the same keys).
+        width, height: image size in pixels (needed by ``rmac``).
+        image: (H, W, 3) BGR pixels (needed by ``selective_search``).
+        boxes: the image's boxes from the boxes file (``detector``, ``gt``); None or empty
+            when the image has none.
+    """
+    source = conf.get("source")
+    regions = [WHOLE_IMAGE]
+    if source == "whole":
+        return regions
+    if source == "detector":
+        return regions + detector_boxes(
+            boxes or [], score_threshold=conf["score_threshold"], max_boxes=conf.get("max_boxes")
+        )
+    if source == "gt":
+        return regions + [Box(b.ymin, b.xmin, b.ymax, b.xmax, 1.0) for b in boxes or []]
+    if source == "rmac":
+        if width is None or height is None:
+            raise ValueError("compute_regions: the 'rmac' source needs width and height")
+        return regions + rmac_boxes(width, height, conf["levels"], overlap=conf.get("overlap", 0.4))
+    if source == "selective_search":
+        if image is None:
+            raise ValueError("compute_regions: the 'selective_search' source needs the image")
+        return regions + selective_search_boxes(
+            image,
+            top_n=conf["top_n"],
+            mode=conf.get("mode", "fast"),
+            max_side=conf.get("max_side", 256),
+            min_area=conf.get("min_area", 0.01),
+            seed=conf.get("seed", 0),
+        )
+    raise ValueError(f"unknown region source {source!r}; expected one of {SOURCES}")
+
+
+# --------------------------------------------------------------------------- crops and features
+
+
+def crop_box(image: npt.NDArray[Any], box: Box) -> npt.NDArray[Any]:
+    """The pixels of ``box``: ``image[floor(ymin H):ceil(ymax H), floor(xmin W):ceil(xmax W)]``.
+
+    Args:
+        image: (H, W) or (H, W, C) array.
+
+    Returns:
+        A view (h, w[, C]) with ``h, w >= 1``; features extracted on it are in crop pixels and
+        map back to the image by adding ``(floor(xmin W), floor(ymin H))``.
+    """
+    img = np.asarray(image)
+    if img.ndim not in (2, 3) or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"crop_box: expected an (H, W[, C]) image, got shape {img.shape}")
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = box.to_pixels(w, h)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"crop_box: box {box.to_string()} is empty on a {w}x{h} image")
+    return img[y0:y1, x0:x1]
+
+
+def assign_features_to_regions(
+    keypoints: npt.ArrayLike, boxes: Sequence[Box], width: int, height: int
+) -> list[np.ndarray]:
+    """Indices of the keypoints inside each region's crop rectangle (fast regional features).
+
+    A keypoint ``(x, y)`` belongs to a box when ``x0 <= x < x1`` and ``y0 <= y < y1`` with
+    ``(x0, y0, x1, y1)`` the crop of :func:`crop_box`; regions may share keypoints.
+
+    Args:
+        keypoints: (N, 2) ``x, y`` in pixels of the whole image.
+        boxes: R regions (region 0 is normally the whole image).
+        width, height: image size in pixels.
+
+    Returns:
+        R sorted int64 index arrays into ``keypoints``.
+    """
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.ndim != 2 or kp.shape[1] != 2:
+        raise ValueError(f"assign_features_to_regions: keypoints must be (N, 2), got {kp.shape}")
+    if width < 1 or height < 1:
+        raise ValueError(f"assign_features_to_regions: bad image size {width}x{height}")
+    if not boxes:
+        return []
+    rect = np.array([b.to_pixels(width, height) for b in boxes], dtype=np.float64)  # (R, 4)
+    x, y = kp[None, :, 0], kp[None, :, 1]
+    inside = (
+        (x >= rect[:, 0:1]) & (x < rect[:, 2:3]) & (y >= rect[:, 1:2]) & (y < rect[:, 3:4])
+    )  # (R, N)
+    r_idx, k_idx = np.nonzero(inside)
+    cuts = np.searchsorted(r_idx, np.arange(1, len(boxes)))
+    return [a.astype(np.int64) for a in np.split(k_idx, cuts)]
+
+
+def regional_descriptors(
+    keypoints: npt.ArrayLike,
+    descriptors: npt.ArrayLike,
+    boxes: Sequence[Box],
+    width: int,
+    height: int,
+) -> list[np.ndarray]:
+    """Per-region descriptor arrays from the whole image's features (the fast mode).
+
+    The output is what ``retrieval.aggregation.aggregate(..., regions=[...])`` takes for one
+    image: entry ``j`` holds the descriptors of the keypoints inside region ``j``.
+
+    Args:
+        keypoints: (N, 2) ``x, y`` pixels; descriptors: (N, D).
+        boxes: R regions, region 0 normally the whole image.
+
+    Returns:
+        R arrays (N_j, D), same dtype as ``descriptors``.
+    """
+    desc = np.asarray(descriptors)
+    kp = np.asarray(keypoints)
+    if desc.ndim != 2 or desc.shape[0] != kp.shape[0]:
+        raise ValueError(
+            f"regional_descriptors: {kp.shape[0]} keypoints but descriptors have shape {desc.shape}"
+        )
+    return [desc[idx] for idx in assign_features_to_regions(kp, boxes, width, height)]
+
+
+# --------------------------------------------------------------------------- files and the stage
+
+
+def read_regions_csv(path: str | Path) -> dict[str, list[Box]]:
+    """Read a regions CSV written by :func:`main`, checking that region 0 is the whole image.
+
+    Returns:
+        ``{image id: [region_0, region_1, ...]}`` in file order.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"regions file not found: {path}")
+    regions = read_boxes_csv(path)
+    for key, boxes in regions.items():
+        b = boxes[0]
+        if (b.ymin, b.xmin, b.ymax, b.xmax) != (0.0, 0.0, 1.0, 1.0):
+            raise ValueError(
+                f"{path}: region 0 of {key!r} is {b.to_string()}, not the whole "
+                "image '0.0 0.0 1.0 1.0'"
+            )
+    return regions
+
+
+def _regions_of_image(
+    conf: Mapping[str, Any], path: Path, boxes: Sequence[Box] | None
+) -> list[Box]:
+    """Regions of one image file under ``conf`` (reads what the source needs)."""
+    width = height = None
+    image: npt.NDArray[Any] | None = None
+    if conf.get("source") == "rmac":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            width, height = im.size
+    elif conf.get("source") == "selective_search":
+        import cv2
+
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{path}: not a readable image")
+    return compute_regions(conf, width=width, height=height, image=image, boxes=boxes)
+
+
+def main(
+    conf: Mapping[str, Any],
+    dataset: str | Path,
+    export_dir: str | Path,
+    *,
+    boxes: str | Path | None = None,
+    overwrite: bool = False,
+    num_workers: int = 1,
+) -> Path:
+    """Write the regions CSV of a Revisited-style dataset's database images under one preset.
+
+    Args:
+        conf: a preset of :data:`confs`.
+        dataset: dataset folder (``gnd_*.pkl`` + ``jpg/``; the synthetic world's
+            ``OUT/retrieval``); ids are the database image names.
+        export_dir: output folder; writes ``<conf['output']>.csv`` and ``.yaml`` (config).
+        boxes: the boxes CSV for ``detector`` (required) and ``gt`` (default
+            ``dataset/boxes_gt.csv``).
+        overwrite: recompute even when the output exists.
+        num_workers: processes for selective search (the output does not depend on it).
+
+    Returns:
+        The regions CSV path.
+    """
+    from retrieval.datasets import RevisitedDataset
+
+    conf = dict(conf)
+    source = conf.get("source")
+    if source not in SOURCES:
+        raise ValueError(f"regions conf: unknown source {source!r}; expected one of {SOURCES}")
+    out = Path(export_dir) / f"{conf['output']}.csv"
+    if out.exists() and not overwrite:
+        logger.info("regions %s exist, skipping", out)
+        return out
+    ds = RevisitedDataset.load(dataset)
+    by_id: dict[str, list[Box]] = {}
+    if source in ("detector", "gt"):
+        if boxes is None and source == "gt":
+            boxes = ds.root / "boxes_gt.csv"
+        if boxes is None:
+            raise ValueError("regions: the 'detector' source needs a boxes file (--boxes)")
+        if not Path(boxes).exists():
+            raise FileNotFoundError(f"boxes file not found: {boxes}")
+        by_id = read_boxes_csv(boxes)
+        unknown = set(by_id) - set(ds.imlist)
+        if unknown and len(unknown) == len(by_id):
+            raise ValueError(
+                f"{boxes}: none of its ids is a database image of {ds.root} "
+                f"(e.g. {sorted(unknown)[:3]})"
+            )
+    paths = [(name, ds.image_path(name)) for name in ds.imlist]
+    desc = f"regions {conf['output']}"
+    regions: dict[str, list[Box]] = {}
+    if source == "selective_search" and num_workers > 1:
+        # processes, not threads: the seeded C rand() is per process
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            jobs = pool.map(
+                _regions_of_image,
+                [conf] * len(paths),
+                [p for _, p in paths],
+                [None] * len(paths),
+                chunksize=4,
+            )
+            for (name, _), regs in tqdm(zip(paths, jobs, strict=True), total=len(paths), desc=desc):
+                regions[name] = regs
+    else:
+        for name, path in tqdm(paths, desc=desc, disable=len(paths) < 50):
+            regions[name] = _regions_of_image(conf, path, by_id.get(name))
+    n = sum(len(v) for v in regions.values())
+    write_boxes_csv(out, regions, with_score=True)
+    write_config(
+        out.parent,
+        {**conf, "dataset": str(dataset), "boxes": None if boxes is None else str(boxes)},
+        name=f"{conf['output']}.yaml",
+    )
+    logger.info(
+        "wrote %d regions of %d images (%.2f per image) to %s",
+        n,
+        len(regions),
+        n / max(len(regions), 1),
+        out,
+    )
+    return out

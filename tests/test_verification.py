@@ -1,0 +1,397 @@
+"""Tests of retrieval.verification: matching, affine RANSAC, pair verification, re-ranking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.evaluate import evaluate_protocols
+from retrieval.verification import (
+    Features,
+    VerificationConf,
+    estimate_affine_ransac,
+    estimate_affine_ransac_naive,
+    match_descriptors,
+    match_descriptors_naive,
+    ransac_samples,
+    read_features_h5,
+    rerank,
+    rerank_revisited,
+    verify_pair,
+    verify_pair_naive,
+)
+
+A_TRUE = np.array([[1.1, 0.2, 30.0], [-0.15, 0.9, -20.0]])
+
+
+def _affine(p: np.ndarray, a: np.ndarray) -> np.ndarray:
+    return p @ a[:, :2].T + a[:, 2]
+
+
+def _correspondences(
+    rng: np.random.Generator,
+    k: int,
+    outlier_frac: float,
+    a: np.ndarray = A_TRUE,
+    noise: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points (K, 2), their affine images with noise, outliers moved >= 50 px away; truth mask."""
+    p1 = rng.uniform(0, 640, (k, 2))
+    p2 = _affine(p1, a) + rng.normal(0, noise, (k, 2))
+    out = np.zeros(k, dtype=bool)
+    out[rng.permutation(k)[: round(outlier_frac * k)]] = True
+    shift = rng.uniform(50, 300, (int(out.sum()), 2)) * rng.choice([-1, 1], (int(out.sum()), 2))
+    p2[out] += shift
+    return p1, p2, ~out
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _image_pair(
+    rng: np.random.Generator,
+    n_shared: int,
+    n_extra: int = 100,
+    d: int = 32,
+    a: np.ndarray = A_TRUE,
+) -> tuple[Features, Features]:
+    """Two images sharing ``n_shared`` features related by ``a`` (descriptor noise ~0.1)."""
+    kp1 = rng.uniform(0, 640, (n_shared + n_extra, 2))
+    d1 = _unit(rng, n_shared + n_extra, d)
+    kp2 = np.concatenate(
+        [
+            _affine(kp1[:n_shared], a) + rng.normal(0, 0.5, (n_shared, 2)),
+            rng.uniform(0, 640, (n_extra, 2)),
+        ]
+    )
+    d2 = d1[:n_shared] + 0.02 * rng.standard_normal((n_shared, d)).astype(np.float32)
+    d2 = np.concatenate([d2 / np.linalg.norm(d2, axis=1, keepdims=True), _unit(rng, n_extra, d)])
+    perm = rng.permutation(len(kp2))
+    return Features(kp1, d1), Features(kp2[perm], d2[perm])
+
+
+class TestRansacSamples:
+    def test_smoke(self) -> None:
+        s = ransac_samples(10, 5000, seed=3)
+        assert s.shape == (5000, 3) and s.dtype == np.int64
+        assert s.min() == 0 and s.max() == 9
+        srt = np.sort(s, axis=1)
+        assert (srt[:, 1:] != srt[:, :-1]).all()  # three distinct indices a sample
+        # every index is used about equally (uniform sampling without replacement in a row)
+        counts = np.bincount(s.ravel(), minlength=10)
+        assert counts.min() > 0.9 * 1500 and counts.max() < 1.1 * 1500
+
+    def test_three_points(self) -> None:
+        s = ransac_samples(3, 200, seed=0)
+        assert (np.sort(s, axis=1) == [0, 1, 2]).all()
+
+    def test_seeded(self) -> None:
+        np.testing.assert_array_equal(ransac_samples(50, 100, 7), ransac_samples(50, 100, 7))
+        assert not np.array_equal(ransac_samples(50, 100, 7), ransac_samples(50, 100, 8))
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="at least 3"):
+            ransac_samples(2, 10, 0)
+
+
+class TestEstimateAffine:
+    @pytest.mark.parametrize(("k", "outlier_frac"), [(20, 0.0), (200, 0.4), (500, 0.7)])
+    def test_recovers_known_affine(self, k: int, outlier_frac: float) -> None:
+        rng = np.random.default_rng(k)
+        p1, p2, truth = _correspondences(rng, k, outlier_frac)
+        res = estimate_affine_ransac(p1, p2, threshold=10.0, trials=1000, seed=0)
+        assert res.ok
+        assert res.matrix.shape == (2, 3) and res.inliers.shape == (k,)
+        # outliers are >= 50 px off, inliers within ~2 px: the inlier set is exact
+        np.testing.assert_array_equal(res.inliers, truth)
+        np.testing.assert_allclose(res.matrix[:, :2], A_TRUE[:, :2], atol=0.01)
+        np.testing.assert_allclose(res.matrix[:, 2], A_TRUE[:, 2], atol=1.5)
+
+    def test_same_seed_same_result(self) -> None:
+        rng = np.random.default_rng(1)
+        p1, p2, _ = _correspondences(rng, 300, 0.85)
+        r1 = estimate_affine_ransac(p1, p2, seed=5)
+        r2 = estimate_affine_ransac(p1, p2, seed=5)
+        np.testing.assert_array_equal(r1.matrix, r2.matrix)
+        np.testing.assert_array_equal(r1.inliers, r2.inliers)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    def test_matches_naive_reference(self, seed: int) -> None:
+        """Same samples: the vectorised and the plain-loop RANSAC pick the same model."""
+        rng = np.random.default_rng(100 + seed)
+        k = int(rng.integers(5, 400))
+        p1, p2, _ = _correspondences(rng, k, float(rng.uniform(0.2, 0.95)))
+        p2[: k // 4] = rng.uniform(0, 640, (k // 4, 2))  # plus uniform clutter
+        fast = estimate_affine_ransac(p1, p2, trials=300, seed=seed)
+        slow = estimate_affine_ransac_naive(p1, p2, trials=300, seed=seed)
+        assert fast.ok == slow.ok
+        np.testing.assert_array_equal(fast.inliers, slow.inliers)
+        np.testing.assert_allclose(fast.matrix, slow.matrix, rtol=1e-9, atol=1e-9)
+
+    def test_agrees_with_opencv(self) -> None:
+        """An independent implementation finds the same inliers on a clean problem."""
+        import cv2
+
+        rng = np.random.default_rng(4)
+        p1, p2, truth = _correspondences(rng, 150, 0.5)
+        _, mask = cv2.estimateAffine2D(
+            p1, p2, ransacReprojThreshold=10.0, maxIters=2000, confidence=0.999, refineIters=0
+        )
+        res = estimate_affine_ransac(p1, p2)
+        np.testing.assert_array_equal(mask.ravel().astype(bool), truth)
+        np.testing.assert_array_equal(res.inliers, truth)
+
+    def test_too_few_and_degenerate(self) -> None:
+        p = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+        res = estimate_affine_ransac(p, p, min_matches=4)
+        assert not res.ok and res.num_inliers == 0 and res.inliers.shape == (3,)
+        assert estimate_affine_ransac(p, p, min_matches=3).num_inliers == 3
+        line = np.stack([np.arange(10.0), 2 * np.arange(10.0)], axis=1)  # collinear
+        res = estimate_affine_ransac(line, line + 1)
+        assert not res.ok and res.num_inliers == 0
+        empty = estimate_affine_ransac(np.zeros((0, 2)), np.zeros((0, 2)))
+        assert not empty.ok and empty.inliers.shape == (0,)
+
+    def test_rejects_collapsing_model(self) -> None:
+        """Many points matched to one point: the collapse is refused unless max_scale=None."""
+        rng = np.random.default_rng(5)
+        p1 = rng.uniform(0, 640, (60, 2))
+        p2 = np.tile([[100.0, 100.0]], (60, 1)) + rng.normal(0, 1, (60, 2))
+        p2[:10] = rng.uniform(0, 640, (10, 2))
+        assert estimate_affine_ransac(p1, p2, max_scale=None).num_inliers >= 50
+        assert estimate_affine_ransac(p1, p2).num_inliers <= 10
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match=r"\(K, 2\)"):
+            estimate_affine_ransac(np.zeros((5, 2)), np.zeros((4, 2)))
+        with pytest.raises(ValueError, match="non-finite"):
+            estimate_affine_ransac(np.full((5, 2), np.nan), np.zeros((5, 2)))
+        with pytest.raises(ValueError, match="trials"):
+            estimate_affine_ransac(np.zeros((5, 2)), np.zeros((5, 2)), trials=0)
+
+
+def _brute_matches(d1: np.ndarray, d2: np.ndarray, max_distance: float) -> np.ndarray:
+    out = []
+    for i in range(len(d1)):
+        dist = np.sqrt(((d1[i].astype(np.float64) - d2.astype(np.float64)) ** 2).sum(1))
+        j = int(np.argmin(dist))
+        if dist[j] < max_distance:
+            out.append((i, j))
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+class TestMatchDescriptors:
+    def test_matches_brute_force(self) -> None:
+        rng = np.random.default_rng(0)
+        d2 = _unit(rng, 300, 16)
+        d1 = np.concatenate(
+            [d2[:80] + 0.1 * rng.standard_normal((80, 16)).astype(np.float32), _unit(rng, 120, 16)]
+        )
+        d1[:80] /= np.linalg.norm(d1[:80], axis=1, keepdims=True)
+        for md in (0.5, 0.9, 1.2):
+            ref = _brute_matches(d1, d2, md)
+            np.testing.assert_array_equal(match_descriptors(d1, d2, max_distance=md), ref)
+            np.testing.assert_array_equal(match_descriptors_naive(d1, d2, max_distance=md), ref)
+        m = match_descriptors(d1, d2, max_distance=0.9)
+        assert (m[:80, 1] == np.arange(80)).all() and len(m) >= 80
+
+    def test_empty_and_exception(self) -> None:
+        assert match_descriptors(np.zeros((0, 8)), np.ones((3, 8))).shape == (0, 2)
+        assert match_descriptors(np.ones((3, 8)), np.zeros((0, 8))).shape == (0, 2)
+        with pytest.raises(ValueError, match=r"\(N, D\)"):
+            match_descriptors(np.zeros((3, 8)), np.zeros((3, 4)))
+
+
+class TestVerifyPair:
+    def test_real_case_synthetic_pair(self) -> None:
+        rng = np.random.default_rng(0)
+        f1, f2 = _image_pair(rng, n_shared=60)
+        res = verify_pair(f1, f2)
+        assert res.num_inliers == 60
+        inl = res.matches[res.affine.inliers]
+        assert (inl[:, 0] < 60).all()  # the shared features, and only those
+        np.testing.assert_allclose(res.affine.matrix[:, :2], A_TRUE[:, :2], atol=0.01)
+        naive = verify_pair_naive(f1, f2)
+        np.testing.assert_array_equal(naive.matches, res.matches)
+        np.testing.assert_array_equal(naive.affine.inliers, res.affine.inliers)
+
+    def test_unrelated_pair(self) -> None:
+        rng = np.random.default_rng(1)
+        f1, _ = _image_pair(rng, n_shared=0, n_extra=200)
+        f2, _ = _image_pair(rng, n_shared=0, n_extra=200)
+        res = verify_pair(f1, f2)
+        # a few chance 1-NN matches under 0.9; any 3 of them fit an affine exactly
+        assert len(res.matches) <= 10 and res.num_inliers <= 4
+
+    def test_overrides_and_exception(self) -> None:
+        rng = np.random.default_rng(2)
+        f1, f2 = _image_pair(rng, n_shared=30)
+        n = len(verify_pair(f1, f2).matches)
+        assert verify_pair(f1, f2, threshold=10.0, min_matches=n).num_inliers == 30
+        assert verify_pair(f1, f2, VerificationConf(min_matches=n + 1)).num_inliers == 0
+        with pytest.raises(ValueError, match="unknown verification setting"):
+            verify_pair(f1, f2, thresold=3.0)
+
+
+class TestRerank:
+    def _db(self) -> tuple[Features, dict[str, Features]]:
+        rng = np.random.default_rng(3)
+        q, _ = _image_pair(rng, n_shared=0, n_extra=150)
+        db: dict[str, Features] = {}
+        # image "s<n>" shares n features with the query; "u<i>" shares none
+        for name, n in [("u0", 0), ("s10", 10), ("u1", 0), ("s40", 40), ("s25", 25), ("u2", 0)]:
+            k = len(q.keypoints)
+            idx = rng.permutation(k)[:n]
+            kp = np.concatenate([_affine(q.keypoints[idx], A_TRUE), rng.uniform(0, 640, (50, 2))])
+            de = np.concatenate([q.descriptors[idx], _unit(rng, 50, q.descriptors.shape[1])])
+            db[name] = Features(kp, de)
+        return q, db
+
+    def test_order_by_inliers_then_score(self) -> None:
+        q, db = self._db()
+        short = ["u0", "s10", "u1", "s40", "s25", "u2"]
+        res = rerank(q, db, short, scores=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4], top_n=5)
+        assert res.ids == ["s40", "s25", "s10", "u0", "u1", "u2"]
+        np.testing.assert_array_equal(res.inliers, [40, 25, 10, 0, 0])
+        assert [short[o] for o in res.order] == res.ids
+        # scores break ties among unverified images: u1 above u0 when it scores higher
+        res2 = rerank(q, db, short, scores=[0.1, 0.8, 0.7, 0.6, 0.5, 0.4], top_n=5)
+        assert res2.ids[3:] == ["u1", "u0", "u2"]
+
+    def test_top_n_limits_and_cache(self) -> None:
+        q, db = self._db()
+        short = ["u0", "s10", "u1", "s40", "s25", "u2"]
+        res = rerank(q, db, short, top_n=3)
+        assert res.ids == ["s10", "u0", "u1", "s40", "s25", "u2"]
+        cache = {"u1": 999}  # a cached pair is not recomputed
+        res = rerank(q, db, short, top_n=3, cache=cache)
+        assert res.ids[0] == "u1" and cache["s10"] == 10 and "s40" not in cache
+
+    def test_parallel_equals_serial(self) -> None:
+        q, db = self._db()
+        short = list(db)
+        a = rerank(q, db, short, num_workers=1)
+        b = rerank(q, db, short, num_workers=4)
+        assert a.ids == b.ids
+        np.testing.assert_array_equal(a.inliers, b.inliers)
+
+    def test_exception(self) -> None:
+        q, db = self._db()
+        with pytest.raises(ValueError, match="no features"):
+            rerank(q, db, ["u0", "nope"])
+        with pytest.raises(ValueError, match="scores has shape"):
+            rerank(q, db, ["u0", "u1"], scores=[1.0])
+
+
+class TestRerankRevisited:
+    def test_real_case_one_pass_all_protocols(self) -> None:
+        """Positives ranked last move up; junk is skipped per protocol; pairs run once."""
+        rng = np.random.default_rng(7)
+        n_db = 8
+        queries, db = [], {}
+        for _ in range(2):
+            q, _ = _image_pair(rng, n_shared=0, n_extra=120)
+            queries.append(q)
+        # query 0: 0,1 easy (30 shared features), 2 hard (12), 3 junk (20); others unrelated
+        # query 1: 4 easy, 5 hard; 6 junk
+        shared = {
+            (0, 0): 30,
+            (0, 1): 30,
+            (0, 2): 12,
+            (0, 3): 20,
+            (1, 4): 30,
+            (1, 5): 12,
+            (1, 6): 20,
+        }
+        for d in range(n_db):
+            kps, des = [rng.uniform(0, 640, (40, 2))], [_unit(rng, 40, 32)]
+            for (qi, di), n in shared.items():
+                if di == d:
+                    idx = rng.permutation(120)[:n]
+                    kps.append(_affine(queries[qi].keypoints[idx], A_TRUE))
+                    des.append(queries[qi].descriptors[idx])
+            db[d] = Features(np.concatenate(kps), np.concatenate(des))
+        gnd = [{"easy": [0, 1], "hard": [2], "junk": [3]}, {"easy": [4], "hard": [5], "junk": [6]}]
+        ranks = np.array([[7, 3, 2, 6, 1, 5, 0, 4], [0, 1, 2, 3, 7, 6, 5, 4]]).T
+        before = evaluate_protocols(ranks, gnd)
+        res = rerank_revisited(ranks, gnd, queries, db, top_n=5, num_workers=2)
+        after = evaluate_protocols(res.ranks["medium"], gnd, protocols=["medium"])
+        assert after["medium"].map > before["medium"].map + 0.2
+        # query 0; heads are the first 5 non-junk, re-ranked, then the rest in original order
+        # medium (junk 3): head 7,2,6,1,5 -> 1 (30 inliers), 2 (12), then 7,6,5; rest 3,0,4
+        assert res.ranks["medium"][:, 0].tolist() == [1, 2, 7, 6, 5, 3, 0, 4]
+        # hard (junk 3 + easy 0,1): head 7,2,6,5,4 -> 2 first
+        assert res.ranks["hard"][:, 0].tolist() == [2, 7, 6, 5, 4, 3, 1, 0]
+        # easy (junk 3 + hard 2): head 7,6,1,5,0 -> 1 and 0 tie at 30: first-stage order
+        assert res.ranks["easy"][:, 0].tolist() == [1, 0, 7, 6, 5, 3, 2, 4]
+        # query 1: no positive in its heads and no inliers: the order is kept
+        np.testing.assert_array_equal(res.ranks["medium"][:, 1], ranks[:, 1])
+        # one pass: the union of the protocols' heads, each pair once; 3 (junk in every
+        # protocol) is never verified
+        assert {d for q, d in res.inliers if q == 0} == {7, 2, 6, 1, 5, 4, 0}
+        assert res.pairs == len(res.inliers) == 7 + 5  # query 1: 0,1,2,3,7 in every head
+        assert res.inliers[(0, 1)] == 30 and res.inliers[(0, 2)] == 12
+        assert res.seconds_per_query > 0
+        for p in ("easy", "medium", "hard"):
+            assert sorted(res.ranks[p][:, 1].tolist()) == list(range(n_db))
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="query features"):
+            rerank_revisited(np.arange(3)[:, None], [{"easy": [], "hard": [], "junk": []}], [], {})
+        f = Features(np.zeros((1, 2)), np.zeros((1, 4), np.float32))
+        with pytest.raises(ValueError, match="no features for database"):
+            rerank_revisited(
+                np.arange(3)[:, None], [{"easy": [0], "hard": [], "junk": []}], [f], {0: f}
+            )
+
+
+def test_read_features_h5(tmp_path: Path) -> None:
+    import h5py
+
+    path = tmp_path / "feats.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for k in ("a", "b/region_1"):
+            f.create_dataset(f"{k}/keypoints", data=rng.uniform(0, 9, (5, 2)).astype(np.float32))
+            f.create_dataset(f"{k}/descriptors", data=rng.random((5, 8)).astype(np.float32))
+        f.create_dataset("c/keypoints", data=np.zeros((1, 2)))
+    got = read_features_h5(path, ["a", "b/region_1", "a"])
+    assert list(got) == ["a", "b/region_1"]
+    assert got["a"].keypoints.shape == (5, 2) and got["a"].descriptors.dtype == np.float32
+    with pytest.raises(ValueError, match="no features for id 'zz'"):
+        read_features_h5(path, ["zz"])
+    with pytest.raises(ValueError, match="lacks"):
+        read_features_h5(path, ["c"])
+
+
+def _rootsift(path: Path, n: int = 1000, side: int = 640) -> Features:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    assert img is not None, path
+    s = min(1.0, side / max(img.shape))
+    img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    sift = cv2.SIFT_create(nfeatures=n)  # type: ignore[attr-defined]
+    kp, des = sift.detectAndCompute(img, None)
+    des = np.sqrt(des / (des.sum(axis=1, keepdims=True) + 1e-7))
+    return Features(np.array([k.pt for k in kp]) / s, des.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_real_case_landmark_photos(shared_data: Path) -> None:
+    """Two Sacre-Coeur views verify; Sacre-Coeur against Toronto does not (RootSIFT)."""
+    root = shared_data / "landmark_photos" / "roma_assets"
+    a = _rootsift(root / "sacre_coeur_A.jpg")
+    b = _rootsift(root / "sacre_coeur_B.jpg")
+    t = _rootsift(root / "toronto_A.jpg")
+    # RootSIFT distances are smaller than DELF's: 0.9 would accept every 1-NN
+    conf = VerificationConf(max_distance=0.45)
+    same = verify_pair(a, b, conf).num_inliers
+    other = max(verify_pair(a, t, conf).num_inliers, verify_pair(b, t, conf).num_inliers)
+    assert same >= 20
+    assert other <= 15
+    assert same >= 2 * other
