@@ -51,10 +51,14 @@ __all__ = ["FORMAT_VERSION", "SynthConf", "confs", "generate_world", "main"]
 
 logger = logging.getLogger("gldboxes.synth")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Seed streams: landmark textures and image layouts never share random numbers.
-_QUERY_LANDMARKS, _OTHER_LANDMARKS, _TRAIN_LANDMARKS = 1, 2, 3
+_QUERY_LANDMARKS, _OTHER_LANDMARKS, _TRAIN_LANDMARKS, _MOTIFS = 1, 2, 3, 4
+# Shared architectural vocabulary: every landmark, and the clutter, reuses motifs from one pool
+# per world (as Oxford's colleges share gothic windows), so local features are not unique to a
+# landmark and small landmarks compete with look-alike structure elsewhere.
+N_MOTIFS = 48
 _GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789#%&@"
 _FONTS = (
     cv2.FONT_HERSHEY_SIMPLEX,
@@ -153,6 +157,61 @@ def _glyphs(
         cv2.putText(img, text, org, font, s, _color(rng), int(rng.integers(1, 4)), cv2.LINE_AA)
 
 
+@lru_cache(maxsize=64)
+def motif(seed: int, index: int, size: int = 96) -> np.ndarray:
+    """One motif of the world's shared pool, (size, size, 3) uint8 BGR.
+
+    Four families: arched windows with mullions, rosettes, inscriptions, ornaments.
+    """
+    rng = _rng(seed, _MOTIFS, index)
+    img = np.full((size, size, 3), _color(rng, 30, 230), np.uint8)
+    fg, fg2 = _color(rng), _color(rng)
+    c = size // 2
+    kind = index % 4
+    if kind == 0:
+        x0, x1 = int(size * 0.2), int(size * 0.8)
+        cv2.rectangle(img, (x0, c), (x1, int(size * 0.92)), fg, -1)
+        cv2.ellipse(img, (c, c), ((x1 - x0) // 2, int(size * 0.35)), 0, 180, 360, fg, -1)
+        for k in range(1, int(rng.integers(2, 5))):
+            x = x0 + k * (x1 - x0) // int(rng.integers(2, 5))
+            cv2.line(img, (x, int(size * 0.2)), (x, int(size * 0.92)), fg2, 2)
+        cv2.line(img, (x0, int(size * 0.6)), (x1, int(size * 0.6)), fg2, 2)
+    elif kind == 1:
+        n = int(rng.integers(6, 13))
+        for r in (0.45, 0.3, 0.15):
+            cv2.circle(img, (c, c), int(size * r), fg if r != 0.3 else fg2, 2 + int(r * 4))
+        for k in range(n):
+            a = 2 * math.pi * k / n
+            p = (int(c + size * 0.45 * math.cos(a)), int(c + size * 0.45 * math.sin(a)))
+            cv2.line(img, (c, c), p, fg, 2)
+    elif kind == 2:
+        _glyphs(rng, img, 3, (0.5, 0.9))
+    else:
+        for _ in range(int(rng.integers(3, 6))):
+            pts = rng.integers(0, size, size=(3, 2)).astype(np.int32)
+            cv2.fillPoly(img, [pts], _color(rng))
+        step = int(rng.integers(5, 10))
+        for k in range(0, size, step):
+            cv2.line(img, (k, 0), (k, size // 4), fg2, 2)
+    cv2.rectangle(img, (0, 0), (size - 1, size - 1), fg2, 2)
+    return img
+
+
+def _paste_motifs(
+    rng: np.random.Generator, img: np.ndarray, seed: int, count: int, side: tuple[int, int]
+) -> None:
+    """Paste ``count`` motifs of the world's pool, resized to ``side`` pixels, at random places."""
+    h, w = img.shape[:2]
+    for _ in range(count):
+        m = motif(seed, int(rng.integers(N_MOTIFS)))
+        s = int(rng.integers(side[0], side[1] + 1))
+        if s >= min(h, w):
+            continue
+        patch = cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA)
+        y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+        img[y : y + s, x : x + s] = patch
+
+
 @lru_cache(maxsize=256)
 def landmark_texture(seed: int, stream: int, index: int, size: int) -> np.ndarray:
     """The texture of one landmark, (size, size, 3) uint8 BGR; deterministic per key."""
@@ -182,23 +241,24 @@ def landmark_texture(seed: int, stream: int, index: int, size: int) -> np.ndarra
             else:
                 cv2.circle(img, (int(cx), int(cy)), int(min(hw, hh)), wcol, -1)
                 cv2.circle(img, (int(cx), int(cy)), int(min(hw, hh) * 0.5), fcol, 2)
-    # Distinctive structure: polygons, stripes and glyphs unique to this landmark.
-    for _ in range(int(rng.integers(6, 12))):
+    # Motifs from the world's shared vocabulary, then structure unique to this landmark.
+    _paste_motifs(rng, img, seed, int(rng.integers(5, 9)), (size // 7, size // 4))
+    for _ in range(int(rng.integers(3, 7))):
         pts = rng.integers(0, size, size=(int(rng.integers(3, 6)), 2)).astype(np.int32)
         cv2.fillPoly(img, [pts], _color(rng))
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(1, 4))):
         x0, y0 = (int(v) for v in rng.integers(0, size - size // 5, size=2))
         step = int(rng.integers(4, 10))
         col = _color(rng)
         for k in range(0, size // 5, step):
             cv2.line(img, (x0 + k, y0), (x0 + k, y0 + size // 5), col, max(1, step // 3))
-    _glyphs(rng, img, int(rng.integers(12, 22)), (0.5, 1.4))
+    _glyphs(rng, img, int(rng.integers(5, 10)), (0.5, 1.4))
     cv2.rectangle(img, (0, 0), (size - 1, size - 1), _color(rng), 4)
     return img
 
 
-def _clutter(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A cluttered background (h, w, 3) uint8: smooth colour field, shapes, strokes, glyphs."""
+def _clutter(rng: np.random.Generator, h: int, w: int, seed: int) -> np.ndarray:
+    """A cluttered background (h, w, 3) uint8: colour field, shapes, strokes, glyphs, motifs."""
     img = _smooth_field(rng, h, w, int(rng.integers(3, 7)))
     area = h * w
     for _ in range(int(rng.integers(25, 45) * area / (512 * 384))):
@@ -224,6 +284,13 @@ def _clutter(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             pts = rng.integers(0, [w, h]) + rng.integers(-w // 10, w // 10, size=(3, 2))
             cv2.fillPoly(img, [pts.astype(np.int32)], col)
     _glyphs(rng, img, int(rng.integers(3, 8) * area / (512 * 384)) + 1, (0.4, 1.0))
+    _paste_motifs(
+        rng,
+        img,
+        seed,
+        int(rng.integers(2, 6) * area / (512 * 384)) + 1,
+        (max(8, min(h, w) // 12), max(9, min(h, w) // 5)),
+    )
     noise = rng.normal(0.0, 4.0, size=img.shape)
     return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
 
@@ -274,7 +341,7 @@ class _Rendered:
 def _render(job: _Job) -> _Rendered:
     rng = _rng(*job.image_seed)
     h, w = job.shape
-    img = _clutter(rng, h, w)
+    img = _clutter(rng, h, w, job.image_seed[0])
     # Global lighting and the landmark are drawn with the image's own generator.
     box: Box | None = None
     area = occl = warp = 0.0
@@ -312,7 +379,7 @@ def _render(job: _Job) -> _Rendered:
         if occl > 0:
             # Hide a band of the box under clutter, from a random side.
             bw, bh = x1 - x0, y1 - y0
-            occluder = _clutter(rng, h, w)
+            occluder = _clutter(rng, h, w, job.image_seed[0])
             side_pick = int(rng.integers(4))
             if side_pick == 0:
                 sl = (slice(int(y0), int(y1) + 1), slice(int(x0), int(x0 + occl * bw) + 1))
