@@ -1,0 +1,887 @@
+"""Run per-image stages shard by shard, on this machine (``serial``) or on Ray (``ray``).
+
+A **stage** is a function from one shard of inputs to one set of output files::
+
+    fn(shard: Shard, out: Path, model: Any) -> Mapping[str, int]   # counts, e.g. {"images": 250}
+
+It writes everything into ``out`` (a fresh temporary folder) and returns counts. The executor
+renames ``out`` onto ``OUT_DIR/<shard.name>/`` only after the function returned and a
+``done.json`` (stage name, config hash, inputs hash, library versions, counts, seconds) was
+written into it, so a shard folder either does not exist or is complete. A rerun skips every
+shard whose ``done.json`` has the same inputs hash (stage config + the shard's items) and redoes
+the rest; a changed configuration redoes everything. Temporary folders of crashed attempts
+(``.<shard>.tmp-*``) are removed by the driver before and after each run.
+
+``model`` is ``stage.load_model()``, called **once per worker process** and cached under the
+stage's config hash, so a DELF or detector SavedModel is loaded once per worker and reused
+across all the shards that worker runs (``None`` when the stage has no model).
+
+Executors:
+
+* :class:`SerialExecutor`: shards one after the other in this process (tests, tiny runs). A
+  shard that raises is retried ``stage.retries`` times.
+* :class:`RayExecutor`: one plain Ray task per shard (no actors: a file-writing stage needs no
+  long-lived state beyond the per-process model cache) with per-task ``num_cpus`` (fractional:
+  on a 2-core machine 0.5 CPU a task keeps four in flight and never starves Ray's own work),
+  ``num_gpus`` and ``memory``; Ray retries a shard whose task raised or whose worker died
+  (``max_retries``/``retry_exceptions``). ``ray.init()`` starts a local Ray by default with its
+  scratch (``_temp_dir``) inside the run's work directory; ``RAY_ADDRESS`` (or ``address=``)
+  connects to an existing cluster instead, where the inputs and ``OUT_DIR`` must be on storage
+  every node sees (a shared filesystem).
+
+Both show a tqdm bar over shards and return a :class:`StageReport`. Global steps (k-means on a
+sample gathered from shards, merging index parts, metrics) run on the driver, outside this
+module. Ray is imported lazily, only by :class:`RayExecutor`.
+
+Two stages owned by ``gldboxes`` live here (they compose :mod:`gldboxes.gld` and
+:mod:`gldboxes.http`): :func:`gldv2_shard_stage` (download + md5-verify + extract one GLDv2 tar
+shard) and :func:`url_list_stage` (fetch one slice of an ``id,url`` CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from gldboxes import __version__
+from gldboxes.io import config_hash, read_json, write_config, write_json
+
+__all__ = [
+    "DONE_NAME",
+    "ENGINES",
+    "FORMAT_VERSION",
+    "Executor",
+    "RayExecutor",
+    "Resources",
+    "SerialExecutor",
+    "Shard",
+    "ShardFailedError",
+    "Stage",
+    "StageReport",
+    "add_engine_options",
+    "clear_model_cache",
+    "executor_from_args",
+    "gldv2_shard_stage",
+    "make_executor",
+    "make_shards",
+    "model_loads",
+    "read_done",
+    "run_shard",
+    "url_list_shards",
+    "url_list_stage",
+]
+
+logger = logging.getLogger("gldboxes.executor")
+
+FORMAT_VERSION = 1
+DONE_NAME = "done.json"
+ENGINES: tuple[str, ...] = ("serial", "ray")
+# Ray's unix sockets live under its temp dir: AF_UNIX paths are limited to 107 bytes and Ray adds
+# ~66 characters (session_<date>_<pid>/sockets/plasma_store), so longer scratch paths are reached
+# through a short symlink in the system temp dir.
+_MAX_RAY_TEMP_LEN = 40
+
+StageFn = Callable[["Shard", Path, Any], Mapping[str, int]]
+
+
+# ------------------------------------------------------------------------------------- model
+_MODEL_CACHE: dict[str, Any] = {}
+_MODEL_LOADS: dict[str, int] = {}
+
+
+def _model_for(stage: Stage) -> Any:
+    """The stage's model in this process, loaded on first use and kept for later shards."""
+    if stage.load_model is None:
+        return None
+    key = stage.model_key
+    if key not in _MODEL_CACHE:
+        t0 = time.perf_counter()
+        _MODEL_CACHE[key] = stage.load_model()
+        _MODEL_LOADS[key] = _MODEL_LOADS.get(key, 0) + 1
+        logger.info(
+            "%s: model loaded in %.1f s (pid %d)", stage.name, time.perf_counter() - t0, os.getpid()
+        )
+    return _MODEL_CACHE[key]
+
+
+def model_loads() -> dict[str, int]:
+    """How many times each model was loaded in this process (``{model key: loads}``)."""
+    return dict(_MODEL_LOADS)
+
+
+def clear_model_cache() -> None:
+    """Drop the models cached in this process (frees memory between pipelines)."""
+    _MODEL_CACHE.clear()
+
+
+# ------------------------------------------------------------------------------- data model
+@dataclass(frozen=True)
+class Resources:
+    """What one shard task reserves on a Ray node.
+
+    Attributes:
+        num_cpus: CPUs per task; fractional values (0.5) let several tasks share a core and keep
+            a 2-core machine from deadlocking when Ray needs a CPU for its own work.
+        num_gpus: GPUs per task (fractional to share one GPU between model copies).
+        memory: bytes of RAM reserved per task for scheduling (``None``: no reservation).
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.num_cpus > 0:
+            raise ValueError(f"Resources.num_cpus must be > 0, got {self.num_cpus}")
+        if self.num_gpus < 0:
+            raise ValueError(f"Resources.num_gpus must be >= 0, got {self.num_gpus}")
+        if self.memory is not None and self.memory <= 0:
+            raise ValueError(f"Resources.memory must be a positive byte count, got {self.memory}")
+
+    def ray_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``ray.remote(...).options``."""
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            opts["memory"] = int(self.memory)
+        return opts
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: an index, a folder name and JSON-able items (paths, ids, rows).
+
+    Attributes:
+        index: position of the shard (0-based).
+        items: the inputs, as JSON-able values (strings, numbers, lists); they enter the
+            inputs hash, so a shard whose items changed is redone.
+        name: folder name of the shard's outputs (default ``shard-00042``).
+        meta: extra JSON-able inputs that also enter the hash (e.g. the first global image id
+            of an index part).
+    """
+
+    index: int
+    items: tuple[Any, ...]
+    name: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ValueError(f"Shard.index must be >= 0, got {self.index}")
+        if not self.name:
+            object.__setattr__(self, "name", f"shard-{self.index:05d}")
+        if "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"Shard.name {self.name!r} must be a plain, non-hidden folder name")
+        object.__setattr__(self, "items", tuple(self.items))
+
+
+def make_shards(
+    items: Sequence[Any], shard_size: int, *, prefix: str = "shard", meta: bool = True
+) -> list[Shard]:
+    """Cut ``items`` into consecutive shards of ``shard_size`` (the last one may be shorter).
+
+    With ``meta`` each shard records ``{"start": first item index, "stop": end}``, i.e. its
+    range of global ids when ``items`` is a list of images.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = []
+    for i, a in enumerate(range(0, len(items), shard_size)):
+        chunk = tuple(items[a : a + shard_size])
+        m = {"start": a, "stop": a + len(chunk)} if meta else {}
+        out.append(Shard(i, chunk, f"{prefix}-{i:05d}", m))
+    return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A per-shard function plus what is needed to run it anywhere.
+
+    Attributes:
+        name: stage name (logs, task names, ``done.json``).
+        fn: ``fn(shard, out_dir, model) -> counts``, a module-level function (Ray ships it to
+            workers by reference, so its module must be importable there).
+        conf: the stage configuration (JSON-able); its hash marks the outputs.
+        load_model: zero-argument callable returning the model, called once per worker process.
+        resources: default per-task resources (an executor may override them).
+        retries: extra attempts for a shard that raised (or whose Ray worker died).
+        versions: library versions to record in ``done.json`` (besides python/numpy/gldboxes).
+    """
+
+    name: str
+    fn: StageFn
+    conf: Mapping[str, Any] = field(default_factory=dict)
+    load_model: Callable[[], Any] | None = None
+    resources: Resources = field(default_factory=Resources)
+    retries: int = 2
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"Stage.name {self.name!r} must be a non-empty plain name")
+        if self.retries < 0:
+            raise ValueError(f"Stage.retries must be >= 0, got {self.retries}")
+        if not callable(self.fn):
+            raise ValueError(f"Stage {self.name!r}: fn must be callable")
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash({"stage": self.name, "conf": self.conf})
+
+    @property
+    def model_key(self) -> str:
+        return f"{self.name}-{self.config_hash}"
+
+    def inputs_hash(self, shard: Shard) -> str:
+        """Hash of the stage config and the shard's items: equal hash, same outputs."""
+        try:
+            return config_hash(
+                {"conf": self.config_hash, "items": list(shard.items), "meta": dict(shard.meta)},
+                16,
+            )
+        except TypeError as exc:
+            raise ValueError(
+                f"stage {self.name!r}, shard {shard.name}: items must be JSON-able ({exc})"
+            ) from exc
+
+
+class ShardFailedError(RuntimeError):
+    """Some shards failed after all retries (the others are finished and kept).
+
+    Attributes:
+        failed: ``{shard name: error message}``.
+    """
+
+    def __init__(self, stage: str, failed: Mapping[str, str]) -> None:
+        names = ", ".join(sorted(failed)[:10]) + (" ..." if len(failed) > 10 else "")
+        super().__init__(
+            f"stage {stage}: {len(failed)} shard(s) failed after retries ({names}); "
+            "rerun to redo only them"
+        )
+        self.failed = dict(failed)
+
+
+@dataclass
+class StageReport:
+    """What a run of a stage did.
+
+    Attributes:
+        out_dir: the stage's output folder (one sub-folder per shard).
+        done: shards finished in this run; skipped: shards already finished before;
+        failed: ``{shard: error}``; counts: summed counts of every finished shard;
+        seconds: wall time of the run.
+    """
+
+    stage: str
+    out_dir: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def shard_dirs(self, shards: Sequence[Shard]) -> list[Path]:
+        """The output folders of ``shards``, in order."""
+        return [self.out_dir / s.name for s in shards]
+
+
+def _versions(extra: Mapping[str, str]) -> dict[str, str]:
+    import numpy as np
+
+    out = {"gldboxes": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    out.update({str(k): str(v) for k, v in extra.items()})
+    return out
+
+
+def read_done(shard_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``done.json`` of a shard folder, or ``None`` when the shard is not finished."""
+    path = Path(shard_dir) / DONE_NAME
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a gldboxes done-marker of format_version {FORMAT_VERSION}")
+    return data
+
+
+def run_shard(stage: Stage, shard: Shard, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run one shard (in whatever process calls this): temp folder, ``done.json``, rename.
+
+    Returns:
+        the ``done.json`` content.
+    """
+    out = Path(out_dir)
+    final = out / shard.name
+    tmp = out / f".{shard.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        model = _model_for(stage)
+        t0 = time.perf_counter()
+        counts = stage.fn(shard, tmp, model)
+        seconds = time.perf_counter() - t0
+        done = {
+            "format_version": FORMAT_VERSION,
+            "stage": stage.name,
+            "shard": shard.name,
+            "index": shard.index,
+            "n_items": len(shard.items),
+            "meta": dict(shard.meta),
+            "config_hash": stage.config_hash,
+            "inputs_hash": stage.inputs_hash(shard),
+            "versions": _versions(stage.versions),
+            "counts": {str(k): int(v) for k, v in dict(counts or {}).items()},
+            "outputs": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
+            "seconds": round(seconds, 4),
+            "host": platform.node(),
+            "pid": os.getpid(),
+        }
+        write_json(tmp / DONE_NAME, done)
+        if final.exists():  # a stale shard (other config); the driver decided to redo it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return done
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- executors
+class Executor:
+    """Common driver logic: skip finished shards, run the rest, report, clean temp folders."""
+
+    engine = "base"
+
+    def __init__(self, *, progress: bool = True, resources: Resources | None = None) -> None:
+        self.progress = progress
+        self.resources = resources
+
+    def _execute(
+        self, stage: Stage, shards: Sequence[Shard], out_dir: Path
+    ) -> Iterator[tuple[Shard, dict[str, Any] | None, str | None]]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        stage: Stage,
+        shards: Sequence[Shard],
+        out_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        raise_on_failure: bool = True,
+    ) -> StageReport:
+        """Run every unfinished shard of ``stage`` into ``out_dir/<shard.name>/``.
+
+        Args:
+            stage: the stage.
+            shards: its shards (unique names).
+            out_dir: the stage's output folder (name it after the config).
+            overwrite: redo finished shards too.
+            raise_on_failure: raise :class:`ShardFailedError` when shards failed for good
+                (after the others finished); else only report them.
+
+        Returns:
+            a :class:`StageReport`.
+        """
+        out = Path(out_dir)
+        names = [s.name for s in shards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{out}: shard names are not unique")
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_tmp(out)
+        write_config(
+            out,
+            {"stage": stage.name, "config_hash": stage.config_hash, "conf": dict(stage.conf)},
+            name="stage.yaml",
+        )
+        report = StageReport(stage=stage.name, out_dir=out)
+        todo: list[Shard] = []
+        finished: dict[str, dict[str, Any]] = {}
+        for s in shards:
+            done = None if overwrite else read_done(out / s.name)
+            if done is not None and done.get("inputs_hash") == stage.inputs_hash(s):
+                report.skipped.append(s.name)
+                finished[s.name] = done
+            else:
+                if done is not None:
+                    logger.info("%s: %s was made with other inputs; redoing it", stage.name, s.name)
+                todo.append(s)
+        if report.skipped:
+            logger.info(
+                "%s: %d shard(s) already done, %d to do", stage.name, len(report.skipped), len(todo)
+            )
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=len(shards),
+            initial=len(report.skipped),
+            unit="shard",
+            desc=f"{stage.name} [{self.engine}]",
+            disable=not self.progress or not todo,
+        )
+        try:
+            for shard, done, error in self._execute(stage, todo, out):
+                if error is None and done is not None:
+                    report.done.append(shard.name)
+                    finished[shard.name] = done
+                else:
+                    report.failed[shard.name] = error or "unknown error"
+                    logger.error("%s: %s failed: %s", stage.name, shard.name, error)
+                bar.update(1)
+        finally:
+            bar.close()
+            _clean_tmp(out)
+        report.seconds = time.perf_counter() - t0
+        report.done.sort()
+        for d in finished.values():
+            for k, v in d.get("counts", {}).items():
+                report.counts[k] = report.counts.get(k, 0) + int(v)
+        if report.failed and raise_on_failure:
+            raise ShardFailedError(stage.name, report.failed)
+        return report
+
+    def start(self) -> Executor:
+        """Start the engine (no-op for the serial executor)."""
+        return self
+
+    def shutdown(self) -> None:
+        """Stop what :meth:`start` started."""
+
+    def __enter__(self) -> Executor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _clean_tmp(out: Path) -> None:
+    for p in out.glob(".*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class SerialExecutor(Executor):
+    """Shards one after the other in this process, each retried ``stage.retries`` times."""
+
+    engine = "serial"
+
+    def _execute(
+        self, stage: Stage, shards: Sequence[Shard], out_dir: Path
+    ) -> Iterator[tuple[Shard, dict[str, Any] | None, str | None]]:
+        for shard in shards:
+            error: str | None = None
+            for attempt in range(stage.retries + 1):
+                try:
+                    done = run_shard(stage, shard, out_dir)
+                except Exception as exc:  # a shard's failure must not stop the others
+                    error = f"{type(exc).__name__}: {exc}"
+                    logger.warning(
+                        "%s: %s attempt %d failed: %s", stage.name, shard.name, attempt + 1, error
+                    )
+                    continue
+                yield shard, done, None
+                break
+            else:
+                yield shard, None, error
+
+
+class RayExecutor(Executor):
+    """One Ray task per shard; local Ray by default, a cluster through ``RAY_ADDRESS``.
+
+    Args:
+        work_dir: the run's work directory; a local Ray keeps its scratch (sessions, logs,
+            spilled objects) in ``work_dir/ray``.
+        num_cpus: CPUs of a local Ray (``None``: all); ignored on a cluster.
+        num_gpus: GPUs of a local Ray (``None``: detected); ignored on a cluster.
+        address: a cluster address; default ``RAY_ADDRESS`` from the environment, else local.
+        resources: per-task resources overriding each stage's defaults.
+        runtime_env: Ray runtime environment (e.g. ``{"env_vars": {...}}``) for the workers.
+        progress: show the tqdm bar over shards.
+    """
+
+    engine = "ray"
+
+    def __init__(
+        self,
+        *,
+        work_dir: str | os.PathLike[str],
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        address: str | None = None,
+        resources: Resources | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(progress=progress, resources=resources)
+        self.work_dir = Path(work_dir)
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.address = address
+        self.runtime_env = dict(runtime_env) if runtime_env else None
+        self._owned = False
+
+    @property
+    def cluster_address(self) -> str | None:
+        """The cluster this executor connects to (``None``: a local Ray)."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
+    def temp_dir(self) -> Path:
+        """Where a local Ray puts its scratch (``work_dir/ray``; maybe through a short link)."""
+        real = (self.work_dir / "ray").resolve()
+        real.mkdir(parents=True, exist_ok=True)
+        if len(str(real)) <= _MAX_RAY_TEMP_LEN:
+            return real
+        link = Path(tempfile.gettempdir()) / f"gldray-{config_hash({'p': str(real)}, 10)}"
+        if link.is_symlink() and Path(os.readlink(link)) != real:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(real, target_is_directory=True)
+        return link
+
+    def start(self) -> RayExecutor:
+        """``ray.init`` unless Ray is already running in this process."""
+        import ray
+
+        if ray.is_initialized():
+            return self
+        addr = self.cluster_address
+        kwargs: dict[str, Any] = {
+            "address": addr,
+            "include_dashboard": False,
+            "log_to_driver": logger.isEnabledFor(logging.DEBUG),
+            "configure_logging": False,
+        }
+        if self.runtime_env:
+            kwargs["runtime_env"] = self.runtime_env
+        if addr is None:
+            kwargs["num_cpus"] = self.num_cpus
+            kwargs["num_gpus"] = self.num_gpus
+            kwargs["_temp_dir"] = str(self.temp_dir())
+            logger.info("starting a local Ray (%s CPUs) in %s", self.num_cpus, kwargs["_temp_dir"])
+        else:
+            logger.info("connecting to the Ray cluster at %s", addr)
+        ray.init(**kwargs)
+        self._owned = True
+        return self
+
+    def shutdown(self) -> None:
+        if self._owned:
+            import ray
+
+            ray.shutdown()
+            self._owned = False
+
+    def _execute(
+        self, stage: Stage, shards: Sequence[Shard], out_dir: Path
+    ) -> Iterator[tuple[Shard, dict[str, Any] | None, str | None]]:
+        import ray
+
+        if not shards:
+            return
+        self.start()
+        res = self.resources or stage.resources
+        task = ray.remote(run_shard).options(
+            **res.ray_options(),
+            max_retries=stage.retries,
+            retry_exceptions=True,
+            name=f"gldboxes:{stage.name}",
+        )
+        stage_ref = ray.put(stage)
+        refs = {task.remote(stage_ref, s, str(out_dir)): s for s in shards}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                shard = refs[ref]
+                try:
+                    done = ray.get(ref)
+                except Exception as exc:  # RayTaskError, WorkerCrashedError, ...
+                    yield shard, None, f"{type(exc).__name__}: {_first_line(exc)}"
+                else:
+                    yield shard, done, None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    # RayTaskError prints a traceback; its last line names the original exception.
+    return (text[-1] if text else repr(exc))[:500]
+
+
+# ------------------------------------------------------------------------------ CLI plumbing
+def make_executor(
+    engine: str,
+    *,
+    work_dir: str | os.PathLike[str],
+    num_cpus: float | None = None,
+    task_cpus: float | None = None,
+    task_gpus: float = 0.0,
+    task_memory: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> Executor:
+    """An executor by name (``serial`` or ``ray``) with optional per-task resources."""
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
+    res = (
+        Resources(num_cpus=task_cpus, num_gpus=task_gpus, memory=task_memory)
+        if task_cpus is not None
+        else None
+    )
+    if engine == "serial":
+        return SerialExecutor(progress=progress, resources=res)
+    return RayExecutor(
+        work_dir=work_dir, num_cpus=num_cpus, address=address, resources=res, progress=progress
+    )
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--engine serial|ray`` and its resource options to a stage command."""
+    g = parser.add_argument_group("execution (serial here, or Ray: local or RAY_ADDRESS)")
+    g.add_argument("--engine", choices=list(ENGINES), help="run shard by shard on this engine")
+    g.add_argument("--shard-size", type=int, default=256, help="images per shard")
+    g.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    g.add_argument("--num-cpus", type=float, help="CPUs of a local Ray (default: all)")
+    g.add_argument("--task-cpus", type=float, help="CPUs per shard task (fractional allowed)")
+    g.add_argument("--task-gpus", type=float, default=0.0, help="GPUs per shard task")
+    g.add_argument("--task-memory", type=int, help="bytes of RAM reserved per shard task")
+
+
+def executor_from_args(args: argparse.Namespace, work_dir: str | os.PathLike[str]) -> Executor:
+    """The executor named by :func:`add_engine_options`' arguments (default: serial)."""
+    return make_executor(
+        args.engine or "serial",
+        work_dir=work_dir,
+        num_cpus=args.num_cpus,
+        task_cpus=args.task_cpus,
+        task_gpus=args.task_gpus,
+        task_memory=args.task_memory,
+        address=args.ray_address,
+        progress=not getattr(args, "quiet", False),
+    )
+
+
+# ---------------------------------------------------------------------- GLD download stages
+def _tar_members(tar: Path) -> list[str]:
+    """The regular-file members of a tar (``./`` stripped); seeks over the data when it can."""
+    import tarfile
+
+    with tarfile.open(tar, "r:*") as tf:
+        return [m.name[2:] if m.name.startswith("./") else m.name for m in tf if m.isfile()]
+
+
+def _gldv2_shard(shard: Shard, out: Path, model: Any, *, conf: Mapping[str, Any]) -> dict[str, int]:
+    """Download, verify and extract the GLDv2 tar shards listed in ``shard.items``."""
+    from gldboxes.gld import extract_shard, parse_md5_file, shard_name
+    from gldboxes.http import download_file, new_session
+
+    base, split, root = str(conf["base_url"]), str(conf["split"]), Path(conf["root"])
+    retries, backoff, timeout = int(conf["retries"]), float(conf["backoff"]), float(conf["timeout"])
+    n_images = n_bytes = 0
+    listing: list[str] = []
+    session = new_session(2)
+    try:
+        for index in shard.items:
+            name = shard_name(int(index))
+            stem = name[: -len(".tar")]
+            md5_path = download_file(
+                f"{base}md5sum/{split}/md5.{stem}.txt",
+                root / "md5" / f"md5.{stem}.txt",
+                session=session,
+                retries=retries,
+                backoff=backoff,
+                timeout=timeout,
+            )
+            try:
+                md5 = parse_md5_file(
+                    md5_path.read_text("utf-8", "replace"), name, source=str(md5_path)
+                )
+            except ValueError:
+                md5_path.unlink(missing_ok=True)  # fetch it again on the next attempt
+                raise
+            # The tar (and its resumable .part) live outside the shard folder, so a retried
+            # attempt resumes the transfer with an HTTP Range request.
+            tar = download_file(
+                f"{base}{split}/{name}",
+                root / "tars" / name,
+                md5=md5,
+                session=session,
+                retries=retries,
+                backoff=backoff,
+                timeout=timeout,
+            )
+            n_bytes += tar.stat().st_size
+            listing.extend(_tar_members(tar))
+            n_images += extract_shard(tar, root / "images")
+            if not bool(conf["keep_tars"]):
+                tar.unlink()
+    finally:
+        session.close()
+    (out / "images.txt").write_text("".join(f"{n}\n" for n in sorted(listing)), "utf-8")
+    return {"tars": len(shard.items), "images": n_images, "bytes": n_bytes}
+
+
+def gldv2_shard_stage(
+    split: str,
+    root: str | os.PathLike[str],
+    shard_indices: Sequence[int],
+    *,
+    base_url: str | None = None,
+    tars_per_task: int = 1,
+    keep_tars: bool = False,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    resources: Resources | None = None,
+) -> tuple[Stage, list[Shard]]:
+    """The GLDv2 download as an executor stage: one task per ``tars_per_task`` tar shards.
+
+    Each task fetches the md5 list and the tar (md5-verified; a retried attempt resumes the
+    ``.part`` with an HTTP Range request), extracts it into ``root/images/a/b/c/<id>.jpg``
+    (members staged and renamed: a crash never leaves a truncated image) and lists the
+    extracted members in its shard folder (``images.txt``). Run it with
+    ``executor.run(stage, shards, root / "shards")``; the metadata CSVs are small and stay with
+    :func:`gldboxes.gld.download_gldv2` (``shards=[]``).
+
+    Returns:
+        ``(stage, shards)``; the shard items are tar indices.
+    """
+    from gldboxes.gld import GLDV2_BASE_URL, GLDV2_SHARDS
+
+    if split not in GLDV2_SHARDS:
+        raise ValueError(f"unknown GLDv2 split {split!r}; expected one of {list(GLDV2_SHARDS)}")
+    bad = [i for i in shard_indices if not 0 <= int(i) < GLDV2_SHARDS[split]]
+    if bad:
+        raise ValueError(f"GLDv2 {split}: shard indices {bad[:5]} out of range")
+    base = base_url or GLDV2_BASE_URL
+    base = base if base.endswith("/") else base + "/"
+    hashed = {
+        "split": split,
+        "base_url": base,
+        "root": os.fspath(Path(root).resolve()),
+        "keep_tars": keep_tars,
+    }
+    conf = {**hashed, "retries": retries, "backoff": backoff, "timeout": timeout}
+    stage = Stage(
+        "gldv2-download",
+        functools.partial(_gldv2_shard, conf=conf),
+        conf=hashed,
+        resources=resources or Resources(num_cpus=0.25),
+        retries=2,
+    )
+    shards = make_shards(sorted({int(i) for i in shard_indices}), tars_per_task, prefix="tars")
+    return stage, shards
+
+
+def url_list_shards(csv_path: str | os.PathLike[str], rows_per_shard: int) -> list[Shard]:
+    """Shards of ``[id, url]`` rows of a GLDv1-style CSV (header with ``id`` and ``url``)."""
+    path = Path(csv_path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = [c.strip().lower() for c in next(reader, [])]
+        if "id" not in header or "url" not in header:
+            raise ValueError(f"{path}: expected a header with 'id' and 'url', got {header}")
+        i_id, i_url = header.index("id"), header.index("url")
+        rows = [[r[i_id].strip(), r[i_url].strip()] for r in reader if r]
+    return make_shards(rows, rows_per_shard, prefix="urls")
+
+
+def _url_list_shard(
+    shard: Shard, out: Path, model: Any, *, conf: Mapping[str, Any]
+) -> dict[str, int]:
+    """Fetch one slice of a URL list; images are moved into the shared images tree."""
+    from gldboxes.gld import download_url_list, image_relpath
+
+    images = Path(conf["images_dir"])
+    todo = [(i, u) for i, u in shard.items if not (images / image_relpath(i)).exists()]
+    sub = out / "urls.csv"
+    with open(sub, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["id", "url"])
+        w.writerows(todo)
+    fetched = out / "fetched"
+    rep = download_url_list(
+        sub,
+        fetched,
+        workers=int(conf["workers"]),
+        max_size=conf["max_size"],
+        quality=int(conf["quality"]),
+        retries=int(conf["retries"]),
+        backoff=float(conf["backoff"]),
+        timeout=float(conf["timeout"]),
+        progress=False,
+    )
+    moved = 0
+    for p in sorted((fetched / "images").rglob("*.jpg")):
+        dest = images / p.relative_to(fetched / "images")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, dest)  # same filesystem: atomic; an image on disk is always complete
+        moved += 1
+    os.replace(fetched / "failures.csv", out / "failures.csv")
+    shutil.rmtree(fetched)
+    sub.unlink()
+    return {
+        "rows": len(shard.items),
+        "downloaded": moved,
+        "present": len(shard.items) - len(todo),
+        "failed": rep.failed,
+    }
+
+
+def url_list_stage(
+    csv_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    rows_per_shard: int = 1000,
+    workers: int = 8,
+    max_size: int | None = None,
+    quality: int = 90,
+    retries: int = 3,
+    backoff: float = 0.5,
+    timeout: float = 30.0,
+    resources: Resources | None = None,
+) -> tuple[Stage, list[Shard]]:
+    """The URL-list download as an executor stage: one task per ``rows_per_shard`` rows.
+
+    Each task runs :func:`gldboxes.gld.download_url_list` on its rows not yet on disk
+    (``workers`` threads) into its temporary folder, moves the images into
+    ``out_dir/images/a/b/c/<id>.jpg`` and keeps its ``failures.csv`` (``id,url,reason``) in
+    its shard folder. Run it with ``executor.run(stage, shards, out_dir / "shards")``.
+
+    Returns:
+        ``(stage, shards)``; the shard items are ``[id, url]`` rows.
+    """
+    hashed = {
+        "csv": os.fspath(Path(csv_path).resolve()),
+        "images_dir": os.fspath((Path(out_dir) / "images").resolve()),
+        "max_size": max_size,
+        "quality": quality,
+    }
+    conf = {
+        **hashed,
+        "workers": workers,
+        "retries": retries,
+        "backoff": backoff,
+        "timeout": timeout,
+    }
+    stage = Stage(
+        "url-download",
+        functools.partial(_url_list_shard, conf=conf),
+        conf=hashed,
+        resources=resources or Resources(num_cpus=0.25),
+        retries=2,
+    )
+    return stage, url_list_shards(csv_path, rows_per_shard)

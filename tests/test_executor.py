@@ -1,0 +1,272 @@
+"""The executor interface (serial engine): shards, done-markers, skips, retries, model cache,
+and the GLD download stages against a local HTTP server. Ray runs in tests/test_sharded.py."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fault_server import Fault, FaultServer
+
+from gldboxes import executor as ex
+from gldboxes.executor import (
+    Resources,
+    SerialExecutor,
+    Shard,
+    ShardFailedError,
+    Stage,
+    make_shards,
+    read_done,
+)
+
+
+# ------------------------------------------------------------------------------ toy stages
+def _square_stage(shard: Shard, out: Path, model: Any, *, log: str) -> dict[str, int]:
+    """Write the squares of the shard's numbers; log every call (pid, shard) to ``log``."""
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"{shard.name}\n")
+    x = np.asarray(shard.items, np.int64)
+    np.save(out / "squares.npy", x * x * int(model["factor"] if model else 1))
+    return {"items": len(shard.items)}
+
+
+def _flaky_stage(shard: Shard, out: Path, model: Any, *, state: str, fail: str) -> dict[str, int]:
+    """Fail ``fail`` times (counted in files under ``state``) for shard-00001, then work."""
+    if shard.name == "shard-00001":
+        marks = Path(state)
+        marks.mkdir(exist_ok=True)
+        n = len(list(marks.iterdir()))
+        if fail == "always" or n < int(fail):
+            (marks / f"attempt-{n}").touch()
+            (out / "partial.bin").write_bytes(b"half")  # left behind by the failure
+            raise RuntimeError(f"injected failure {n}")
+    (out / "ok.txt").write_text(",".join(map(str, shard.items)))
+    return {"items": len(shard.items)}
+
+
+def _load_model(path: str) -> dict[str, int]:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return {"factor": 3}
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in ("done.json", "stage.yaml")
+    }
+
+
+# ------------------------------------------------------------------------------------ tests
+class TestShards:
+    def test_make_shards_cover_items_once(self) -> None:
+        shards = make_shards(list(range(23)), 5)
+        assert [s.name for s in shards] == [f"shard-{i:05d}" for i in range(5)]
+        assert [len(s.items) for s in shards] == [5, 5, 5, 5, 3]
+        assert [x for s in shards for x in s.items] == list(range(23))
+        assert shards[4].meta == {"start": 20, "stop": 23}
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="shard_size"):
+            make_shards([1], 0)
+        with pytest.raises(ValueError, match="folder name"):
+            Shard(0, (1,), "../x")
+        with pytest.raises(ValueError, match="num_cpus"):
+            Resources(num_cpus=0)
+        with pytest.raises(ValueError, match="memory"):
+            Resources(memory=-1)
+        stage = Stage("s", lambda s, o, m: {}, conf={})
+        with pytest.raises(ValueError, match="JSON-able"):
+            stage.inputs_hash(Shard(0, (object(),)))
+        assert Resources(num_cpus=0.5, memory=1 << 30).ray_options() == {
+            "num_cpus": 0.5,
+            "num_gpus": 0.0,
+            "memory": 1 << 30,
+        }
+
+
+class TestSerialExecutor:
+    def test_smoke_done_markers_and_skip(self, tmp_path: Path) -> None:
+        log = tmp_path / "calls.txt"
+        stage = Stage("square", functools.partial(_square_stage, log=str(log)), conf={"v": 1})
+        shards = make_shards(list(range(10)), 4)
+        out = tmp_path / "out"
+        rep = SerialExecutor(progress=False).run(stage, shards, out)
+        assert rep.ok and rep.done == ["shard-00000", "shard-00001", "shard-00002"]
+        assert rep.counts == {"items": 10}
+        got = np.concatenate([np.load(out / s.name / "squares.npy") for s in shards])
+        np.testing.assert_array_equal(got, np.arange(10) ** 2)
+        done = read_done(out / "shard-00002")
+        assert done is not None
+        assert done["counts"] == {"items": 2} and done["n_items"] == 2
+        assert done["config_hash"] == stage.config_hash
+        assert done["inputs_hash"] == stage.inputs_hash(shards[2])
+        assert done["versions"]["numpy"] == np.__version__
+        assert done["outputs"] == ["squares.npy"]
+        assert log.read_text().split() == [s.name for s in shards]
+
+        # Rerun: everything skipped, nothing called.
+        rep2 = SerialExecutor(progress=False).run(stage, shards, out)
+        assert rep2.skipped == [s.name for s in shards] and not rep2.done
+        assert rep2.counts == {"items": 10}
+        assert len(log.read_text().split()) == 3
+
+        # A changed shard is redone alone; a changed config redoes all; overwrite too.
+        shards2 = [*shards[:2], Shard(2, (8, 9, 10), "shard-00002")]
+        rep3 = SerialExecutor(progress=False).run(stage, shards2, out)
+        assert rep3.done == ["shard-00002"]
+        np.testing.assert_array_equal(np.load(out / "shard-00002" / "squares.npy"), [64, 81, 100])
+        stage_v2 = Stage("square", stage.fn, conf={"v": 2})
+        assert len(SerialExecutor(progress=False).run(stage_v2, shards2, out).done) == 3
+        assert (
+            len(SerialExecutor(progress=False).run(stage_v2, shards2, out, overwrite=True).done)
+            == 3
+        )
+        assert not list(out.glob(".*"))  # no temp folders left
+
+    def test_retry_then_success(self, tmp_path: Path) -> None:
+        fn = functools.partial(_flaky_stage, state=str(tmp_path / "st"), fail="2")
+        stage = Stage("flaky", fn, retries=2)
+        out = tmp_path / "out"
+        rep = SerialExecutor(progress=False).run(stage, make_shards([1, 2, 3, 4], 2), out)
+        assert rep.ok and rep.done == ["shard-00000", "shard-00001"]
+        assert len(list((tmp_path / "st").iterdir())) == 2
+        assert (out / "shard-00001" / "ok.txt").read_text() == "3,4"
+        assert not (out / "shard-00001" / "partial.bin").exists()
+        assert not list(out.glob(".*"))
+
+    def test_failed_shard_is_redone_alone(self, tmp_path: Path) -> None:
+        shards = make_shards([1, 2, 3, 4, 5, 6], 2)
+        out = tmp_path / "out"
+        bad = Stage(
+            "flaky",
+            functools.partial(_flaky_stage, state=str(tmp_path / "a"), fail="always"),
+            retries=1,
+        )
+        with pytest.raises(ShardFailedError, match="shard-00001") as info:
+            SerialExecutor(progress=False).run(bad, shards, out)
+        assert list(info.value.failed) == ["shard-00001"]
+        assert len(list((tmp_path / "a").iterdir())) == 2  # first attempt + one retry
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith("stage")) == [
+            "shard-00000",
+            "shard-00002",
+        ]
+        rep = SerialExecutor(progress=False).run(bad, shards, out, raise_on_failure=False)
+        assert rep.failed and rep.skipped == ["shard-00000", "shard-00002"]
+        # Same config, a fixed function: only the failed shard runs.
+        good = Stage(
+            "flaky", functools.partial(_flaky_stage, state=str(tmp_path / "b"), fail="0"), retries=1
+        )
+        rep2 = SerialExecutor(progress=False).run(good, shards, out)
+        assert rep2.done == ["shard-00001"] and rep2.skipped == ["shard-00000", "shard-00002"]
+        assert [(out / s.name / "ok.txt").read_text() for s in shards] == ["1,2", "3,4", "5,6"]
+
+    def test_model_loaded_once_per_process(self, tmp_path: Path) -> None:
+        loads = tmp_path / "loads.txt"
+        stage = Stage(
+            "square-model",
+            functools.partial(_square_stage, log=str(tmp_path / "calls.txt")),
+            conf={"unique": str(tmp_path)},
+            load_model=functools.partial(_load_model, str(loads)),
+        )
+        rep = SerialExecutor(progress=False).run(
+            stage, make_shards(list(range(12)), 3), tmp_path / "o"
+        )
+        assert len(rep.done) == 4
+        assert loads.read_text().split() == [str(os.getpid())]
+        assert ex.model_loads()[stage.model_key] == 1
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "o" / "shard-00003" / "squares.npy"), 3 * np.arange(9, 12) ** 2
+        )
+
+    def test_engine_options(self, tmp_path: Path) -> None:
+        p = argparse.ArgumentParser()
+        ex.add_engine_options(p)
+        a = p.parse_args(["--engine", "ray", "--task-cpus", "0.5", "--num-cpus", "2"])
+        r = ex.executor_from_args(a, tmp_path)
+        assert isinstance(r, ex.RayExecutor) and r.resources == Resources(num_cpus=0.5)
+        assert r.num_cpus == 2
+        assert isinstance(ex.executor_from_args(p.parse_args([]), tmp_path), SerialExecutor)
+        with pytest.raises(ValueError, match="--engine"):
+            ex.make_executor("spark", work_dir=tmp_path)
+
+    def test_ray_temp_dir_short(self, tmp_path: Path) -> None:
+        deep = tmp_path / ("x" * 80)
+        r = ex.RayExecutor(work_dir=deep)
+        t = r.temp_dir()
+        assert len(str(t)) <= 40 and t.resolve() == (deep / "ray").resolve()
+
+
+# --------------------------------------------------------------------- GLD download stages
+def gld_files(n_tars: int = 2, per_tar: int = 3) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Served files of a fake GLDv2 ``train`` split, and the images they contain."""
+    rng = np.random.default_rng(0)
+    files: dict[str, bytes] = {}
+    images: dict[str, bytes] = {}
+    for t in range(n_tars):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for j in range(per_tar):
+                iid = f"{t:x}{j:x}" + "".join(rng.choice(list("0123456789abcdef"), 14))
+                name = f"{iid[0]}/{iid[1]}/{iid[2]}/{iid}.jpg"
+                data = rng.integers(0, 256, 500 + j, dtype=np.uint8).tobytes()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                images[name] = data
+        tar = buf.getvalue()
+        files[f"train/images_{t:03d}.tar"] = tar
+        md5 = hashlib.md5(tar).hexdigest()
+        files[f"md5sum/train/md5.images_{t:03d}.txt"] = f"{md5}  images_{t:03d}.tar\n".encode()
+    return files, images
+
+
+class TestDownloadStages:
+    def test_gldv2_stage_resumes_and_verifies(self, tmp_path: Path) -> None:
+        files, images = gld_files()
+        with FaultServer(files) as srv:
+            srv.add_fault("train/images_000.tar", Fault(drop_after=700))  # resumed with Range
+            srv.add_fault("train/images_001.tar", Fault(corrupt=True))  # md5 mismatch, refetched
+            stage, shards = ex.gldv2_shard_stage(
+                "train", tmp_path / "gld", [0, 1], base_url=srv.base_url, backoff=0.01
+            )
+            rep = SerialExecutor(progress=False).run(stage, shards, tmp_path / "gld" / "shards")
+            assert any(r.range_start for r in srv.requests("train/images_000.tar"))
+        assert rep.counts["images"] == 6 and rep.counts["tars"] == 2
+        root = tmp_path / "gld" / "images"
+        got = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.jpg")}
+        assert got == images
+        listed = [
+            ln for s in shards for ln in (rep.out_dir / s.name / "images.txt").read_text().split()
+        ]
+        assert sorted(listed) == sorted(images)
+        assert not (tmp_path / "gld" / "tars" / "images_000.tar").exists()  # removed after use
+
+    def test_url_list_stage(self, tmp_path: Path) -> None:
+        import cv2
+
+        img = np.zeros((40, 60, 3), np.uint8)
+        cv2.rectangle(img, (5, 5), (30, 20), (0, 200, 255), -1)
+        _, jpg = cv2.imencode(".jpg", img)
+        files = {f"img/{i}.jpg": jpg.tobytes() for i in range(5)}
+        ids = [f"{i:016x}" for i in range(6)]
+        with FaultServer(files) as srv:
+            csv_path = tmp_path / "urls.csv"
+            csv_path.write_text(
+                "id,url\n" + "".join(f"{d},{srv.url(f'img/{i}.jpg')}\n" for i, d in enumerate(ids))
+            )
+            stage, shards = ex.url_list_stage(csv_path, tmp_path / "u", rows_per_shard=4, retries=0)
+            rep = SerialExecutor(progress=False).run(stage, shards, tmp_path / "u" / "shards")
+        assert rep.counts == {"rows": 6, "downloaded": 5, "present": 0, "failed": 1}
+        assert len(list((tmp_path / "u" / "images").rglob("*.jpg"))) == 5
+        fails = (rep.out_dir / "urls-00001" / "failures.csv").read_text().splitlines()
+        assert fails[0] == "id,url,reason" and fails[1].startswith(ids[5] + ",")

@@ -1,0 +1,341 @@
+"""Sharded retrieval: the sharded inverted file against the single index, and the per-image
+stages on a real local Ray (2 CPUs, 0.5 CPU a task) against the serial executor, byte for byte,
+over the synthetic world; a worker killed mid-run; downloads from a local server."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fault_server import Fault, FaultServer
+from test_executor import gld_files
+
+from gldboxes import executor as ex
+from gldboxes.executor import RayExecutor, Resources, SerialExecutor, Shard, ShardFailedError
+from retrieval import sharded
+from retrieval.aggregation import aggregate_many
+from retrieval.inverted_file import InvertedFile
+
+
+# ==================================================================== sharded index (no Ray)
+def _database(kernel: str, n: int = 41, seed: int = 0, cb: Any = None) -> Any:
+    """Aggregated random images (D=16) over a 12-word codebook; 3 identical db images."""
+    rng = np.random.default_rng(seed)
+    d = 16
+    cb = rng.standard_normal((12, d)).astype(np.float32) if cb is None else cb
+    descs = [rng.standard_normal((int(rng.integers(0, 9)), d)).astype(np.float32) for _ in range(n)]
+    descs[3] = np.zeros((0, d), np.float32)  # an image without words scores -1
+    if n > 20:
+        descs[10] = descs[11].copy()  # exact ties
+        descs[20] = descs[11].copy()
+    return aggregate_many(descs, cb, kernel), cb
+
+
+def _reference_merge(ids: list[np.ndarray], scores: list[np.ndarray], k: int) -> np.ndarray:
+    """Obviously correct: per query, sort (-(score), id) pairs in Python."""
+    out = []
+    for q in range(ids[0].shape[0]):
+        pairs = sorted(
+            (-float(s[q, j]), int(i[q, j]))
+            for i, s in zip(ids, scores, strict=True)
+            for j in range(i.shape[1])
+        )
+        out.append([p[1] for p in pairs[:k]])
+    return np.array(out, np.int64)
+
+
+class TestShardedInvertedFile:
+    @pytest.mark.parametrize("kernel", ["asmk_star", "asmk", "vlad"])
+    def test_same_rankings_as_single_index(self, kernel: str, tmp_path: Path) -> None:
+        db, cb = _database(kernel)
+        q, _ = _database(kernel, n=6, seed=1, cb=cb)
+        single = InvertedFile.build(db, cb.shape[0], kernel)
+        parts = sharded.ShardedInvertedFile.build(db, cb.shape[0], kernel, part_size=7)
+        assert len(parts.parts) == 6 and parts.starts.tolist() == [0, 7, 14, 21, 28, 35]
+        np.testing.assert_array_equal(parts.scores(q), single.scores(q))
+        for k in (None, 1, 5, 41, 100):
+            i1, s1 = single.search(q, k)
+            i2, s2 = parts.search(q, k)
+            np.testing.assert_array_equal(i2, i1)
+            np.testing.assert_array_equal(s2, s1)
+        # The tie (images 10, 11, 20 identical) is broken by ascending id across parts.
+        full, _ = parts.search(q)
+        for row in full:
+            pos = [int(np.flatnonzero(row == j)[0]) for j in (10, 11, 20)]
+            assert pos == sorted(pos)
+        merged = parts.merge()
+        for a in ("offsets", "image_ids", "data", "words_per_image"):
+            np.testing.assert_array_equal(getattr(merged, a), getattr(single, a))
+        parts.save(tmp_path / "ix")
+        back = sharded.ShardedInvertedFile.load(tmp_path / "ix")
+        np.testing.assert_array_equal(back.search(q, 5)[0], single.search(q, 5)[0])
+        assert back.stats()["images"] == 41 and back.stats()["parts"] == 6
+
+    def test_merge_topk_reference(self) -> None:
+        rng = np.random.default_rng(3)
+        ids, scs = [], []
+        for start, n in ((0, 5), (5, 9), (14, 4)):
+            s = rng.integers(0, 4, (7, n)).astype(np.float64)  # many ties
+            order = np.lexsort((np.arange(n)[None].repeat(7, 0), -s), axis=-1)
+            ids.append(order + start)
+            scs.append(np.take_along_axis(s, order, 1))
+        for k in (1, 4, 18):
+            got, _ = sharded.merge_topk(ids, scs, k)
+            np.testing.assert_array_equal(got, _reference_merge(ids, scs, k))
+
+    def test_exception(self, tmp_path: Path) -> None:
+        db, cb = _database("asmk_star")
+        part = InvertedFile.build(db, cb.shape[0], "asmk_star")
+        with pytest.raises(ValueError, match="contiguous"):
+            sharded.ShardedInvertedFile((part, part), np.array([0, 5]))
+        with pytest.raises(FileNotFoundError, match=r"sharded\.json"):
+            sharded.ShardedInvertedFile.load(tmp_path)
+        (tmp_path / "sharded.json").write_text('{"format": "other"}')
+        with pytest.raises(ValueError, match="not a gldboxes sharded"):
+            sharded.ShardedInvertedFile.load(tmp_path)
+        with pytest.raises(ValueError, match="one \\(ids, scores\\) pair"):
+            sharded.merge_topk([], [])
+
+
+# ============================================================================ Ray fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gldboxes.synth import confs, generate_world
+
+    return generate_world(tmp_path_factory.mktemp("world"), confs["tiny"])
+
+
+@pytest.fixture(scope="module")
+def ray_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayExecutor]:
+    pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    # Helper stages defined in this test module travel to the workers by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    r = RayExecutor(
+        work_dir=tmp_path_factory.mktemp("raywork"),
+        num_cpus=2,
+        resources=Resources(num_cpus=0.5),
+        progress=False,
+    )
+    r.start()
+    yield r
+    r.shutdown()
+
+
+CONF = {"codebook": {"size": 64, "niter": 10}, "kernel": "asmk_star"}
+SHARD = 16
+
+
+@pytest.fixture(scope="module")
+def serial_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> sharded.ShardedRun:
+    return sharded.run(
+        world / "retrieval",
+        tmp_path_factory.mktemp("serial"),
+        CONF,
+        executor=SerialExecutor(progress=False),
+        shard_size=SHARD,
+        codebook_images=world / "train" / "images",
+        verify=True,
+        verify_top_n=20,
+        queries_per_shard=4,
+    )
+
+
+def _files(root: Path, skip: tuple[str, ...] = ("done.json", "stage.yaml")) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and p.name not in skip
+        and "codebooks" not in p.parts  # the Ray run reuses the serial run's codebook
+        and not any(x.startswith("images-") and x.endswith(".shards") for x in p.parts)
+    }
+
+
+@pytest.mark.slow
+def test_cli_engine_serial(world: Path, serial_run: sharded.ShardedRun, tmp_path: Path) -> None:
+    from gldboxes.cli.main import main
+
+    argv = ["-q", "retrieval", "run", "--dataset", str(world / "retrieval"), "--out"]
+    argv += [str(tmp_path), "--codebook", str(serial_run.codebook), "--engine", "serial"]
+    assert main([*argv, "--shard-size", str(SHARD), "--json"]) == 0
+    ranks = list(tmp_path.glob("results/*-k64-*.sharded/ranks.npy"))
+    assert len(ranks) == 1
+    np.testing.assert_array_equal(np.load(ranks[0]), np.load(serial_run.ranks))
+
+
+# ========================================================================== tests with Ray
+@pytest.mark.slow
+@pytest.mark.server
+class TestRay:
+    def test_pipeline_byte_identical_to_serial(
+        self, world: Path, serial_run: sharded.ShardedRun, ray_executor: RayExecutor, tmp_path: Path
+    ) -> None:
+        s_root = serial_run.index.parents[1]
+        r = sharded.run(
+            world / "retrieval",
+            tmp_path,
+            CONF,
+            executor=ray_executor,
+            shard_size=SHARD,
+            codebook_path=serial_run.codebook,
+            verify=True,
+            verify_top_n=20,
+            queries_per_shard=4,
+        )
+        assert r.reports["features-db"].done == ["shard-00000", "shard-00001", "shard-00002"]
+        assert r.reports["aggregate"].counts["images"] == 48
+        # Every output file (features shards, index parts, per-part top-k, ranks, verified
+        # ranks, metrics) has the same bytes; only done.json (timings, pids) differs.
+        a, b = _files(s_root), _files(tmp_path)
+        assert sorted(a) == sorted(b)
+        assert len([k for k in a if k.endswith("features.h5")]) == 4  # 3 db + 1 query
+        diff = [k for k in a if a[k] != b[k]]
+        assert diff == []
+        # Shards ran in Ray workers, not in this process.
+        done = ex.read_done(r.reports["features-db"].out_dir / "shard-00000")
+        assert done is not None and done["pid"] != os.getpid()
+        # Sharded search == the merged single index; the rankings retrieve the landmarks.
+        sivf = sharded.ShardedInvertedFile.load(r.index)
+        ranks = np.load(r.ranks)
+        single = sivf.merge()
+        from retrieval.codebook import load_codebook
+        from retrieval.engine import resolve_conf
+
+        qnames = r.query_features.all_names
+        q = sharded._aggregate_named(
+            resolve_conf(CONF), r.query_features, qnames, load_codebook(r.codebook)
+        )
+        np.testing.assert_array_equal(single.search(q)[0].T, ranks)
+        assert r.results["easy"].map > 0.9
+
+    def test_kill_worker_then_rerun(
+        self,
+        world: Path,
+        serial_run: sharded.ShardedRun,
+        ray_executor: RayExecutor,
+        tmp_path: Path,
+    ) -> None:
+        from retrieval.datasets import RevisitedDataset
+        from retrieval.engine import _feature_conf, resolve_conf
+        from retrieval.features import ImageItem
+
+        ds = RevisitedDataset.load(world / "retrieval")
+        fc = _feature_conf(resolve_conf(CONF))
+        items = [ImageItem(n, ds.image_path(n)) for n in ds.imlist]
+        stage, shards = sharded.feature_stage(fc, items, shard_size=SHARD)
+        crash = functools.partial(
+            _crash_once, inner=stage.fn, marks=str(tmp_path / "marks"), victim="shard-00001"
+        )
+        out = tmp_path / "feats"
+        # 1. The worker running shard 1 dies (os._exit) and retries are off: that shard fails,
+        #    the others finish.
+        with pytest.raises(ShardFailedError, match="shard-00001") as info:
+            ray_executor.run(dataclasses.replace(stage, fn=crash, retries=0), shards, out)
+        assert "shard-00001" in info.value.failed
+        assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000", "shard-00002"]
+        assert not list(out.glob(".*"))  # the dead attempt's temp folder was cleaned
+        # 2. The rerun redoes only that shard.
+        rep = ray_executor.run(stage, shards, out)
+        assert rep.done == ["shard-00001"] and rep.skipped == ["shard-00000", "shard-00002"]
+        self._same_as_serial(out, serial_run, shards)
+        # 3. With retries, Ray resubmits the dead worker's task within the same run.
+        (tmp_path / "marks").joinpath("shard-00001").unlink()
+        out2 = tmp_path / "feats2"
+        rep2 = ray_executor.run(dataclasses.replace(stage, fn=crash, retries=1), shards, out2)
+        assert rep2.ok and len(rep2.done) == 3
+        assert (tmp_path / "marks" / "shard-00001").exists()  # the crash did happen
+        self._same_as_serial(out2, serial_run, shards)
+
+    @staticmethod
+    def _same_as_serial(out: Path, serial_run: sharded.ShardedRun, shards: list[Shard]) -> None:
+        import h5py
+
+        names = []
+        for s in shards:
+            with h5py.File(out / s.name / "features.h5", "r") as f:
+                names += list(f.keys())
+        assert sorted(names) == sorted(serial_run.db_features.all_names)  # none lost or twice
+        for s, ref in zip(shards, serial_run.db_features.paths, strict=True):
+            assert (out / s.name / "features.h5").read_bytes() == ref.read_bytes()
+
+    def test_model_loaded_once_per_worker(self, ray_executor: RayExecutor, tmp_path: Path) -> None:
+        stage = ex.Stage(
+            "pids",
+            _report_pid,
+            conf={"t": str(tmp_path)},
+            load_model=functools.partial(_load_pid_model, str(tmp_path / "loads")),
+        )
+        rep = ray_executor.run(stage, ex.make_shards(list(range(24)), 1), tmp_path / "o")
+        assert len(rep.done) == 24
+        loads = sorted(p.name for p in (tmp_path / "loads").iterdir())
+        pids = {(tmp_path / "o" / s / "pid.txt").read_text() for s in rep.done}
+        # One load per worker process that ran shards, reused for all its shards.
+        assert sorted(loads) == sorted(pids) and len(loads) < 24
+
+    def test_downloads_on_ray_match_serial(self, ray_executor: RayExecutor, tmp_path: Path) -> None:
+        import cv2
+
+        files, images = gld_files(n_tars=3)
+        img = np.full((30, 50, 3), 90, np.uint8)
+        cv2.circle(img, (20, 15), 9, (255, 0, 0), -1)
+        files.update({f"img/{i}.jpg": cv2.imencode(".jpg", img)[1].tobytes() for i in range(5)})
+        trees = {}
+        with FaultServer(files) as srv:
+            srv.add_fault("train/images_001.tar", Fault(drop_after=900, times=2))
+            csv_path = tmp_path / "urls.csv"
+            csv_path.write_text(
+                "id,url\n" + "".join(f"{i:016x},{srv.url(f'img/{i}.jpg')}\n" for i in range(6))
+            )
+            for name, engine in (("serial", SerialExecutor(progress=False)), ("ray", ray_executor)):
+                root = tmp_path / name
+                stage, shards = ex.gldv2_shard_stage(
+                    "train", root / "gld", [0, 1, 2], base_url=srv.base_url, backoff=0.01
+                )
+                rep = engine.run(stage, shards, root / "gld" / "shards")
+                assert rep.counts["images"] == 9
+                stage, shards = ex.url_list_stage(
+                    csv_path, root / "urls", rows_per_shard=2, retries=0
+                )
+                rep = engine.run(stage, shards, root / "urls" / "shards")
+                assert rep.counts["downloaded"] == 5 and rep.counts["failed"] == 1
+                trees[name] = _files(root)
+        assert sorted(trees["serial"]) == sorted(trees["ray"])
+        assert trees["serial"] == trees["ray"]
+        got = {
+            k.removeprefix("gld/images/"): v
+            for k, v in trees["ray"].items()
+            if k.startswith("gld/images/")
+        }
+        assert got == images
+
+
+# ------------------------------------------------------------- stages shipped to Ray workers
+def _crash_once(shard: Shard, out: Path, model: Any, *, inner: Any, marks: str, victim: str) -> Any:
+    """Kill the worker process the first time ``victim`` runs (no cleanup, like an OOM kill)."""
+    mark = Path(marks) / victim
+    if shard.name == victim and not mark.exists():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+        os._exit(1)
+    return inner(shard, out, model)
+
+
+def _load_pid_model(folder: str) -> int:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / str(os.getpid())).touch()
+    return os.getpid()
+
+
+def _report_pid(shard: Shard, out: Path, model: Any) -> dict[str, int]:
+    assert model == os.getpid()  # the cached model was loaded in this very process
+    (out / "pid.txt").write_text(str(os.getpid()))
+    return {"n": 1}
