@@ -1,19 +1,20 @@
 # Two entry points: `make demo` (the main job) and `make test` (the whole suite).
 # Each sets up .venv on a fresh machine first.
 TEST_EXTRAS := dev,detection,annotation,view,ray
+DEMO_EXTRAS := detection,view
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-test lint typecheck pytest clean
+.PHONY: demo test setup-demo setup-test clean
 
-setup:
-	scripts/setup.sh
+setup-demo:
+	scripts/setup.sh $(DEMO_EXTRAS)
 
 setup-test:
 	scripts/setup.sh $(TEST_EXTRAS)
 	scripts/system_packages.sh
 
-demo: setup
-	.venv/bin/gldboxes demo --out runs/demo
+demo: setup-demo
+	.venv/bin/gldboxes pipeline --out runs/demo
 
 test: setup-test
 	.venv/bin/ruff check .

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "detection.cli",
     "retrieval.cli",
     "annotation.cli",
+    "gldboxes.cli.pipeline",
 )
 
 
