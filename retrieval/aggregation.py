@@ -10,6 +10,12 @@ An image is aggregated into a set of visual words, each carrying one vector:
   (``regions[0]`` is the whole image) is VLAD-aggregated and L2-normalised as a whole; the region
   vectors are averaged; then ``r_vlad`` L2-normalises the whole vector, ``r_asmk`` each word and
   ``r_asmk_star`` keeps the sign bits.
+* ``naive_r_asmk`` / ``naive_r_asmk_star`` (the paper's Naive-R-ASMK baseline): each region is
+  ASMK-aggregated (every word's residual sum L2-normalised on its own, no VLAD normalisation of
+  the region), the per-region unit word vectors are averaged over the image's regions, then each
+  word is L2-normalised again (``naive_r_asmk``) or binarised (``naive_r_asmk_star``). A word
+  seen in a region with one stray descriptor thus weighs as much as a word aggregated over
+  hundreds: the flaw the per-region VLAD normalisation of R-ASMK removes.
 
 Words whose aggregated residual has a norm below :data:`ZERO_NORM` are dropped (they carry no
 direction). The similarity (:func:`similarity`) sums the selectivity
@@ -37,6 +43,7 @@ __all__ = [
     "BINARY_KERNELS",
     "KERNELS",
     "KERNEL_SIMILARITY",
+    "QUERY_KERNEL",
     "REGIONAL_KERNELS",
     "ZERO_NORM",
     "AggregatedBatch",
@@ -52,9 +59,32 @@ __all__ = [
 
 logger = logging.getLogger("retrieval.aggregation")
 
-KERNELS: tuple[str, ...] = ("vlad", "asmk", "asmk_star", "r_vlad", "r_asmk", "r_asmk_star")
-REGIONAL_KERNELS: frozenset[str] = frozenset({"r_vlad", "r_asmk", "r_asmk_star"})
-BINARY_KERNELS: frozenset[str] = frozenset({"asmk_star", "r_asmk_star"})
+KERNELS: tuple[str, ...] = (
+    "vlad",
+    "asmk",
+    "asmk_star",
+    "r_vlad",
+    "r_asmk",
+    "r_asmk_star",
+    "naive_r_asmk",
+    "naive_r_asmk_star",
+)
+REGIONAL_KERNELS: frozenset[str] = frozenset(
+    {"r_vlad", "r_asmk", "r_asmk_star", "naive_r_asmk", "naive_r_asmk_star"}
+)
+BINARY_KERNELS: frozenset[str] = frozenset({"asmk_star", "r_asmk_star", "naive_r_asmk_star"})
+#: The single-image kernel a regional database kernel's queries use (queries stay one region;
+#: each regional kernel with one region equals it).
+QUERY_KERNEL: dict[str, str] = {
+    "vlad": "vlad",
+    "asmk": "asmk",
+    "asmk_star": "asmk_star",
+    "r_vlad": "vlad",
+    "r_asmk": "asmk",
+    "r_asmk_star": "asmk_star",
+    "naive_r_asmk": "asmk",
+    "naive_r_asmk_star": "asmk_star",
+}
 
 # Default similarity parameters of each kernel (alpha, tau, normalize). VLAD-type kernels are a
 # plain dot product of globally normalised vectors; regional ASMK is compared without the
@@ -66,6 +96,8 @@ KERNEL_SIMILARITY: dict[str, dict[str, Any]] = {
     "asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": True},
     "r_asmk": {"alpha": 3.0, "tau": 0.0, "normalize": False},
     "r_asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": False},
+    "naive_r_asmk": {"alpha": 3.0, "tau": 0.0, "normalize": False},
+    "naive_r_asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": False},
 }
 
 #: Aggregated residuals with an L2 norm at or below this are dropped (descriptor units).
@@ -514,7 +546,7 @@ def aggregate_many(
             data = pack_signs(sums)
         return _to_batch(items, words, data, n, dim)
 
-    # Regional kernels: every region is an item; VLAD per region; average per image.
+    # Regional kernels: every region is an item; VLAD (or, naive, ASMK) per region; average.
     if regions is None:
         regions = [[d] for d in descriptors]
     if len(regions) != n:
@@ -527,7 +559,10 @@ def aggregate_many(
     x, ritem = _stack(flat, dim, "region")
     ritems, words, sums = _residual_sums(x, ritem, cb, num_assignments)
     ritems, words, sums, norms = _drop_zero(ritems, words, sums)
-    vlad = _vlad_normalise(ritems, sums, norms, len(flat))
+    if kernel.startswith("naive_"):
+        vlad = (sums / norms[:, None]).astype(np.float32)  # ASMK per region: unit words
+    else:
+        vlad = _vlad_normalise(ritems, sums, norms, len(flat))
     img = region_image[ritems]
     k = cb.shape[0]
     key = img * k + words
@@ -541,7 +576,7 @@ def aggregate_many(
     items, words, acc, norms = _drop_zero(items, words, acc)
     if kernel == "r_vlad":
         data = _vlad_normalise(items, acc, norms, n)
-    elif kernel == "r_asmk":
+    elif kernel in ("r_asmk", "naive_r_asmk"):
         data = (acc / norms[:, None]).astype(np.float32)
     else:
         data = pack_signs(acc)
@@ -562,7 +597,7 @@ def aggregate(
         descriptors: float32 (N, D) local descriptors (N may be 0: an empty image).
         codebook: float32 (K, D) visual words.
         kernel: ``vlad``, ``asmk``, ``asmk_star`` or a regional kernel (``r_vlad``, ``r_asmk``,
-            ``r_asmk_star``).
+            ``r_asmk_star``, ``naive_r_asmk``, ``naive_r_asmk_star``).
         regions: regional kernels: per-region descriptor arrays, region 0 the whole image
             (``None``: the whole image is the only region). Other kernels reject it.
         num_assignments: visual words per descriptor (multiple assignment when > 1).

@@ -78,7 +78,49 @@ def register(subparsers: Any) -> None:
     rn.add_argument("--codebook-seed", type=int, default=0)
     rn.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _engine_options(rn)
+    _region_options(rn)
+    from gldboxes.executor import add_engine_options
+
+    add_engine_options(rn)  # --engine serial|ray: shard by shard (retrieval.sharded.run)
     rn.set_defaults(func=_run)
+
+    ab = sub.add_parser(
+        "ablation",
+        help="Detect-to-Retrieve grid: methods x region sources x thresholds -> CSV, table, plot",
+    )
+    ab.add_argument("--dataset", required=True, help="Revisited-style folder")
+    ab.add_argument("--out", required=True, help="output root; results in OUT/ablation/")
+    ab.add_argument("--boxes", help="detector boxes CSV (id,box,score) for the threshold rows")
+    ab.add_argument("--thresholds", default="0.7,0.5,0.3,0.1", help="detector score thresholds")
+    ab.add_argument("--rmac-levels", default="1,2,3", help="R-MAC grid levels ('' for none)")
+    ab.add_argument("--ss", default="1,2,5,10", help="selective-search top-N ('' for none)")
+    ab.add_argument("--gt-boxes", help="ground-truth boxes CSV (default DATASET/boxes_gt.csv)")
+    ab.add_argument("--no-gt", action="store_true", help="skip the ground-truth-box rows")
+    ab.add_argument(
+        "--methods",
+        default="asmk_star,r_asmk_star,naive_r_asmk_star,d2r_max,d2r_avg,vlad,r_vlad",
+        help="comma-separated methods (retrieval.ablation.METHODS)",
+    )
+    ab.add_argument(
+        "--region-features",
+        default="assign",
+        help="assign, reextract, or both comma-separated (the paper re-extracts)",
+    )
+    ab.add_argument("--verify", action="store_true", help="spatial verification on every cell")
+    ab.add_argument("--gv-top-n", type=int, default=100, help="verified head per protocol")
+    ab.add_argument("--gv-max-distance", type=float, default=0.9, help="1-NN L2 threshold")
+    cbs = ab.add_mutually_exclusive_group()
+    cbs.add_argument("--codebook-images", help="train the codebook on this image folder")
+    cbs.add_argument("--codebook-dataset", help="train it on another Revisited folder's database")
+    cbs.add_argument("--codebook", help="use this codebook.npy")
+    ab.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
+    ab.add_argument("--codebook-seed", type=int, default=0)
+    ab.add_argument("--features", default="rootsift", help="features preset: rootsift | delf")
+    ab.add_argument("--model-path", help="delf: SavedModel directory")
+    ab.add_argument("--pca-path", help="delf: PCA .npz or folder of .datum files")
+    ab.add_argument("--name", default="ablation", help="result folder under --out")
+    ab.add_argument("--overwrite", action="store_true", help="redo finished work")
+    ab.set_defaults(func=_ablation)
 
     _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.learned_rmac)
 
@@ -91,11 +133,47 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernel",
         default="asmk_star",
-        help="vlad | asmk | asmk_star | r_vlad | r_asmk | r_asmk_star",
+        help="vlad | asmk | asmk_star | r_vlad | r_asmk | r_asmk_star | naive_r_asmk | "
+        "naive_r_asmk_star",
     )
     p.add_argument("--num-assignments", type=int, default=1, help="visual words per descriptor")
     p.add_argument("--top-k", type=int, help="ranks kept per query (default: all)")
     p.add_argument("--overwrite", action="store_true", help="redo finished work")
+
+
+def _region_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regions", help="index regions: a retrieval.regions preset (gt, d2r-0.3 ...)")
+    p.add_argument("--region-boxes", help="boxes CSV of the detector (or gt) region source")
+    p.add_argument("--region-threshold", type=float, help="detector score threshold")
+    p.add_argument(
+        "--region-features",
+        default="assign",
+        choices=["assign", "reextract"],
+        help="regional features: assign whole-image features to boxes, or re-extract on crops",
+    )
+    p.add_argument(
+        "--regional-search",
+        choices=["max", "avg"],
+        help="D2R regional search: index every region, pool scores per image",
+    )
+    p.add_argument("--verify", action="store_true", help="spatial verification after search")
+    p.add_argument("--gv-top-n", type=int, default=100, help="verified head per protocol")
+    p.add_argument("--gv-max-distance", type=float, default=0.9, help="1-NN L2 threshold")
+
+
+def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "regions": getattr(args, "regions", None),
+        "region_boxes": getattr(args, "region_boxes", None),
+        "region_threshold": getattr(args, "region_threshold", None),
+        "region_features": getattr(args, "region_features", "assign"),
+        "regional_search": getattr(args, "regional_search", None),
+        "verification": (
+            {"top_n": args.gv_top_n, "max_distance": args.gv_max_distance}
+            if getattr(args, "verify", False)
+            else None
+        ),
+    }
 
 
 def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -188,7 +266,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from retrieval.engine import run
 
-    conf = _engine_conf(args, codebook={"size": args.codebook_size, "seed": args.codebook_seed})
+    conf = _engine_conf(
+        args,
+        codebook={"size": args.codebook_size, "seed": args.codebook_seed},
+        **_region_conf(args),
+    )
+    if getattr(args, "engine", None):
+        return _run_sharded(args, conf)
     res = run(
         args.dataset,
         args.out,
@@ -207,6 +291,15 @@ def _run(args: argparse.Namespace) -> int:
                     "index": str(res.index),
                     "index_stats": res.index_stats,
                     "mAP": {p: r.map for p, r in res.results.items()},
+                    "verification": (
+                        {
+                            "mAP": {p: r.map for p, r in res.verification["results"].items()},
+                            "seconds_per_query": res.verification["seconds_per_query"],
+                            "metrics": str(res.verification["metrics_path"]),
+                        }
+                        if res.verification
+                        else None
+                    ),
                 },
                 indent=2,
             )
@@ -215,6 +308,61 @@ def _run(args: argparse.Namespace) -> int:
         print(res.table())
         print(f"index: {res.index} ({res.index_stats.get('bytes_per_image', 0):.0f} bytes/image)")
         print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
+        if res.verification:
+            print(
+                f"verification: {res.verification['seconds_per_query']:.3f} s per query, "
+                f"{res.verification['metrics_path']}"
+            )
+    return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--{what}: expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    import copy
+
+    from retrieval.ablation import confs, main
+
+    conf = copy.deepcopy(confs["paper"])
+    model: dict[str, Any] = {}
+    if args.model_path:
+        model["path"] = args.model_path
+    if args.pca_path:
+        model["pca_path"] = args.pca_path
+    conf["engine"] = {
+        "features": args.features,
+        "feature_model": model,
+        "codebook": {"size": args.codebook_size, "seed": args.codebook_seed},
+    }
+    conf["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    conf["thresholds"] = _floats(args.thresholds, "thresholds")
+    conf["rmac_levels"] = [int(v) for v in _floats(args.rmac_levels, "rmac-levels")]
+    conf["ss"] = [int(v) for v in _floats(args.ss, "ss")]
+    conf["gt"] = not args.no_gt
+    conf["region_features"] = [m.strip() for m in args.region_features.split(",") if m.strip()]
+    if args.verify:
+        conf["verification"] = {"top_n": args.gv_top_n, "max_distance": args.gv_max_distance}
+    path = main(
+        conf,
+        args.dataset,
+        args.out,
+        boxes=args.boxes,
+        gt_boxes=args.gt_boxes,
+        codebook_images=args.codebook_images,
+        codebook_dataset=args.codebook_dataset,
+        codebook_path=args.codebook,
+        overwrite=args.overwrite,
+        name=args.name,
+    )
+    print((path.parent / "ablation.md").read_text())
+    print(
+        f"csv: {path}\ntable: {path.parent / 'ablation.md'}\nplot: {path.parent / 'ablation.png'}"
+    )
     return 0
 
 
@@ -293,6 +441,7 @@ def _register_rmac(sub: Any) -> None:
     tr.add_argument("--out", required=True, help="the model goes to OUT/<preset output>/")
     tr.add_argument("--preset", default="tiny-cpu", help="retrieval.learned_rmac.confs preset")
     tr.add_argument("--steps", type=int, help="override the number of SGD steps")
+    tr.add_argument("--max-side", type=int, help="override the image size (long side)")
     tr.add_argument("--weights", help="backbone initialisation: 'imagenet', 'random' or a file")
     tr.add_argument("--boxes", help="boxes CSV: pool its boxes instead of the R-MAC grid")
     tr.add_argument("--overwrite", action="store_true")
@@ -353,9 +502,53 @@ def _rmac_train(args: argparse.Namespace) -> int:
     conf = copy.deepcopy(confs[args.preset])
     if args.steps is not None:
         conf["steps"] = args.steps
+    if args.max_side is not None:
+        conf["max_side"] = args.max_side
     if args.weights is not None:
         conf["weights"] = _weights_arg(args.weights)
     if args.boxes is not None:
         conf["regions"] = "boxes"
     print(main(conf, args.train_csv, args.out, boxes=args.boxes, overwrite=args.overwrite))
+    return 0
+
+
+def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
+    """``retrieval run --engine serial|ray``: the pipeline shard by shard (retrieval.sharded)."""
+    import json
+
+    from gldboxes.executor import executor_from_args
+    from retrieval.evaluate import format_table
+    from retrieval.sharded import run as run_sharded
+
+    if args.codebook_dataset:
+        raise ValueError("--engine: use --codebook-images or --codebook (not --codebook-dataset)")
+    with executor_from_args(args, args.out) as engine:
+        res = run_sharded(
+            args.dataset,
+            args.out,
+            conf,
+            executor=engine,
+            shard_size=args.shard_size,
+            codebook_images=args.codebook_images,
+            codebook_path=args.codebook,
+            overwrite=args.overwrite,
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ranks": str(res.ranks),
+                    "metrics": str(res.metrics_path),
+                    "index": str(res.index),
+                    "index_stats": res.index_stats,
+                    "mAP": {p: r.map for p, r in res.results.items()},
+                    "verified": {p: str(v) for p, v in res.verified.items()},
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_table({res.index.name: res.results}))
+        print(f"index parts: {res.index} ({res.index_stats['bytes_per_image']:.0f} bytes/image)")
+        print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
     return 0

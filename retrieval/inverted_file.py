@@ -7,6 +7,13 @@ Layout (``K`` visual words, ``N`` postings, ``n`` images)::
     data             float32 (N, D)      residuals (asmk, vlad, r_asmk, r_vlad), or
                      uint8   (N, D/8)    packed sign bits (asmk_star, r_asmk_star)
     words_per_image  uint32 (n,)         |W_x|, for the ASMK normalisation
+    item_image       uint32 (n,)         regional search only: the database image of each item
+
+Regional search (D2R, Teichmann et al. CVPR 2019, eqs. 3 and 4): every region of a database
+image is its own item (entry) with its own words; ``item_image`` maps items (sorted by image,
+every image at least one item) back to images, and the item scores are pooled per image by
+``max`` or ``avg`` (the mean over the image's items that have words; an image none of whose
+items has words scores -1). Without ``item_image`` items are images (the classic index).
 
 Scoring a batch of queries gathers the postings of all query words at once, computes word
 similarities (dot products, or popcount of XOR-ed bits through ``np.bitwise_count`` on 64-bit
@@ -42,11 +49,15 @@ from retrieval.aggregation import (
     selectivity,
 )
 
-__all__ = ["FORMAT_VERSION", "InvertedFile", "top_k"]
+__all__ = ["FORMAT_VERSION", "FORMAT_VERSION_REGIONAL", "POOLINGS", "InvertedFile", "top_k"]
 
 logger = logging.getLogger("retrieval.inverted_file")
 
 FORMAT_VERSION = 1
+#: Version written for regional-search indexes (an ``item_image`` array; older readers refuse
+#: it instead of silently ranking regions as images). Both versions are read.
+FORMAT_VERSION_REGIONAL = 2
+POOLINGS = ("max", "avg")
 _ARRAYS = ("offsets", "image_ids", "data", "words_per_image")
 # Postings gathered per scoring step (bounds the temporary memory to ~100 MB at D=128 float).
 _GATHER_CHUNK = 1 << 20
@@ -86,11 +97,15 @@ class InvertedFile:
     """An inverted file over a database of aggregated images (see the module docstring).
 
     Attributes:
-        offsets, image_ids, data, words_per_image: the CSR arrays.
+        offsets, image_ids, data, words_per_image: the CSR arrays (over items: the images, or
+            the regions for regional search; ``image_ids`` hold item ids).
         dim: descriptor dimension D.
         kernel: the aggregation kernel of the database (one of ``KERNELS``).
         alpha, tau, normalize: similarity parameters (defaults from ``KERNEL_SIMILARITY``).
         meta: free JSON-able metadata saved in the header (config, config hash ...).
+        item_image: regional search: uint32 (n_items,) image of each item, non-decreasing,
+            every image in ``0..n_images-1`` owning at least one item; None: items are images.
+        pooling: regional search: ``"max"`` (eq. 3) or ``"avg"`` (eq. 4); None otherwise.
     """
 
     offsets: np.ndarray
@@ -103,6 +118,28 @@ class InvertedFile:
     tau: float = 0.0
     normalize: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    item_image: np.ndarray | None = None
+    pooling: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.item_image is None) != (self.pooling is None):
+            raise ValueError("InvertedFile: item_image and pooling go together (regional search)")
+        if self.item_image is None:
+            return
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"InvertedFile: pooling must be one of {POOLINGS}, got {self.pooling}")
+        ii = np.asarray(self.item_image)
+        if ii.shape != self.words_per_image.shape:
+            raise ValueError(
+                f"InvertedFile: item_image has shape {ii.shape}, expected "
+                f"({self.words_per_image.shape[0]},) (one image per item)"
+            )
+        step = np.diff(ii.astype(np.int64))
+        if ii.size and (int(ii[0]) != 0 or np.any(step < 0) or np.any(step > 1)):
+            raise ValueError(
+                "InvertedFile: item_image must be non-decreasing from 0 with every image owning "
+                "at least one item (regions sorted by image)"
+            )
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -116,6 +153,8 @@ class InvertedFile:
         tau: float | None = None,
         normalize: bool | None = None,
         meta: Mapping[str, Any] | None = None,
+        item_image: np.ndarray | None = None,
+        pooling: str | None = None,
     ) -> InvertedFile:
         """Build from an aggregated database (image ``i`` of the batch gets id ``i``).
 
@@ -124,6 +163,9 @@ class InvertedFile:
             codebook_size: K, the number of visual words.
             kernel: the kernel that produced ``batch``; sets default similarity parameters.
             alpha, tau, normalize: override the kernel's defaults.
+            item_image: regional search: int (n_items,) image of each item of ``batch`` (sorted,
+                every image at least one item); None: the batch's entries are the images.
+            pooling: with ``item_image``: ``"max"`` or ``"avg"`` pooling of item scores.
         """
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
@@ -150,12 +192,27 @@ class InvertedFile:
             tau=float(d["tau"] if tau is None else tau),
             normalize=bool(d["normalize"] if normalize is None else normalize),
             meta=dict(meta or {}),
+            item_image=None if item_image is None else np.asarray(item_image, np.uint32),
+            pooling=pooling,
         )
 
     # ------------------------------------------------------------------ properties
     @property
-    def n_images(self) -> int:
+    def n_items(self) -> int:
+        """Indexed entries: the images, or their regions for regional search."""
         return int(self.words_per_image.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        """Database images (scores and rankings are over these)."""
+        if self.item_image is None:
+            return self.n_items
+        return int(self.item_image[-1]) + 1 if self.item_image.size else 0
+
+    @property
+    def regional(self) -> bool:
+        """Whether items are regions pooled back to images (regional search)."""
+        return self.item_image is not None
 
     @property
     def codebook_size(self) -> int:
@@ -168,20 +225,23 @@ class InvertedFile:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays (what the ``.npy`` files hold, headers aside)."""
-        return int(sum(getattr(self, a).nbytes for a in _ARRAYS))
+        extra = 0 if self.item_image is None else int(self.item_image.nbytes)
+        return int(sum(getattr(self, a).nbytes for a in _ARRAYS)) + extra
 
     @property
     def bytes_per_image(self) -> float:
         return self.nbytes / max(self.n_images, 1)
 
     def stats(self) -> dict[str, float]:
-        """Size figures: images, postings, bytes per image, mean words per image."""
+        """Size figures: images, items, postings, bytes (per image), mean words per item."""
         return {
             "images": self.n_images,
+            "items": self.n_items,
+            "items_per_image": self.n_items / max(self.n_images, 1),
             "postings": int(self.image_ids.shape[0]),
             "bytes": self.nbytes,
             "bytes_per_image": self.bytes_per_image,
-            "words_per_image_mean": float(np.mean(self.words_per_image)) if self.n_images else 0.0,
+            "words_per_image_mean": float(np.mean(self.words_per_image)) if self.n_items else 0.0,
         }
 
     # ------------------------------------------------------------------ search
@@ -205,7 +265,7 @@ class InvertedFile:
         return b
 
     def scores(self, queries: AggregatedBatch | Sequence[AggregatedImage]) -> np.ndarray:
-        """Similarity of every query to every database image.
+        """Similarity of every query to every database image (regions pooled when regional).
 
         Args:
             queries: aggregated queries (a batch or a list of images) of the index's kind.
@@ -214,7 +274,45 @@ class InvertedFile:
             float64 (n_queries, n_images); -1 where the query or the image has no words.
         """
         q = self._as_batch(queries)
-        nq, n = q.n_images, self.n_images
+        items = self.item_scores(q)
+        if self.item_image is None:
+            return items
+        out = self.pool(items)
+        out[np.diff(q.offsets) == 0, :] = -1.0  # a query without words
+        return out
+
+    def pool(self, items: np.ndarray) -> np.ndarray:
+        """Pool item scores per image: max (eq. 3) or mean over items with words (eq. 4).
+
+        Args:
+            items: float64 (n_queries, n_items) from :meth:`item_scores`.
+
+        Returns:
+            float64 (n_queries, n_images); -1 for images none of whose items has words.
+        """
+        if self.item_image is None:
+            return items
+        ii = self.item_image.astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, ii[1:] != ii[:-1]]) if ii.size else ii
+        has = np.asarray(self.words_per_image) > 0  # items with words
+        if self.pooling == "max":
+            # Empty items score -1, below any item with words: they win only when alone.
+            return np.asarray(np.maximum.reduceat(items, starts, axis=1), np.float64)
+        cnt = np.add.reduceat(has.astype(np.float64), starts)
+        tot = np.add.reduceat(np.where(has[None, :], items, 0.0), starts, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = tot / cnt[None, :]
+        out[:, cnt == 0] = -1.0
+        return np.asarray(out, np.float64)
+
+    def item_scores(self, queries: AggregatedBatch | Sequence[AggregatedImage]) -> np.ndarray:
+        """Similarity of every query to every indexed item (before any regional pooling).
+
+        Returns:
+            float64 (n_queries, n_items); -1 where the query or the item has no words.
+        """
+        q = self._as_batch(queries)
+        nq, n = q.n_images, self.n_items
         flat = np.zeros(nq * n, np.float64)
         qitem = np.repeat(np.arange(nq, dtype=np.int64), np.diff(q.offsets))
         qw = q.words.astype(np.int64)
@@ -287,9 +385,13 @@ class InvertedFile:
 
     # ------------------------------------------------------------------ files
     def header(self) -> dict[str, Any]:
+        arrays = list(_ARRAYS) + ([] if self.item_image is None else ["item_image"])
+        regional = self.item_image is not None
         return {
             "format": "gldboxes.inverted_file",
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION_REGIONAL if regional else FORMAT_VERSION,
+            "pooling": self.pooling,
+            "n_items": self.n_items,
             "kernel": self.kernel,
             "dim": self.dim,
             "binary": self.binary,
@@ -301,7 +403,7 @@ class InvertedFile:
             "codebook_size": self.codebook_size,
             "arrays": {
                 a: {"shape": list(getattr(self, a).shape), "dtype": str(getattr(self, a).dtype)}
-                for a in _ARRAYS
+                for a in arrays
             },
             "stats": self.stats(),
             "meta": self.meta,
@@ -313,7 +415,7 @@ class InvertedFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            for a in _ARRAYS:
+            for a in self.header()["arrays"]:
                 np.save(
                     tmp / f"{a}.npy", np.ascontiguousarray(getattr(self, a)), allow_pickle=False
                 )
@@ -342,13 +444,17 @@ class InvertedFile:
         h = read_json(hpath)
         if not isinstance(h, dict) or h.get("format") != "gldboxes.inverted_file":
             raise ValueError(f"{hpath}: not a gldboxes inverted-file header")
-        if h.get("format_version") != FORMAT_VERSION:
+        version = h.get("format_version")
+        if version not in (FORMAT_VERSION, FORMAT_VERSION_REGIONAL):
             raise ValueError(
-                f"{hpath}: format_version {h.get('format_version')!r} is not supported "
-                f"(this gldboxes reads version {FORMAT_VERSION}); rebuild the index"
+                f"{hpath}: format_version {version!r} is not supported (this gldboxes reads "
+                f"versions {FORMAT_VERSION} and {FORMAT_VERSION_REGIONAL}); rebuild the index"
             )
+        names = list(_ARRAYS) + (["item_image"] if version == FORMAT_VERSION_REGIONAL else [])
+        if version == FORMAT_VERSION_REGIONAL and "item_image" not in h.get("arrays", {}):
+            raise ValueError(f"{hpath}: a regional index header without an item_image array")
         arrays: dict[str, np.ndarray] = {}
-        for a in _ARRAYS:
+        for a in names:
             f = path / f"{a}.npy"
             if not f.exists():
                 raise ValueError(f"{path}: array file {f.name} is missing")
@@ -367,8 +473,11 @@ class InvertedFile:
         if off.shape[0] < 1 or int(off[-1]) != arrays["image_ids"].shape[0]:
             raise ValueError(f"{path}: offsets do not match the number of postings")
         tau = -np.inf if h.get("tau_is_neg_inf") else float(h["tau"])
+        item_image = arrays.pop("item_image", None)
         return cls(
             **arrays,
+            item_image=item_image,
+            pooling=h.get("pooling") if item_image is not None else None,
             dim=int(h["dim"]),
             kernel=str(h["kernel"]),
             alpha=float(h["alpha"]),

@@ -181,7 +181,11 @@ def run_pipeline(conf: Mapping[str, Any], out: Path) -> dict[str, Any]:
         split_urls = _with_urls(both, train_csv, out / "split" / "train_val_urls.csv")
 
     autobox_metrics = _autobox(conf, world, split_urls, out)
-    campaign = _annotation(conf, world, split_urls, out) if conf["annotation"] else None
+    campaign = (
+        _annotation(conf, world, split_urls, Path(autobox_metrics["boxes_csv"]), out)
+        if conf["annotation"]
+        else None
+    )
     detector = _detector(conf, world, split_dir, out)
 
     rows, runs = _retrieval(conf, world, cb_world, detector["db_boxes"], out)
@@ -260,7 +264,7 @@ def _autobox(conf: Mapping[str, Any], world: Path, split_urls: Path, out: Path) 
 
 
 def _annotation(
-    conf: Mapping[str, Any], world: Path, split_urls: Path, out: Path
+    conf: Mapping[str, Any], world: Path, split_urls: Path, pre_boxes: Path, out: Path
 ) -> dict[str, Any]:
     """A Label Studio campaign over the split, pre-annotated with the automatic boxes.
 
@@ -284,7 +288,7 @@ def _annotation(
         username="admin@localhost",
         password=secrets.token_urlsafe(12),
         token=token_file.read_text().strip(),
-        document_root=(world / "train").resolve(),
+        document_root=world.resolve(),  # the campaign folder must lie strictly below it
     )
     with _stage("Label Studio campaign"):
         state = server.start(settings)
@@ -294,14 +298,14 @@ def _annotation(
                 client, title="gldboxes pipeline", image_dir=(world / "train").resolve()
             )
             items = campaign.read_split(split_urls, world / "train")
-            preds = campaign.read_predictions(out / "autobox" / f"{conf['autobox']}.csv")
+            preds = campaign.read_predictions(pre_boxes)
             res = campaign.import_images(
                 client,
                 url=state["url"],
                 token=settings.token,
                 project_id=project,
                 items=items,
-                document_root=settings.document_root or world / "train",
+                document_root=settings.document_root or world,
                 predictions=preds,
                 model_version=str(conf["autobox"]),
             )
