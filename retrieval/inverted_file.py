@@ -16,9 +16,13 @@ every image at least one item) back to images, and the item scores are pooled pe
 items has words scores -1). Without ``item_image`` items are images (the classic index).
 
 Scoring a batch of queries gathers the postings of all query words at once, computes word
-similarities (dot products, or popcount of XOR-ed bits through ``np.bitwise_count`` on 64-bit
-lanes), applies the selectivity and accumulates per (query, image) with one ``np.bincount``. The
-result equals :func:`retrieval.aggregation.similarity` against every image, number for number.
+similarities and their selectivity, and accumulates per (query, image) with one
+``np.bincount``. Float words: dot products, then the selectivity. Binary words: the popcount of
+the XOR-ed bits (``np.bitwise_count`` on the widest lanes dividing a row, 64 bits at D = 128),
+then the selectivity of each Hamming distance by look-up in a table computed with the same
+expressions (bit for bit the same numbers, without a power per posting); the large temporaries
+reuse per-thread scratch buffers. The result equals :func:`retrieval.aggregation.similarity`
+against every image, number for number.
 
 On disk an inverted file is a folder: ``header.json`` (format version, kernel, parameters,
 shapes, dtypes, config hash) and one ``.npy`` per array, loadable with ``mmap_mode="r"``. No
@@ -27,17 +31,20 @@ pickle.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gldboxes.io import read_json, write_json
 from retrieval.aggregation import (
@@ -61,6 +68,9 @@ POOLINGS = ("max", "avg")
 _ARRAYS = ("offsets", "image_ids", "data", "words_per_image")
 # Postings gathered per scoring step (bounds the temporary memory to ~100 MB at D=128 float).
 _GATHER_CHUNK = 1 << 20
+# Per-thread scratch of the binary scoring (see _scratch), and the largest buffer it keeps.
+_SCRATCH = threading.local()
+_SCRATCH_KEEP = 1 << 25
 
 
 def top_k(scores: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -78,8 +88,8 @@ def top_k(scores: np.ndarray, k: int | None = None) -> np.ndarray:
         raise ValueError(f"scores must be (n_queries, n_images), got shape {s.shape}")
     nq, n = s.shape
     if k is None or k >= n:
-        ids = np.broadcast_to(np.arange(n), s.shape)
-        return np.lexsort((ids, -s), axis=-1).astype(np.int64)
+        # A stable sort of -s keeps tied images in ascending id order (= lexsort by (-s, id)).
+        return np.argsort(-s, axis=-1, kind="stable").astype(np.int64)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     out = np.empty((nq, k), np.int64)
@@ -90,6 +100,48 @@ def top_k(scores: np.ndarray, k: int | None = None) -> np.ndarray:
         order = np.lexsort((cand, -s[q, cand]))[:k]
         out[q] = cand[order]
     return out
+
+
+def _scratch(slot: str, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
+    """An uninitialised array in a per-thread buffer that is reused from call to call.
+
+    Scoring one query makes a few arrays of several MB; fresh ones would come from the OS as
+    new pages, zeroed at first touch, which costs about as much as the scoring. Each ``slot``
+    must be used by one array at a time, and what it holds must not outlive the call. Arrays
+    above ``_SCRATCH_KEEP`` bytes are allocated normally (memory held per thread stays bounded).
+    """
+    dt = np.dtype(dtype)
+    need = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if need > _SCRATCH_KEEP:
+        return np.empty(shape, dt)
+    buf: np.ndarray | None = getattr(_SCRATCH, slot, None)
+    if buf is None or buf.nbytes < need:
+        size = min(max(need, 2 * (0 if buf is None else buf.nbytes)), _SCRATCH_KEEP)
+        buf = np.empty(size, np.uint8)
+        setattr(_SCRATCH, slot, buf)
+    return buf[:need].view(dt).reshape(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _selectivity_tables(dim: int, alpha: float, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """The selectivity of every Hamming distance of binary words, as look-up tables.
+
+    Returns:
+        ``table``: float64 (D + 1,), ``table[h] = selectivity(1 - 2 h / D)`` computed with the
+        very expressions of :func:`retrieval.aggregation.pair_similarity` and ``selectivity``,
+        element by element, so a look-up gives the numbers the direct computation gives, bit
+        for bit. ``pair_table``: float64 (65536,), indexed by the two uint8 popcounts of a row
+        of two lanes read as one uint16: ``table[low byte + high byte]`` (native byte order;
+        sums above D never occur and are clamped).
+    """
+    h = np.arange(dim + 1, dtype=np.int64)
+    u = 1.0 - 2.0 * h.astype(np.float64) / dim  # as pair_similarity computes it
+    table = selectivity(u, alpha, tau)
+    two = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2).astype(np.intp)
+    pair_table = table[np.minimum(two[:, 0] + two[:, 1], dim)]
+    table.flags.writeable = False
+    pair_table.flags.writeable = False
+    return table, pair_table
 
 
 @dataclass(frozen=True, eq=False)
@@ -326,17 +378,48 @@ class InvertedFile:
             side="right",
         )
         edges = np.unique(np.r_[0, bounds, qw.size])
+        lanes, qlanes = self._binary_lanes(q)
+        if lanes is not None:
+            table, pair_table = _selectivity_tables(self.dim, self.alpha, self.tau)
+        image_ids = np.asarray(self.image_ids)  # a plain view of a memmap (slices are faster)
         for a, b in itertools.pairwise(edges):
             ln = lens[a:b]
             tot = int(ln.sum())
             if tot == 0:
                 continue
-            rows = np.repeat(np.arange(a, b), ln)
-            excl = np.cumsum(ln) - ln
-            idx = np.repeat(starts[a:b] - excl, ln) + np.arange(tot)
-            u = pair_similarity(q.data[rows], self.data[idx], self.dim)
-            s = selectivity(u, self.alpha, self.tau)
-            key = qitem[rows] * n + self.image_ids[idx].astype(np.int64)
+            if lanes is not None:
+                # The postings of these words, slice by slice (contiguous in the CSR layout),
+                # XOR-ed with their query word; Hamming distances by popcount on the lanes, the
+                # selectivity by table look-up. Big temporaries live in per-thread scratch.
+                bounds_ab = zip(starts[a:b].tolist(), (starts[a:b] + ln).tolist(), strict=True)
+                spans = [(lo, hi) for lo, hi in bounds_ab if hi > lo]
+                x = _scratch("lanes", (tot, lanes.shape[1]), lanes.dtype)
+                np.concatenate([lanes[lo:hi] for lo, hi in spans], out=x)
+                key = _scratch("key", (tot,), np.intp)
+                np.concatenate([image_ids[lo:hi] for lo, hi in spans], out=key)
+                np.bitwise_xor(x, np.repeat(qlanes[a:b], ln, axis=0), out=x)
+                c = np.bitwise_count(x, out=_scratch("count", x.shape, np.uint8))
+                s = _scratch("weights", (tot,), np.float64)
+                if c.shape[1] == 2:  # D = 128 etc.: both counts at once, as one uint16 index
+                    np.take(pair_table, c.view(np.uint16).reshape(-1), out=s, mode="clip")
+                else:
+                    h = _scratch("distance", (tot,), np.intp)
+                    np.copyto(h, c[:, 0])
+                    for j in range(1, c.shape[1]):
+                        h += c[:, j]
+                    np.take(table, h, out=s, mode="clip")
+                if nq > 1:
+                    key += np.repeat(qitem[a:b] * n, ln)
+            else:
+                excl = np.cumsum(ln) - ln
+                idx = np.repeat(starts[a:b] - excl, ln)
+                idx += np.arange(tot)
+                rows = np.repeat(np.arange(a, b), ln)
+                u = pair_similarity(q.data[rows], self.data[idx], self.dim)
+                s = selectivity(u, self.alpha, self.tau)
+                key = np.take(image_ids, idx).astype(np.intp)
+                if nq > 1:
+                    key += np.repeat(qitem[a:b] * n, ln)
             flat += np.bincount(key, weights=s, minlength=nq * n)
         out = flat.reshape(nq, n)
         qn = np.diff(q.offsets).astype(np.float64)
@@ -347,6 +430,20 @@ class InvertedFile:
         out[qn == 0, :] = -1.0
         out[:, dn == 0] = -1.0
         return out
+
+    def _binary_lanes(self, q: AggregatedBatch) -> tuple[np.ndarray | None, np.ndarray]:
+        """Binary index: the packed bits of index and queries viewed as the widest unsigned
+        lanes (8 to 64 bits) that divide a row (no copy). Float index: ``(None, empty)``."""
+        if not self.binary:
+            return None, np.zeros(0)
+        nbytes = int(self.data.shape[1])
+        width = next(w for w in (8, 4, 2, 1) if nbytes % w == 0)
+        dt = np.dtype(f"u{width}")
+        data = np.ascontiguousarray(self.data)  # a plain view of a memmap (slices are faster)
+        qdata = np.ascontiguousarray(q.data, dtype=np.uint8)
+        lanes = data.reshape(data.shape[0], nbytes).view(dt)
+        qlanes = qdata.reshape(qdata.shape[0], nbytes).view(dt)
+        return lanes, qlanes
 
     def search(
         self,

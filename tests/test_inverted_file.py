@@ -84,6 +84,33 @@ class TestSearch:
         ref = brute_scores(db, q, alpha=alpha, tau=tau, normalize=normalize)
         np.testing.assert_array_equal(ivf.scores(q), ref)
 
+    @pytest.mark.parametrize("d", [8, 24, 48, 64, 192, 320])
+    def test_binary_lanes_and_table(self, d: int) -> None:
+        """Binary search by popcount on 8- to 64-bit lanes and a selectivity table: the same
+        numbers as the brute force, for every lane width and a non-integer alpha."""
+        db, q, cb = _world(11, "asmk_star", d=d)
+        for alpha, tau in ((3.0, 0.0), (2.5, -0.3)):
+            ivf = InvertedFile.build(db, cb.shape[0], "asmk_star", alpha=alpha, tau=tau)
+            ref = brute_scores(db, q, alpha=alpha, tau=tau, normalize=True)
+            np.testing.assert_array_equal(ivf.scores(q), ref)
+            np.testing.assert_array_equal(ivf.search(q, batch_size=1)[0], brute_order(ref))
+
+    def test_scratch_buffers(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Reused per-thread scratch: same numbers across calls of other sizes, across threads,
+        and when buffers are too big to keep."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        db, q, cb = _world(12, "asmk_star", d=128)
+        ivf = InvertedFile.build(db, cb.shape[0], "asmk_star")
+        ref = brute_scores(db, q, **KERNEL_SIMILARITY["asmk_star"])
+        singles = [ivf.scores([im]) for im in q.images()]  # shrinking and growing buffers
+        np.testing.assert_array_equal(np.concatenate(singles), ref)
+        with ThreadPoolExecutor(4) as pool:
+            for got in pool.map(lambda _: ivf.scores(q), range(16)):
+                np.testing.assert_array_equal(got, ref)
+        monkeypatch.setattr(ivf_mod, "_SCRATCH_KEEP", 64)
+        np.testing.assert_array_equal(ivf.scores(q), ref)
+
     def test_duplicate_images_tie_by_id(self) -> None:
         db, q, cb = _world(3, "asmk_star")
         ivf = InvertedFile.build(db, cb.shape[0], "asmk_star")
