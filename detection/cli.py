@@ -83,6 +83,9 @@ def register(subparsers: Any) -> None:
     bx.add_argument("--threshold", type=float, default=0.0, help="keep boxes scoring >= this")
     bx.add_argument("--max-side", type=int, help="downscale larger images first")
     bx.add_argument("--overwrite", action="store_true")
+    from gldboxes.executor import add_engine_options
+
+    add_engine_options(bx)
     bx.set_defaults(func=_boxes)
 
 
@@ -190,6 +193,8 @@ def _boxes(args: argparse.Namespace) -> int:
     from detection import inference
     from gldboxes.io import read_json
 
+    if args.engine:
+        return _boxes_sharded(args)
     out = inference.main(
         args.model,
         args.images,
@@ -203,5 +208,36 @@ def _boxes(args: argparse.Namespace) -> int:
     print(
         f"{out}: {stats['n_images']} images, {stats['n_boxes']} boxes, {stats['n_bad']} bad, "
         f"{'n/a' if ips is None else f'{ips:.2f}'} images/s"
+    )
+    return 0
+
+
+def _boxes_sharded(args: argparse.Namespace) -> int:
+    """``detect boxes --engine serial|ray``: shards of images, merged into one boxes file."""
+    from pathlib import Path
+
+    from detection.images import list_images
+    from detection.sharded import detect_stage, merge_boxes
+    from gldboxes.executor import executor_from_args
+
+    out = Path(args.out)
+    images = list_images(args.images)
+    stage, shards = detect_stage(
+        args.model,
+        images,
+        threshold=args.threshold,
+        max_side=args.max_side,
+        shard_size=args.shard_size,
+    )
+    work = out.with_name(out.name + ".shards")
+    executor = executor_from_args(args, work)
+    try:
+        report = executor.run(stage, shards, work, overwrite=args.overwrite)
+    finally:
+        executor.shutdown()
+    merge_boxes(work, shards, out)
+    print(
+        f"{out}: {report.counts.get('images', 0)} images in {len(report.done)} new shards "
+        f"({len(report.skipped)} already done), {report.counts.get('boxes', 0)} boxes"
     )
     return 0
