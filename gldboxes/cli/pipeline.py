@@ -290,13 +290,21 @@ def _annotation(
         token=token_file.read_text().strip(),
         document_root=world.resolve(),  # the campaign folder must lie strictly below it
     )
+    from gldboxes.io import read_json, write_json
+
+    record = out / "annotation" / "campaign.json"
     with _stage("Label Studio campaign"):
         state = server.start(settings)
         try:
             client = campaign.connect(state["url"], settings.token)
-            project = campaign.create_campaign(
-                client, title="gldboxes pipeline", image_dir=(world / "train").resolve()
-            )
+            # A rerun imports into the same project (the import itself is idempotent).
+            if record.exists():
+                project = int(read_json(record)["project"])
+            else:
+                project = campaign.create_campaign(
+                    client, title="gldboxes pipeline", image_dir=(world / "train").resolve()
+                )
+                write_json(record, {"format_version": 1, "project": project})
             items = campaign.read_split(split_urls, world / "train")
             preds = campaign.read_predictions(pre_boxes)
             res = campaign.import_images(
