@@ -273,7 +273,8 @@ class TestLabelStudioRealExports:
         assert clipped[0].ymin == pytest.approx(0.5739)
 
     def test_rotated_export_matches_label_studio_converter(self, shared_data: Path) -> None:
-        utils = pytest.importorskip("label_studio_sdk.converter.utils")
+        import label_studio_sdk.converter.utils as utils  # the `annotation` extra
+
         path = shared_data / "format_fixtures/label_studio/test_export_yolo__data_obb.json"
         n = 0
         for results in self._results(path):

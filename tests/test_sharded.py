@@ -114,8 +114,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayExecutor]:
-    pytest.importorskip("ray")
-    import ray.cloudpickle
+    import ray.cloudpickle  # the `ray` extra: a missing install fails, never skips
 
     # Helper stages defined in this test module travel to the workers by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
