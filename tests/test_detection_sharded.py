@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import export_tf1_detector
 
 from detection import inference
 from detection.sharded import detect_stage, merge_boxes
@@ -19,22 +20,7 @@ BOX = (0.1, 0.2, 0.6, 0.7)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny TF1 graph with the authors' tensor names: one box, score = mean brightness."""
-    import tensorflow as tf
-
-    out = tmp_path_factory.mktemp("tf1") / "model"
-    g = tf.Graph()
-    with g.as_default():
-        x = tf.compat.v1.placeholder(tf.uint8, [None, None, None, 3], name="input_images")
-        mean = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2, 3]) / 255.0
-        n = tf.shape(x)[0]
-        tf.tile(tf.constant([BOX], tf.float32)[None], [n, 1, 1], name="detection_boxes")
-        tf.identity(mean[:, None], name="detection_scores")
-        tf.ones([n, 1], tf.float32, name="detection_classes")
-        with tf.compat.v1.Session(graph=g) as sess:
-            builder = tf.compat.v1.saved_model.Builder(str(out))
-            builder.add_meta_graph_and_variables(sess, [tf.saved_model.SERVING])
-            builder.save()
-    return out
+    return export_tf1_detector(tmp_path_factory.mktemp("tf1") / "model", BOX)
 
 
 @pytest.fixture(scope="module")

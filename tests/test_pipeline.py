@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,44 @@ def test_quick_pipeline(tmp_path: Path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in ranks} == before
+
+
+@pytest.mark.slow
+def test_real_data_mode(tmp_path: Path) -> None:
+    """``--dataset``: a Revisited folder, the other one for the codebook, a detector SavedModel
+    (here the synthetic world's benchmark stands in for roxford5k, with a tiny TF1 detector)."""
+    from tiny_models import export_tf1_detector
+
+    from gldboxes.synth import confs, generate_world
+
+    world = generate_world(tmp_path / "w0", confs["tiny"])
+    other = generate_world(tmp_path / "w1", replace(confs["tiny"], seed=1))
+    detector = export_tf1_detector(tmp_path / "det", (0.2, 0.2, 0.8, 0.8))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "gldboxes",
+        "-q",
+        "pipeline",
+        "--quick",
+        "--out",
+        str(out),
+        "--dataset",
+        str(world / "retrieval"),
+        "--codebook-dataset",
+        str(other / "retrieval"),
+        "--detector",
+        str(detector),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "report" / "table.csv", newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert "R-ASMK* (GT boxes, oracle)" not in rows  # no ground-truth boxes on real data
+    assert float(rows["D2R-R-ASMK*"]["regions_per_image"]) == pytest.approx(2.0)
+    assert 0.5 < float(rows["ASMK*"]["medium_map"]) <= 1.0
+    assert not (out / "world").exists()  # nothing synthesised, nothing trained
+    # Missing inputs are named.
+    bad = subprocess.run(cmd[:-2], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--detector" in bad.stderr

@@ -44,6 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "detector_records": "synth",  # detection.records preset
         "detect_threshold": 0.1,  # detector score threshold for regions (paper: 0.1)
         "features": "rootsift",  # retrieval.features preset
+        "feature_model": {},  # overrides of the features preset's model (DELF: path, pca_path)
         "codebook_size": 1024,  # visual words
         "verification": {"top_n": 100, "max_distance": 0.45},  # RootSIFT: L2 < 0.45
         "oracle": True,  # also index with the ground-truth boxes (upper bound)
@@ -62,11 +63,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "detector_records": "synth",
         "detect_threshold": 0.1,
         "features": "rootsift",
+        "feature_model": {},
         "codebook_size": 128,
         "verification": {"top_n": 20, "max_distance": 0.45},
         "oracle": True,
         "views": False,
     },
+}
+
+# Real-data mode (``--dataset``): the paper's settings on a Revisited folder, no training.
+PRESETS["paper"] = {
+    **PRESETS["full"],
+    "features": "delf",  # DELF-GLD (give --features-model and --features-pca)
+    "codebook_size": 65536,  # the paper's codebook, trained on the other dataset
+    "detect_threshold": 0.1,  # the paper's lowest (and best) threshold
+    "verification": None,  # the published targets are without verification
+    "oracle": False,
+    "views": False,
 }
 
 TABLE_COLUMNS = (
@@ -93,6 +106,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="YAML file overriding preset keys")
     p.add_argument("--annotation", action="store_true", help="also run a Label Studio campaign")
     p.add_argument("--no-views", action="store_true", help="skip the FiftyOne datasets")
+    real = p.add_argument_group("real data (skips the world, the split and detector training)")
+    real.add_argument("--dataset", help="Revisited folder (roxford5k / rparis6k layout)")
+    real.add_argument("--codebook-dataset", help="the other Revisited folder (codebook)")
+    real.add_argument("--detector", help="detector SavedModel (ours or the authors' TF1 one)")
+    real.add_argument("--features-model", help="DELF SavedModel directory (--preset paper)")
+    real.add_argument("--features-pca", help="DELF PCA (.npz or folder of .datum files)")
     p.set_defaults(func=_run)
 
 
@@ -111,7 +130,20 @@ def _run(args: argparse.Namespace) -> int:
         conf["annotation"] = True
     if args.no_views:
         conf["views"] = False
-    result = run_pipeline(conf, Path(args.out))
+    if args.dataset:
+        if not (args.codebook_dataset and args.detector):
+            raise ValueError("--dataset needs --codebook-dataset and --detector")
+        model = {"path": args.features_model, "pca_path": args.features_pca}
+        conf["feature_model"] = {k: v for k, v in model.items() if v}
+        result = run_real_data(
+            conf,
+            Path(args.dataset),
+            Path(args.codebook_dataset),
+            Path(args.detector),
+            Path(args.out),
+        )
+    else:
+        result = run_pipeline(conf, Path(args.out))
     print(result["markdown"])
     print(f"\nreport: {result['report_dir']}")
     return 0
@@ -188,7 +220,14 @@ def run_pipeline(conf: Mapping[str, Any], out: Path) -> dict[str, Any]:
     )
     detector = _detector(conf, world, split_dir, out)
 
-    rows, runs = _retrieval(conf, world, cb_world, detector["db_boxes"], out)
+    rows, runs = _retrieval(
+        conf,
+        world / "retrieval",
+        {"codebook_images": cb_world / "train" / "images"},
+        detector["db_boxes"],
+        world / "retrieval" / "boxes_gt.csv",
+        out,
+    )
 
     report = out / "report"
     report.mkdir(exist_ok=True)
@@ -219,6 +258,38 @@ def run_pipeline(conf: Mapping[str, Any], out: Path) -> dict[str, Any]:
         "detector": summary["detector"],
         "autobox": autobox_metrics,
     }
+
+
+def run_real_data(
+    conf: Mapping[str, Any], dataset: Path, codebook_dataset: Path, detector: Path, out: Path
+) -> dict[str, Any]:
+    """The Detect-to-Retrieve table on a real Revisited folder (roxford5k, rparis6k).
+
+    Boxes come from a trained detector SavedModel (ours, or the authors' released Faster R-CNN),
+    features from ``conf["features"]`` (the ``paper`` preset: DELF with ``feature_model`` =
+    ``{"path": SavedModel, "pca_path": PCA}``), the codebook from the other dataset.
+    """
+    from detection import inference
+    from gldboxes.io import write_config, write_json
+    from retrieval.datasets import RevisitedDataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, conf, name="pipeline.yaml")
+    t_start = time.perf_counter()
+    ds = RevisitedDataset.load(dataset)
+    with _stage("detector: boxes on the database"):
+        db_boxes = inference.main(detector, ds.db_paths(), out / "detector" / "db_boxes.csv")
+    rows, _ = _retrieval(conf, dataset, {"codebook_dataset": codebook_dataset}, db_boxes, None, out)
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    markdown = _write_table(rows, report)
+    _plot(rows, report / "map_vs_index_size.png")
+    write_json(
+        report / "summary.json",
+        {"format_version": 1, "wall_time_s": time.perf_counter() - t_start, "rows": rows},
+    )
+    header = f"Detect-to-Retrieve on {ds.name} ({ds.n_db} images, {ds.n_queries} queries):\n\n"
+    return {"rows": rows, "markdown": header + markdown, "report_dir": report}
 
 
 def _merge_csv(parts: list[Path], out: Path) -> None:
@@ -359,15 +430,18 @@ def _detector(conf: Mapping[str, Any], world: Path, split_dir: Path, out: Path) 
     }
 
 
-def _method_confs(conf: Mapping[str, Any], db_boxes: Path, world: Path) -> list[dict[str, Any]]:
+def _method_confs(
+    conf: Mapping[str, Any], db_boxes: Path, gt_boxes: Path | None
+) -> list[dict[str, Any]]:
     """The rows of the final table: (label, engine conf)."""
     thr = float(conf["detect_threshold"])
     common = {
         "features": conf["features"],
+        "feature_model": dict(conf.get("feature_model") or {}),
         "codebook": {"size": int(conf["codebook_size"]), "seed": int(conf["seed"])},
     }
     det = {"regions": f"d2r-{thr}", "region_boxes": str(db_boxes), "region_threshold": thr}
-    gt = {"regions": "gt", "region_boxes": str(world / "retrieval" / "boxes_gt.csv")}
+    gt = {"regions": "gt", "region_boxes": str(gt_boxes)}
     ver = dict(conf["verification"]) if conf["verification"] else None
     rows = [
         {"method": "ASMK*", **common, "kernel": "asmk_star"},
@@ -391,7 +465,7 @@ def _method_confs(conf: Mapping[str, Any], db_boxes: Path, world: Path) -> list[
                 "verification": ver,
             }
         )
-    if conf["oracle"]:
+    if conf["oracle"] and gt_boxes is not None:
         rows.append(
             {"method": "R-ASMK* (GT boxes, oracle)", **common, "kernel": "r_asmk_star", **gt}
         )
@@ -408,21 +482,29 @@ def _region_presets() -> Mapping[str, Any]:
 
 
 def _retrieval(
-    conf: Mapping[str, Any], world: Path, cb_world: Path, db_boxes: Path, out: Path
+    conf: Mapping[str, Any],
+    dataset: Path,
+    codebook: Mapping[str, Path],
+    db_boxes: Path,
+    gt_boxes: Path | None,
+    out: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every method of the table on ``dataset``; ``codebook`` holds engine.run's codebook
+    source (``codebook_images`` or ``codebook_dataset``)."""
     from retrieval import engine
 
     rows: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
     base_bytes: float | None = None
-    for mc in _method_confs(conf, db_boxes, world):
+    for mc in _method_confs(conf, db_boxes, gt_boxes):
         label = mc.pop("method")
         with _stage(f"retrieval: {label}"):
             res = engine.run(
-                world / "retrieval",
+                dataset,
                 out / "retrieval",
                 mc,
-                codebook_images=cb_world / "train" / "images",
+                codebook_images=codebook.get("codebook_images"),
+                codebook_dataset=codebook.get("codebook_dataset"),
             )
         runs[label] = res
         stats = res.index_stats or {}
