@@ -130,6 +130,11 @@ def _run(args: argparse.Namespace) -> int:
         conf["annotation"] = True
     if args.no_views:
         conf["views"] = False
+    if conf["features"] == "delf" and not (args.dataset and args.features_model):
+        raise ValueError(
+            "DELF features need a real dataset and model: --dataset DIR --codebook-dataset DIR "
+            "--detector SAVEDMODEL --features-model DELF_SAVEDMODEL [--features-pca PCA]"
+        )
     if args.dataset:
         if not (args.codebook_dataset and args.detector):
             raise ValueError("--dataset needs --codebook-dataset and --detector")
