@@ -776,10 +776,12 @@ def verify(
     scores = np.load(spath, allow_pickle=False) if spath.exists() else None
     if scores is not None and scores.shape != ranks.shape:
         scores = None
-    # Database images any protocol's head can reach: the first top_n + |junk| + |easy| rows.
+    # Database images any protocol's head can reach: the first top_n + |junk| rows, junk being
+    # junk + hard (Easy) or junk + easy (Hard) depending on the protocol.
     needed: set[int] = set()
     for q, g in enumerate(dataset.gnd):
-        depth = top_n + len(g.get("junk", [])) + len(g.get("easy", []))
+        extra = max(len(g.get("easy", [])), len(g.get("hard", [])))
+        depth = top_n + len(g.get("junk", [])) + extra
         needed.update(int(i) for i in ranks[:depth, q])
     t0 = time.perf_counter()
     qf = read_features_h5(query_features, dataset.qimlist)
