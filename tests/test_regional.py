@@ -419,6 +419,37 @@ class TestEngineRegional:
         for res in (base, r, d2r):
             assert res.results["medium"].map > 0.5, res.index.name
 
+    def test_verification_reads_deep_enough_for_every_protocol(
+        self, world: Path, out_dir: Path, tmp_path: Path
+    ) -> None:
+        """Easy's head skips junk + hard: with them all ranked first it lies past
+        top_n + |junk| + |easy| (a fresh ``make demo`` once failed on exactly this)."""
+        from retrieval.datasets import RevisitedDataset
+        from retrieval.engine import run, verify
+
+        ds = RevisitedDataset.load(world / "retrieval")
+        base = run(
+            world / "retrieval", out_dir, {**CONF}, codebook_images=world / "train" / "images"
+        )
+        cols = []
+        for g in ds.gnd:
+            first = [*g["junk"], *g["hard"], *g["easy"]]
+            cols.append(first + [i for i in range(ds.n_db) if i not in set(first)])
+        ranks_dir = tmp_path / "results" / "adversarial"
+        ranks_dir.mkdir(parents=True)
+        np.save(ranks_dir / "ranks.npy", np.array(cols, dtype=np.int64).T)
+        q_h5 = base.features[1]
+        assert q_h5 is not None
+        _, res = verify(
+            {**CONF, "verification": {"top_n": 2, "max_distance": 0.5}},
+            ds,
+            ranks_dir / "ranks.npy",
+            q_h5,
+            base.features[0],
+        )
+        assert set(res["results"]) == {"easy", "medium", "hard"}
+        assert res["results"]["easy"].map > 0.5  # the easy positives were verified
+
     def test_ablation_cli(
         self, world: Path, out_dir: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
