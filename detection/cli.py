@@ -230,11 +230,8 @@ def _boxes_sharded(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
     )
     work = out.with_name(out.name + ".shards")
-    executor = executor_from_args(args, work)
-    try:
+    with executor_from_args(args, work) as executor:
         report = executor.run(stage, shards, work, overwrite=args.overwrite)
-    finally:
-        executor.shutdown()
     merge_boxes(work, shards, out)
     print(
         f"{out}: {report.counts.get('images', 0)} images in {len(report.done)} new shards "

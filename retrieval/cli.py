@@ -286,11 +286,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "ranks": str(res.ranks),
-                    "metrics": str(res.metrics_path),
-                    "index": str(res.index),
-                    "index_stats": res.index_stats,
-                    "mAP": {p: r.map for p, r in res.results.items()},
+                    **_run_summary(res),
                     "verification": (
                         {
                             "mAP": {p: r.map for p, r in res.verification["results"].items()},
@@ -314,6 +310,17 @@ def _run(args: argparse.Namespace) -> int:
                 f"{res.verification['metrics_path']}"
             )
     return 0
+
+
+def _run_summary(res: Any) -> dict[str, Any]:
+    """The JSON fields shared by the serial and the sharded ``retrieval run``."""
+    return {
+        "ranks": str(res.ranks),
+        "metrics": str(res.metrics_path),
+        "index": str(res.index),
+        "index_stats": res.index_stats,
+        "mAP": {p: r.map for p, r in res.results.items()},
+    }
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -537,11 +544,7 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
         print(
             json.dumps(
                 {
-                    "ranks": str(res.ranks),
-                    "metrics": str(res.metrics_path),
-                    "index": str(res.index),
-                    "index_stats": res.index_stats,
-                    "mAP": {p: r.map for p, r in res.results.items()},
+                    **_run_summary(res),
                     "verified": {p: str(v) for p, v in res.verified.items()},
                 },
                 indent=2,
