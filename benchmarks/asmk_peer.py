@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     asmk_search = (time.process_time() - t0) / args.queries
 
     # ---------------------------------------------------------------- ours
+    # numba compiles our inner loops on first use and caches them on disk (the peer's Cython is
+    # compiled at install time): load or compile them outside the timed sections, and say so.
+    t0 = time.perf_counter()
+    warm = aggregate_many(db[:2], cb, "asmk_star")
+    InvertedFile.build(warm, args.codebook_size, "asmk_star").search(warm)
+    print(f"our compiled kernels loaded (or compiled) in {time.perf_counter() - t0:.2f} s")
     t0 = time.process_time()
     batch = aggregate_many(db, cb, "asmk_star")
     ivf = InvertedFile.build(batch, args.codebook_size, "asmk_star")

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "BACKENDS",
     "BINARY_KERNELS",
     "KERNELS",
     "KERNEL_SIMILARITY",
@@ -103,8 +104,12 @@ KERNEL_SIMILARITY: dict[str, dict[str, Any]] = {
 #: Aggregated residuals with an L2 norm at or below this are dropped (descriptor units).
 ZERO_NORM = 1e-6
 
-# Descriptors assigned per faiss call in aggregate_many (bounds memory: ~64 MB of float32 at D=128).
-_ASSIGN_CHUNK = 131072
+#: Backends of the compiled inner loops (``"numba"``) and of their numpy references.
+BACKENDS: tuple[str, ...] = ("numba", "numpy")
+
+# Descriptors per chunk of aggregate_many (16 MB of float32 at D=128; glibc reuses blocks of up
+# to 32 MB instead of returning them to the OS, and fresh pages cost ~10 us each on a VM).
+_ASSIGN_CHUNK = 32768
 
 
 @dataclass(frozen=True, eq=False)
@@ -366,37 +371,52 @@ def assign(descriptors: np.ndarray, codebook: np.ndarray, num_assignments: int =
     return _nearest_word(x, cb)[:, None]
 
 
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
 def _nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarray:
     """argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), by GEMM blocks of 4096 x 4096.
 
-    One BLAS GEMM per block into a reused buffer, then a running argmin: the distance matrix is
-    never materialised, so memory stays at ~64 MB whatever N and K.
+    The GEMM computes ``[x, 1] . [-2 c, ||c||^2]`` (D + 1 columns: the norms ride along for
+    0.8% more work instead of a pass over the block), then ``argmin`` per row and, across blocks
+    of codewords, a running minimum (the first minimum wins ties). The distance matrix is never
+    materialised, so memory stays at ~64 MB whatever N and K.
     """
-    n, k = x.shape[0], cb.shape[0]
-    cn = np.einsum("ij,ij->i", cb, cb)
-    neg2 = -2.0 * cb
+    n, (k, dim) = x.shape[0], cb.shape
+    aug = np.empty((dim + 1, k), np.float32)  # [-2 c ; ||c||^2]^T
+    np.multiply(cb.T, -2.0, out=aug[:dim])
+    aug[dim] = np.einsum("ij,ij->i", cb, cb)
     out = np.empty(n, np.int64)
-    buf = np.empty((min(block, n), min(block, k)), np.float32)
+    rows = min(block, n)
+    xa = np.empty((rows, dim + 1), np.float32)
+    xa[:, dim] = 1.0
+    buf = np.empty((rows, min(block, k)), np.float32)
     for r in range(0, n, block):
-        xr = x[r : r + block]
-        best = np.full(xr.shape[0], np.inf, np.float32)
-        arg = np.zeros(xr.shape[0], np.int64)
+        m = min(block, n - r)
+        xa[:m, :dim] = x[r : r + m]
+        best = np.full(m, np.inf, np.float32)
+        arg = np.zeros(m, np.int64)
         for c in range(0, k, block):
             cs = slice(c, min(k, c + block))
-            d = buf[: xr.shape[0], : cs.stop - c]
-            np.matmul(xr, neg2[cs].T, out=d)
-            d += cn[cs]
+            d = buf[:m, : cs.stop - c]
+            np.matmul(xa[:m], aug[:, cs], out=d)
             j = d.argmin(axis=1)
-            v = d[np.arange(d.shape[0]), j]
+            if c == 0 and cs.stop == k:  # one block of codewords: no running minimum
+                out[r : r + m] = j
+                break
+            v = d[np.arange(m), j]
             better = v < best
             best[better] = v[better]
             arg[better] = j[better] + c
-        out[r : r + block] = arg
+        else:
+            out[r : r + m] = arg
     return out
 
 
 def _residual_sums(
-    x: np.ndarray, item: np.ndarray, cb: np.ndarray, num_assignments: int
+    x: np.ndarray, item: np.ndarray, cb: np.ndarray, num_assignments: int, backend: str = "numba"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (item, word) residual sums, sorted by item then word.
 
@@ -407,38 +427,23 @@ def _residual_sums(
         ``(items, words, sums)``: int64 (M,), int64 (M,), float32 (M, D).
     """
     k = cb.shape[0]
-    parts_i, parts_w, parts_s = [], [], []
-    # Chunk on item boundaries so that no (item, word) pair is split across chunks.
-    n = x.shape[0]
-    start = 0
-    while start < n:
-        stop = min(n, start + _ASSIGN_CHUNK)
-        if stop < n:
-            stop = int(np.searchsorted(item, item[stop], side="left"))
-            if stop <= start:  # one item larger than the chunk
-                stop = int(np.searchsorted(item, item[start], side="right"))
-        xs = x[start:stop]
-        ids = assign(xs, cb, num_assignments)  # (n, m)
-        w = ids.ravel()
-        rows = np.repeat(np.arange(xs.shape[0]), num_assignments)
-        key = item[start:stop][rows] * k + w
-        order = np.argsort(key, kind="stable")
-        key_s = key[order]
-        res = xs[rows] - cb[w]
-        first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
-        sums = _sum_sorted_segments(res, order, first)
-        uk = key_s[first]
-        parts_i.append(uk // k)
-        parts_w.append(uk % k)
-        parts_s.append(sums.astype(np.float32, copy=False))
-        start = stop
-    if not parts_i:
-        return (
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int64),
-            np.zeros((0, cb.shape[1]), np.float32),
-        )
-    return np.concatenate(parts_i), np.concatenate(parts_w), np.concatenate(parts_s)
+    if x.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, cb.shape[1]), np.float32)
+    ids = assign(x, cb, num_assignments)  # (N, m)
+    w = ids.ravel()
+    rows = np.repeat(np.arange(x.shape[0]), num_assignments)
+    key = item[rows] * k + w
+    order = np.argsort(key, kind="stable")
+    key_s = key[order]
+    first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
+    if backend == "numba":
+        from retrieval._kernels import segment_residual_sums
+
+        sums = segment_residual_sums(x, rows, w, order, first, cb)
+    else:
+        sums = _sum_sorted_segments(x[rows] - cb[w], order, first)
+    uk = key_s[first]
+    return uk // k, uk % k, sums.astype(np.float32, copy=False)
 
 
 def _sum_sorted_segments(rows: np.ndarray, order: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -465,7 +470,8 @@ def _segment_sum(values: np.ndarray, segment: np.ndarray, n: int) -> np.ndarray:
 def _drop_zero(
     items: np.ndarray, words: np.ndarray, sums: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    norms = np.sqrt(np.einsum("ij,ij->i", sums.astype(np.float64), sums.astype(np.float64)))
+    # float64 products cast chunk by chunk inside einsum (no (M, D) float64 copies: 25x faster)
+    norms = np.sqrt(np.einsum("ij,ij->i", sums, sums, dtype=np.float64))
     keep = norms > ZERO_NORM
     return items[keep], words[keep], sums[keep], norms[keep]
 
@@ -484,21 +490,41 @@ def _to_batch(
     return AggregatedBatch(offsets=offsets, words=words.astype(np.uint32), data=data, dim=dim)
 
 
+def _sizes(descs: Sequence[np.ndarray], dim: int, what: str) -> np.ndarray:
+    """Rows of each descriptor array, int64 (n,), after checking every shape."""
+    counts = np.zeros(len(descs), np.int64)
+    for i, d in enumerate(descs):
+        shape = np.shape(d)
+        if len(shape) != 2 or (shape[0] and shape[1] != dim):
+            raise ValueError(f"{what} {i}: descriptors must be (N, {dim}), got shape {shape}")
+        counts[i] = shape[0]
+    return counts
+
+
 def _stack(descs: Sequence[np.ndarray], dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate per-image descriptor arrays; return (X (N, D), item index (N,))."""
-    counts = []
-    for i, d in enumerate(descs):
-        arr = np.asarray(d)
-        if arr.ndim != 2 or (arr.shape[0] and arr.shape[1] != dim):
-            raise ValueError(f"{what} {i}: descriptors must be (N, {dim}), got shape {arr.shape}")
-        counts.append(arr.shape[0])
-    cnt = np.asarray(counts, np.int64)
+    cnt = _sizes(descs, dim, what)
     if cnt.sum() == 0:
         return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
-    x = np.concatenate([np.asarray(d, np.float32).reshape(-1, dim) for d in descs])
+    x = np.concatenate([np.asarray(d).reshape(-1, dim) for d in descs], dtype=np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what}: descriptors hold NaN or infinite values")
     return x, np.repeat(np.arange(len(descs), dtype=np.int64), cnt)
+
+
+def _chunks(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Split images into consecutive runs of at most ``budget`` descriptors (an image larger
+    than the budget is a run of its own); every image in exactly one run."""
+    out: list[tuple[int, int]] = []
+    start, acc = 0, 0
+    for i, c in enumerate(sizes.tolist()):
+        if i > start and acc + c > budget:
+            out.append((start, i))
+            start, acc = i, 0
+        acc += c
+    if start < sizes.shape[0]:
+        out.append((start, int(sizes.shape[0])))
+    return out
 
 
 def aggregate_many(
@@ -508,6 +534,7 @@ def aggregate_many(
     *,
     regions: Sequence[Sequence[np.ndarray]] | None = None,
     num_assignments: int = 1,
+    backend: str = "numba",
 ) -> AggregatedBatch:
     """Aggregate a batch of images at once (vectorised over all their descriptors).
 
@@ -518,10 +545,13 @@ def aggregate_many(
         regions: regional kernels only: per image, a list of per-region descriptor arrays with
             region 0 the whole image; ``None`` uses ``[descriptors[i]]`` (one region).
         num_assignments: visual words per descriptor.
+        backend: ``"numba"`` (compiled argmin and residual sums) or ``"numpy"`` (the
+            vectorised reference); the results are identical.
 
     Returns:
         an :class:`AggregatedBatch` with one entry per image.
     """
+    _check_backend(backend)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
     cb = _check_codebook(codebook)
@@ -535,29 +565,74 @@ def aggregate_many(
                 f"kernel {kernel} is not regional; pass regions only with "
                 f"{sorted(REGIONAL_KERNELS)}"
             )
-        x, item = _stack(descriptors, dim, "image")
-        items, words, sums = _residual_sums(x, item, cb, num_assignments)
-        items, words, sums, norms = _drop_zero(items, words, sums)
-        if kernel == "vlad":
-            data = _vlad_normalise(items, sums, norms, n)
-        elif kernel == "asmk":
-            data = (sums / norms[:, None]).astype(np.float32)
+        sizes = _sizes(descriptors, dim, "image")
+    else:
+        if regions is None:
+            regions = [[d] for d in descriptors]
+        if len(regions) != n:
+            raise ValueError(f"regions has {len(regions)} entries for {n} images")
+        if any(len(r) < 1 for r in regions):
+            raise ValueError("every image needs at least one region (region 0 = whole image)")
+        n_reg = np.array([len(r) for r in regions], np.int64)
+        flat_sizes = _sizes([r for regs in regions for r in regs], dim, "region")
+        sizes = np.add.reduceat(flat_sizes, np.r_[0, np.cumsum(n_reg)[:-1]]) if n else n_reg
+    # Chunks of whole images of ~_ASSIGN_CHUNK descriptors: every temporary stays small (and is
+    # recycled by the allocator instead of paged in afresh), whatever the batch size.
+    parts = []
+    for a, b in _chunks(sizes, _ASSIGN_CHUNK):
+        if regions is None:
+            parts.append(
+                _aggregate_images(descriptors[a:b], cb, kernel, num_assignments, backend, a)
+            )
         else:
-            data = pack_signs(sums)
-        return _to_batch(items, words, data, n, dim)
+            parts.append(_aggregate_regions(regions[a:b], cb, kernel, num_assignments, backend))
+    if not parts:
+        width = dim // 8 if kernel in BINARY_KERNELS else dim
+        dt = np.uint8 if kernel in BINARY_KERNELS else np.float32
+        return _to_batch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, width), dt), 0, dim)
+    return parts[0] if len(parts) == 1 else AggregatedBatch.concatenate(parts)
 
-    # Regional kernels: every region is an item; VLAD (or, naive, ASMK) per region; average.
-    if regions is None:
-        regions = [[d] for d in descriptors]
-    if len(regions) != n:
-        raise ValueError(f"regions has {len(regions)} entries for {n} images")
+
+def _aggregate_images(
+    descriptors: Sequence[np.ndarray],
+    cb: np.ndarray,
+    kernel: str,
+    num_assignments: int,
+    backend: str,
+    first_index: int,
+) -> AggregatedBatch:
+    """:func:`aggregate_many` of a non-regional kernel on one chunk of images."""
+    n, dim = len(descriptors), cb.shape[1]
+    try:
+        x, item = _stack(descriptors, dim, "image")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (images {first_index}..{first_index + n - 1})") from None
+    items, words, sums = _residual_sums(x, item, cb, num_assignments, backend)
+    items, words, sums, norms = _drop_zero(items, words, sums)
+    if kernel == "vlad":
+        data = _vlad_normalise(items, sums, norms, n)
+    elif kernel == "asmk":
+        data = (sums / norms[:, None]).astype(np.float32)
+    else:
+        data = pack_signs(sums)
+    return _to_batch(items, words, data, n, dim)
+
+
+def _aggregate_regions(
+    regions: Sequence[Sequence[np.ndarray]],
+    cb: np.ndarray,
+    kernel: str,
+    num_assignments: int,
+    backend: str,
+) -> AggregatedBatch:
+    """:func:`aggregate_many` of a regional kernel on one chunk of images: every region is an
+    item, VLAD- (or, naive, ASMK-) aggregated; the region vectors are averaged per image."""
+    n, dim = len(regions), cb.shape[1]
     n_reg = np.array([len(r) for r in regions], np.int64)
-    if np.any(n_reg < 1):
-        raise ValueError("every image needs at least one region (region 0 = whole image)")
     flat = [r for regs in regions for r in regs]
     region_image = np.repeat(np.arange(n, dtype=np.int64), n_reg)
     x, ritem = _stack(flat, dim, "region")
-    ritems, words, sums = _residual_sums(x, ritem, cb, num_assignments)
+    ritems, words, sums = _residual_sums(x, ritem, cb, num_assignments, backend)
     ritems, words, sums, norms = _drop_zero(ritems, words, sums)
     if kernel.startswith("naive_"):
         vlad = (sums / norms[:, None]).astype(np.float32)  # ASMK per region: unit words
