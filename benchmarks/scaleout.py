@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.aggregation import AggregatedBatch
     from retrieval.codebook import load_codebook
     from retrieval.datasets import RevisitedDataset
-    from retrieval.engine import _feature_conf, resolve_conf
+    from retrieval.engine import feature_conf, resolve_conf
     from retrieval.features import ImageItem
     from retrieval.inverted_file import InvertedFile
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rc = resolve_conf(codebook={"size": args.codebook, "niter": 10}, kernel="asmk_star")
-    fc = _feature_conf(rc)
+    fc = feature_conf(rc)
     # Codebook once, on the training images (serial; a driver step).
     t0 = time.perf_counter()
     base = sharded.run(

@@ -70,6 +70,7 @@ from retrieval.inverted_file import InvertedFile
 __all__ = [
     "IMAGE_SUFFIXES",
     "RunResult",
+    "aggregate_database",
     "aggregate_features",
     "build_codebook",
     "build_index",
@@ -80,10 +81,13 @@ __all__ = [
     "extract",
     "extract_folder",
     "extract_regions",
+    "feature_conf",
     "region_conf",
+    "region_crop_items",
     "regional_descriptor_lists",
     "resolve_conf",
     "run",
+    "run_name",
     "search",
     "verify",
 ]
@@ -185,7 +189,16 @@ def _check_regional(out: Mapping[str, Any]) -> None:
             raise ValueError(f"unknown verification setting(s) {bad}; expected {sorted(known)}")
 
 
-def _feature_conf(conf: Mapping[str, Any]) -> dict[str, Any]:
+def feature_conf(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """The features preset of a run, with the run's ``feature_model`` overrides applied.
+
+    Args:
+        conf: a resolved run conf (:func:`resolve_conf`).
+
+    Returns:
+        a deep copy of ``retrieval.features.confs[conf["features"]]`` whose ``model`` dict is
+        updated with ``conf["feature_model"]``; its ``output`` names the features folder.
+    """
     fc = copy.deepcopy(features_stage.confs[conf["features"]])
     fc["model"].update(conf.get("feature_model") or {})
     return fc
@@ -205,7 +218,7 @@ def extract(
     Returns:
         ``(db_h5, query_h5)`` (``query_h5`` is None when ``queries`` is False).
     """
-    fc = _feature_conf(conf)
+    fc = feature_conf(conf)
     folder = Path(out_dir) / "features" / fc["output"]
     db = features_stage.main(
         fc,
@@ -242,7 +255,7 @@ def extract_folder(
     if not files:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     name = f"{root.name}-{config_hash({'dir': os.path.abspath(root)}, 8)}"
-    fc = _feature_conf(conf)
+    fc = feature_conf(conf)
     items = [
         features_stage.ImageItem(p.relative_to(root).as_posix().replace("/", "__"), p)
         for p in files
@@ -262,7 +275,7 @@ def build_codebook(
     overwrite: bool = False,
 ) -> Path:
     """Train the codebook on ``train_features``; returns ``codebook.npy``."""
-    fc = _feature_conf(conf)
+    fc = feature_conf(conf)
     cb = conf["codebook"]
     folder = (
         Path(out_dir) / "codebooks" / f"{fc['output']}-k{cb['size']}-s{cb['seed']}-{training_set}"
@@ -373,6 +386,45 @@ def _image_sizes(db_features: str | os.PathLike[str], names: Sequence[str]) -> d
     return out
 
 
+def region_crop_items(
+    dataset: RevisitedDataset,
+    regions: Mapping[str, Sequence[Any]],
+    db_features: str | os.PathLike[str],
+    names: Sequence[str] | None = None,
+) -> list[features_stage.ImageItem]:
+    """The crops to re-extract for regional features: region ``j >= 1`` of every image.
+
+    Args:
+        dataset: the database (image paths).
+        regions: ``{name: [Box, ...]}`` (region 0, the whole image, first).
+        db_features: the whole-image features ``.h5`` of ``names`` (their ``image_size``).
+        names: the images (default: the whole database, in order).
+
+    Returns:
+        one item ``<name>/region_<j>`` per non-empty crop, cropped to the pixel rectangle
+        ``(x0, y0, x1, y1)`` of :meth:`gldboxes.boxes.Box.to_pixels`, image by image; images
+        that could not be read (no ``image_size``) get none.
+    """
+    names = list(dataset.imlist if names is None else names)
+    sizes = _image_sizes(db_features, names)
+    items = []
+    for name in names:
+        size = sizes[name]
+        boxes = regions.get(name, [])
+        if size is None:
+            continue  # unreadable image: its regions stay empty
+        for j, box in enumerate(boxes[1:], start=1):
+            x0, y0, x1, y1 = box.to_pixels(*size)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            items.append(
+                features_stage.ImageItem(
+                    f"{name}/region_{j}", dataset.image_path(name), (x0, y0, x1, y1)
+                )
+            )
+    return items
+
+
 def extract_regions(
     conf: Mapping[str, Any],
     dataset: RevisitedDataset,
@@ -392,27 +444,12 @@ def extract_regions(
     Returns:
         the ``.h5`` path ``OUT/features/<features>/<dataset>-db-<regions stem>.h5``.
     """
-    fc = _feature_conf(conf)
+    fc = feature_conf(conf)
     out = (
         Path(out_dir) / "features" / fc["output"] / f"{dataset.name}-db-{Path(regions_csv).stem}.h5"
     )
     regions = regions_stage.read_regions_csv(Path(regions_csv))
-    sizes = _image_sizes(db_features, dataset.imlist)
-    items = []
-    for name in dataset.imlist:
-        size = sizes[name]
-        boxes = regions.get(name, [])
-        if size is None:
-            continue  # unreadable image: its regions stay empty
-        for j, box in enumerate(boxes[1:], start=1):
-            x0, y0, x1, y1 = box.to_pixels(*size)
-            if x1 <= x0 or y1 <= y0:
-                continue
-            items.append(
-                features_stage.ImageItem(
-                    f"{name}/region_{j}", dataset.image_path(name), (x0, y0, x1, y1)
-                )
-            )
+    items = region_crop_items(dataset, regions, db_features)
     existed = out.exists() and not overwrite
     t0 = time.perf_counter()
     features_stage.main(fc, items, out, overwrite=overwrite)
@@ -542,8 +579,20 @@ def aggregate_database(
     return batch, item_image
 
 
-def _run_name(conf: Mapping[str, Any], training_set: str, dataset: str) -> str:
-    fc = _feature_conf(conf)
+def run_name(conf: Mapping[str, Any], training_set: str, dataset: str) -> str:
+    """The config-named folder of a run's index and results.
+
+    Args:
+        conf: a resolved run conf; training_set: the codebook's training-set tag
+            (:func:`codebook_tag`); dataset: the database's name.
+
+    Returns:
+        ``<method>-k<K>-<features>[-ma<m>][-<hash of alpha/tau/normalize>][-<regions>-<ra|rx>]
+        -<training set>-<dataset>``, ``method`` being the kernel or ``d2r_<pooling>-<kernel>``
+        for regional search, e.g.
+        ``d2r_max-asmk_star-k128-rootsift-n1000-gt-rx-images-0a1b2c3d-synth``.
+    """
+    fc = feature_conf(conf)
     ma = f"-ma{conf['num_assignments']}" if int(conf["num_assignments"]) != 1 else ""
     extra = {k: conf[k] for k in ("alpha", "tau", "normalize") if conf[k] is not None}
     tag = f"-{config_hash(extra, 6)}" if extra else ""
@@ -576,7 +625,7 @@ def build_index(
     (``regions_features``: the crops' features in ``reextract`` mode). The header's meta holds
     ``aggregate_seconds`` (time to build the entries, regional features included).
     """
-    path = Path(out_dir) / "index" / _run_name(conf, training_set, dataset.name)
+    path = Path(out_dir) / "index" / run_name(conf, training_set, dataset.name)
     if conf.get("regions") is not None and regions_csv is None:
         raise ValueError(f"{path.name}: the conf has regions but no regions CSV was given")
     if conf.get("region_features") == "reextract" and regions_csv and regions_features is None:

@@ -57,6 +57,7 @@ __all__ = [
     "failures",
     "load_image",
     "main",
+    "make_extractor",
     "read_datum",
     "read_descriptors",
     "read_features",
@@ -449,7 +450,22 @@ class DelfExtractor:
 
 
 # ---------------------------------------------------------------------------- extraction
-def _make_extractor(conf: Mapping[str, Any]) -> Any:
+def make_extractor(conf: Mapping[str, Any]) -> Any:
+    """The extractor of a features preset (the one :func:`main` uses), ready for
+    :func:`extract_image`.
+
+    Args:
+        conf: a preset of :data:`confs` (with any ``model`` overrides resolved).
+
+    Returns:
+        a RootSIFT extractor (OpenCV SIFT + RootSIFT) for ``model.name == "rootsift"``, or a
+        :class:`DelfExtractor` (its SavedModel loaded here) for ``"delf"``; both expose ``dim``
+        and ``__call__(image) -> (keypoints (N, 2), descriptors (N, D), scales (N,),
+        scores (N,))``.
+
+    Raises:
+        ValueError: an unknown ``model.name``.
+    """
     name = conf["model"]["name"]
     if name == "rootsift":
         return _RootSift(conf["model"])
@@ -545,7 +561,7 @@ def main(
         todo = [it for it in images if it.name not in f or not f[it.name].attrs.get("done")]
         if len(todo) < len(images):
             logger.info("%s: resuming, %d of %d images left", out.name, len(todo), len(images))
-        extractor = _make_extractor(conf) if todo else None
+        extractor = make_extractor(conf) if todo else None
         for it in tqdm(
             todo,
             desc=f"features {out.name}",

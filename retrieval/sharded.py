@@ -10,6 +10,8 @@ executor; shard ``i`` of a database always covers the same range of image ids):
   of a features shard into an index part ``<shard>/index/`` (an
   :class:`retrieval.inverted_file.InvertedFile` over the shard's images, local ids
   ``0..n_part-1`` = global ids ``start..stop-1``); the codebook is loaded once per worker.
+  With index-side regions (Detect-to-Retrieve) a part holds R-ASMK*-style regional entries or,
+  for regional search, one item per region with a part-local ``item_image``.
 * **search** (:func:`search_stage`): score the queries against one index part, keep its top-k
   (global ids) in ``<shard>/ids.npy`` and ``scores.npy``; :func:`merge_topk` on the driver.
 * **spatial verification** (:func:`verification_stage`): re-rank a batch of queries
@@ -33,6 +35,8 @@ the tie-break by ascending id is preserved because local ids keep the global ord
 from __future__ import annotations
 
 import functools
+import io
+import itertools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -45,7 +49,7 @@ import numpy as np
 
 from gldboxes.executor import Executor, Resources, Shard, Stage, StageReport, make_shards
 from gldboxes.http import md5sum
-from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
+from gldboxes.io import atomic_path, atomic_write, config_hash, read_json, write_config, write_json
 from retrieval import features as features_stage
 from retrieval.aggregation import KERNELS, AggregatedBatch, aggregate_many
 from retrieval.inverted_file import InvertedFile
@@ -74,9 +78,8 @@ HEADER_NAME = "sharded.json"
 # ====================================================================================== features
 def _load_extractor(conf: Mapping[str, Any]) -> Any:
     """The feature extractor of a features preset (a DELF SavedModel is loaded here)."""
-    # retrieval.features keeps its factory private; it is the one features.main uses, so a
-    # shard's features are exactly those of the single-file stage.
-    return features_stage._make_extractor(conf)
+    # The factory features.main uses, so a shard's features are those of the single-file stage.
+    return features_stage.make_extractor(conf)
 
 
 def _write_image(
@@ -125,6 +128,7 @@ def feature_stage(
     images: Sequence[features_stage.ImageItem],
     *,
     shard_size: int = 256,
+    shard_sizes: Sequence[int] | None = None,
     resources: Resources | None = None,
     retries: int = 2,
 ) -> tuple[Stage, list[Shard]]:
@@ -132,8 +136,10 @@ def feature_stage(
 
     Args:
         conf: a preset of :data:`retrieval.features.confs` (resolved ``model`` overrides).
-        images: the images (unique ids; ``bbx`` set for cropped queries).
+        images: the images (unique ids; ``bbx`` set for cropped queries and region crops).
         shard_size: images per shard (shard ``i`` holds images ``i*shard_size ...``).
+        shard_sizes: or the number of images of every shard, in order (zeros allowed: region
+            crops grouped by the feature shard of their image).
         resources: per-task resources (default: 0.5 CPU; DELF on GPU: ``num_gpus``).
 
     Returns:
@@ -158,7 +164,20 @@ def feature_stage(
         retries=retries,
         versions={"opencv": cv2.__version__, "h5py": h5py.__version__},
     )
-    return stage, make_shards(items, shard_size, prefix="shard")
+    if shard_sizes is None:
+        return stage, make_shards(items, shard_size, prefix="shard")
+    sizes = [int(n) for n in shard_sizes]
+    if sum(sizes) != len(items) or min(sizes, default=0) < 0:
+        raise ValueError(
+            f"feature_stage: shard sizes {sizes[:5]}... add up to {sum(sizes)}, not to the "
+            f"{len(items)} images (or are negative)"
+        )
+    offs = np.r_[0, np.cumsum(sizes)].tolist()
+    shards = [
+        Shard(i, tuple(items[a:b]), f"shard-{i:05d}", {"start": a, "stop": b})
+        for i, (a, b) in enumerate(itertools.pairwise(offs))
+    ]
+    return stage, shards
 
 
 @dataclass(frozen=True)
@@ -279,11 +298,27 @@ def _load_codebook(path: str) -> np.ndarray:
 def _aggregation_shard(
     shard: Shard, out: Path, codebook: np.ndarray, *, conf: Mapping[str, Any]
 ) -> dict[str, int]:
-    """Aggregate the images of one features shard into the index part ``out/index``."""
+    """Aggregate the images of one features shard into the index part ``out/index``.
+
+    With regions (``shard.meta["regions"]``: the part's rows of the regions CSV) the part is
+    built by :func:`retrieval.engine.aggregate_database` exactly as the single index is: one
+    entry per image (regional kernel) or one item per region with a part-local ``item_image``
+    (regional search; the part's images are ``0 .. n_part - 1``, ``start`` maps them back).
+    """
+    from retrieval.engine import aggregate_database
+    from retrieval.regions import read_regions_csv
+
     names = [str(n) for n in shard.items]
-    descs = features_stage.read_descriptors(shard.meta["features"], names)
-    batch = aggregate_many(
-        descs, codebook, conf["kernel"], num_assignments=int(conf["num_assignments"])
+    regions = None
+    if shard.meta.get("regions"):
+        regions = read_regions_csv(Path(shard.meta["regions"]))
+    batch, item_image = aggregate_database(
+        conf,
+        names,
+        shard.meta["features"],
+        codebook,
+        regions=regions,
+        regions_features=shard.meta.get("regions_features"),
     )
     ivf = InvertedFile.build(
         batch,
@@ -297,11 +332,58 @@ def _aggregation_shard(
             "stop": int(shard.meta["stop"]),
             "image_names": names,
             "config_hash": conf["config_hash"],
+            "regions": conf.get("regions"),
+            "region_features": conf.get("region_features") if regions is not None else None,
         },
+        item_image=item_image,
+        pooling=conf.get("regional_search") if item_image is not None else None,
     )
     ivf.save(out / "index")
     st = ivf.stats()
-    return {"images": int(st["images"]), "postings": int(st["postings"]), "bytes": int(st["bytes"])}
+    return {
+        "images": int(st["images"]),
+        "items": int(st["items"]),
+        "postings": int(st["postings"]),
+        "bytes": int(st["bytes"]),
+    }
+
+
+def _split_regions_csv(
+    regions_csv: Path, parts: Sequence[Sequence[str]], folder: Path
+) -> list[Path]:
+    """Write each part's rows of a regions CSV (same fields, file order) to its own CSV.
+
+    The files are named after their content (``part-XXXXX-<md5>.csv``), so runs with other
+    shard sizes never overwrite each other's inputs and an unchanged part keeps its name.
+    """
+    import csv
+    import hashlib
+
+    with open(regions_csv, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header or "id" not in header:
+            raise ValueError(f"{regions_csv}: expected a regions CSV with an 'id' column")
+        i_id = header.index("id")
+        rows: dict[str, list[list[str]]] = {}
+        for row in reader:
+            if row:
+                rows.setdefault(row[i_id], []).append(row)
+    out = []
+    for i, names in enumerate(parts):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        for n in names:
+            w.writerows(rows.get(n, []))
+        text = buf.getvalue()
+        digest = hashlib.md5(text.encode("utf-8")).hexdigest()[:10]
+        path = folder / f"part-{i:05d}-{digest}.csv"
+        if not path.exists():
+            with atomic_write(path, newline="") as fh:
+                fh.write(text)
+        out.append(path)
+    return out
 
 
 def aggregation_stage(
@@ -309,20 +391,29 @@ def aggregation_stage(
     features: FeatureShards,
     codebook_path: str | os.PathLike[str],
     *,
+    regions_csv: str | os.PathLike[str] | None = None,
+    region_features: FeatureShards | None = None,
     resources: Resources | None = None,
     retries: int = 2,
 ) -> tuple[Stage, list[Shard]]:
     """Per-image aggregation into index parts: one part per feature shard (same id range).
 
     Args:
-        conf: ``kernel``, ``num_assignments``, ``alpha``, ``tau``, ``normalize`` (the
+        conf: ``kernel``, ``num_assignments``, ``alpha``, ``tau``, ``normalize`` and, with
+            regions, ``region_features`` and ``regional_search`` (the
             :data:`retrieval.engine.default_conf` keys).
         features: the database's feature shards.
         codebook_path: ``codebook.npy`` (its md5 enters the config hash).
+        regions_csv: index-side regions (:func:`retrieval.engine.build_regions`); each part
+            gets its images' rows in ``<regions stem>.parts/`` beside it.
+        region_features: ``reextract`` mode: the crops' feature shards, shard ``i`` holding
+            the crops of feature shard ``i``'s images.
 
     Returns:
         ``(stage, shards)``; open the parts with :meth:`ShardedInvertedFile.from_stage`.
     """
+    from retrieval.aggregation import REGIONAL_KERNELS
+
     if conf["kernel"] not in KERNELS:
         raise ValueError(f"unknown kernel {conf['kernel']!r}; expected one of {list(KERNELS)}")
     cb = os.fspath(Path(codebook_path).resolve())
@@ -330,30 +421,71 @@ def aggregation_stage(
         cb = os.fspath(Path(cb) / "codebook.npy")
     if not Path(cb).exists():
         raise FileNotFoundError(f"codebook not found: {cb}")
+    mode = conf.get("region_features") or "assign"
+    pooling = conf.get("regional_search")
+    if regions_csv is None:
+        if pooling:
+            raise ValueError("aggregation_stage: regional_search needs regions (regions_csv)")
+        if region_features is not None:
+            raise ValueError("aggregation_stage: region_features given without regions_csv")
+    else:
+        if not pooling and conf["kernel"] not in REGIONAL_KERNELS:
+            raise ValueError(
+                f"regions given with the single-image kernel {conf['kernel']!r} and no "
+                f"regional_search: use a regional kernel ({sorted(REGIONAL_KERNELS)}) or "
+                "regional_search"
+            )
+        if mode == "reextract" and region_features is None:
+            raise ValueError("aggregation_stage: reextract mode needs the crops' feature shards")
+        if region_features is not None and len(region_features.paths) != len(features.paths):
+            raise ValueError(
+                f"aggregation_stage: {len(region_features.paths)} crop feature shards for "
+                f"{len(features.paths)} image feature shards (they must pair up)"
+            )
     sconf: dict[str, Any] = {
         k: conf.get(k) for k in ("kernel", "num_assignments", "alpha", "tau", "normalize")
     }
     sconf["num_assignments"] = int(sconf["num_assignments"] or 1)
     sconf["codebook"] = cb
     sconf["codebook_md5"] = md5sum(cb)
+    if regions_csv is not None:
+        sconf["regions"] = Path(regions_csv).stem
+        sconf["region_features"] = mode
+        sconf["regional_search"] = pooling
     sconf["config_hash"] = config_hash(sconf)
     stage = Stage(
         f"aggregate-{conf['kernel']}",
-        functools.partial(_aggregation_shard, conf=sconf),
+        functools.partial(
+            _aggregation_shard,
+            conf={**sconf, "batch_images": int(conf.get("batch_images") or 512)},
+        ),
         conf=sconf,
         load_model=functools.partial(_load_codebook, cb),
         resources=resources or Resources(num_cpus=0.5),
         retries=retries,
     )
+    part_regions: list[Path | None] = [None] * len(features.paths)
+    if regions_csv is not None:
+        rpath = Path(regions_csv).resolve()
+        part_regions = list(
+            _split_regions_csv(rpath, features.names, rpath.with_name(f"{rpath.stem}.parts"))
+        )
     shards = []
     start = 0
     for i, (path, names) in enumerate(zip(features.paths, features.names, strict=True)):
-        meta = {
+        meta: dict[str, Any] = {
             "start": start,
             "stop": start + len(names),
             "features": os.fspath(path),
             "features_md5": md5sum(path),
         }
+        rpart = part_regions[i]
+        if rpart is not None:
+            meta["regions"] = os.fspath(rpart)
+            meta["regions_md5"] = md5sum(rpart)
+        if region_features is not None and mode == "reextract":
+            meta["regions_features"] = os.fspath(region_features.paths[i])
+            meta["regions_features_md5"] = md5sum(region_features.paths[i])
         shards.append(Shard(i, tuple(names), f"part-{i:05d}", meta))
         start += len(names)
     return stage, shards
@@ -389,6 +521,10 @@ def merge_topk(
 class ShardedInvertedFile:
     """An inverted file split into parts by image-id range, searched part by part.
 
+    Regional-search parts (D2R: items are regions, pooled per image) keep a part-local
+    ``item_image`` (images ``0 .. n_p - 1`` of the part); pooling happens inside each part, so
+    the parts' image scores and the merged top-k are those of the single regional index.
+
     Attributes:
         parts: the index parts; part ``p`` holds global images ``starts[p] .. starts[p] +
             parts[p].n_images - 1`` under local ids ``0 ..``.
@@ -412,7 +548,7 @@ class ShardedInvertedFile:
                 f"for part sizes {sizes.tolist()}"
             )
         kinds = {
-            (p.kernel, p.dim, p.binary, p.codebook_size, p.alpha, p.tau, p.normalize)
+            (p.kernel, p.dim, p.binary, p.codebook_size, p.alpha, p.tau, p.normalize, p.pooling)
             for p in self.parts
         }
         if len(kinds) != 1:
@@ -432,21 +568,45 @@ class ShardedInvertedFile:
         tau: float | None = None,
         normalize: bool | None = None,
         meta: Mapping[str, Any] | None = None,
+        item_image: np.ndarray | None = None,
+        pooling: str | None = None,
     ) -> ShardedInvertedFile:
-        """Build parts of ``part_size`` images from one aggregated database (in memory)."""
+        """Build parts of ``part_size`` images from one aggregated database (in memory).
+
+        Args:
+            batch: the database, one entry per image, or per item with ``item_image``.
+            item_image: regional search: int (n_items,) image of each item (sorted, as for
+                :meth:`InvertedFile.build`); each part gets its images' items and a
+                part-local ``item_image``. pooling: ``"max"`` or ``"avg"`` with it.
+        """
         if part_size < 1:
             raise ValueError(f"part_size must be >= 1, got {part_size}")
+        owner = None if item_image is None else np.asarray(item_image, np.int64)
+        if owner is not None and owner.shape != (batch.n_images,):
+            raise ValueError(
+                f"item_image has shape {owner.shape}, expected ({batch.n_images},) items"
+            )
+        n_images = batch.n_images if owner is None else (int(owner[-1]) + 1 if owner.size else 0)
         parts = []
         starts = []
-        for a in range(0, max(batch.n_images, 1), part_size):
-            b = min(batch.n_images, a + part_size)
-            lo, hi = int(batch.offsets[a]), int(batch.offsets[b])
+        for a in range(0, max(n_images, 1), part_size):
+            b = min(n_images, a + part_size)
+            # the part's items: all of them for images a..b-1
+            ia, ib = (a, b) if owner is None else np.searchsorted(owner, [a, b]).tolist()
+            lo, hi = int(batch.offsets[ia]), int(batch.offsets[ib])
             sub = AggregatedBatch(
-                batch.offsets[a : b + 1] - lo, batch.words[lo:hi], batch.data[lo:hi], batch.dim
+                batch.offsets[ia : ib + 1] - lo, batch.words[lo:hi], batch.data[lo:hi], batch.dim
             )
             parts.append(
                 InvertedFile.build(
-                    sub, codebook_size, kernel, alpha=alpha, tau=tau, normalize=normalize
+                    sub,
+                    codebook_size,
+                    kernel,
+                    alpha=alpha,
+                    tau=tau,
+                    normalize=normalize,
+                    item_image=None if owner is None else owner[ia:ib] - a,
+                    pooling=None if owner is None else pooling,
                 )
             )
             starts.append(a)
@@ -539,12 +699,14 @@ class ShardedInvertedFile:
         return int(sum(p.nbytes for p in self.parts))
 
     def stats(self) -> dict[str, float]:
-        """Images, postings, bytes and bytes per image summed over the parts."""
+        """Images, items (regions for regional search), postings, bytes and bytes per image
+        summed over the parts."""
         n = self.n_images
         postings = int(sum(p.image_ids.shape[0] for p in self.parts))
         return {
             "parts": len(self.parts),
             "images": n,
+            "items": int(sum(p.n_items for p in self.parts)),
             "postings": postings,
             "bytes": self.nbytes,
             "bytes_per_image": self.nbytes / max(n, 1),
@@ -574,16 +736,19 @@ class ShardedInvertedFile:
         """One :class:`InvertedFile` with every part (global ids), built without re-aggregating.
 
         The postings of each word are the parts' postings of that word one after the other,
-        i.e. in ascending global id, exactly as :meth:`InvertedFile.build` orders them.
+        i.e. in ascending global id, exactly as :meth:`InvertedFile.build` orders them. In a
+        regional index postings point to items: they are shifted by the items of the parts
+        before, and ``item_image`` by the part's first image.
         """
         k = self.parts[0].codebook_size
         words = np.concatenate(
             [np.repeat(np.arange(k, dtype=np.int64), np.diff(p.offsets)) for p in self.parts]
         )
+        item_starts = np.r_[0, np.cumsum([p.n_items for p in self.parts])[:-1]].astype(np.int64)
         gids = np.concatenate(
             [
                 np.asarray(p.image_ids, np.int64) + s
-                for p, s in zip(self.parts, self.starts, strict=True)
+                for p, s in zip(self.parts, item_starts, strict=True)
             ]
         )
         data = np.concatenate([np.asarray(p.data) for p in self.parts])
@@ -602,6 +767,15 @@ class ShardedInvertedFile:
             tau=p0.tau,
             normalize=p0.normalize,
             meta=dict(meta if meta is not None else self.meta),
+            item_image=None
+            if p0.item_image is None
+            else np.concatenate(
+                [
+                    np.asarray(p.item_image, np.int64) + s
+                    for p, s in zip(self.parts, self.starts, strict=True)
+                ]
+            ).astype(np.uint32),
+            pooling=p0.pooling,
         )
 
 
@@ -822,7 +996,8 @@ class ShardedRun:
         codebook: ``codebook.npy``; index: the sharded index folder (``sharded.json``);
         ranks: ``ranks.npy`` (n_db or top_k, n_q); metrics_path: ``metrics.json``;
         verified: ``{protocol: ranks}`` after spatial verification (when asked);
-        reports: the executor's report of every stage; index_stats: size figures.
+        reports: the executor's report of every stage; index_stats: size figures;
+        regions: the index-side regions CSV (None without regions).
     """
 
     db_features: FeatureShards
@@ -835,6 +1010,7 @@ class ShardedRun:
     verified: dict[str, Path] = field(default_factory=dict)
     reports: dict[str, StageReport] = field(default_factory=dict)
     index_stats: dict[str, float] = field(default_factory=dict)
+    regions: Path | None = None
 
 
 def _train_codebook(
@@ -900,9 +1076,18 @@ def run(
 
         features/<preset>/<dataset>-db.shards/shard-XXXXX/features.h5 (+ done.json)
         features/<preset>/<dataset>-query.shards/...
+        features/<preset>/<dataset>-db-<regions>.shards/...  (region crops, reextract mode)
         codebooks/<preset>-k<K>-s<seed>-<trainset>/codebook.npy
+        regions/<dataset>/<regions>.csv, <regions>.parts/part-XXXXX-<md5>.csv  (with regions)
         index/<run name>.parts/part-XXXXX/index/ (+ done.json), sharded.json
         results/<run name>.sharded/ranks.npy, metrics.json, search/, verify/
+
+    Index-side regions (``regions``, ``region_features``, ``regional_search``) work as in the
+    engine: the regions CSV is written on the driver by :func:`retrieval.engine.build_regions`,
+    ``reextract`` crops are extracted shard by shard, and each index part is aggregated by
+    :func:`retrieval.engine.aggregate_database` (regional kernels: one entry per image;
+    regional search: one item per region, pooled per image inside its part), so the ranks
+    equal :func:`retrieval.engine.run`'s.
 
     Args:
         conf: options of :data:`retrieval.engine.default_conf`.
@@ -912,37 +1097,39 @@ def run(
         codebook_path: or use this ``codebook.npy``. Neither: the database itself (warned).
         verify: also spatially verify the top ``verify_top_n`` (batches of queries).
     """
+    from retrieval.aggregation import QUERY_KERNEL
     from retrieval.datasets import RevisitedDataset
     from retrieval.engine import (
         IMAGE_SUFFIXES,
-        _feature_conf,
-        _run_name,
+        build_regions,
         codebook_tag,
         evaluate,
+        feature_conf,
+        region_crop_items,
         resolve_conf,
+        run_name,
     )
+    from retrieval.regions import read_regions_csv
 
     rc = resolve_conf(conf)
-    if rc.get("regions") or rc.get("regional_search"):
-        raise ValueError(
-            "sharded run: index-side regions are not sharded yet; run them with the "
-            "single-machine engine (retrieval.engine.run)"
-        )
     vconf = dict(rc.get("verification") or {})
     if vconf:
         verify = True
         verify_top_n = int(vconf.pop("top_n", verify_top_n))
         vconf.pop("num_workers", None)
-    fc = _feature_conf(rc)
+    fc = feature_conf(rc)
     ds = RevisitedDataset.load(Path(dataset_dir))
     out = Path(out_dir)
     fdir = out / "features" / fc["output"]
     reports: dict[str, StageReport] = {}
 
     def features_of(
-        items: Sequence[features_stage.ImageItem], folder: Path, key: str
+        items: Sequence[features_stage.ImageItem],
+        folder: Path,
+        key: str,
+        sizes: Sequence[int] | None = None,
     ) -> FeatureShards:
-        stage, shards = feature_stage(fc, items, shard_size=shard_size)
+        stage, shards = feature_stage(fc, items, shard_size=shard_size, shard_sizes=sizes)
         reports[key] = executor.run(stage, shards, folder, overwrite=overwrite)
         return FeatureShards.from_run(reports[key], shards)
 
@@ -984,8 +1171,26 @@ def run(
             )
             train, training_set = db, f"{ds.name}-self"
         cb_path = _train_codebook(rc, train, training_set, out, fc["output"])
-    name = _run_name(rc, training_set, ds.name)
-    stage, parts = aggregation_stage(rc, db, cb_path)
+    name = run_name(rc, training_set, ds.name)
+    # Index-side regions (D2R): the regions CSV on the driver (the engine's stage, same file),
+    # the crops re-extracted shard by shard beside their images' feature shards.
+    regions_csv = build_regions(rc, ds, out, overwrite=overwrite)
+    crops: FeatureShards | None = None
+    if regions_csv is not None and rc["region_features"] == "reextract":
+        regions = read_regions_csv(regions_csv)
+        groups = [
+            region_crop_items(ds, regions, path, names)
+            for path, names in zip(db.paths, db.names, strict=True)
+        ]
+        crops = features_of(
+            [it for g in groups for it in g],
+            fdir / f"{ds.name}-db-{regions_csv.stem}.shards",
+            "features-regions",
+            [len(g) for g in groups],
+        )
+    stage, parts = aggregation_stage(
+        rc, db, cb_path, regions_csv=regions_csv, region_features=crops
+    )
     idx_dir = out / "index" / f"{name}.parts"
     reports["aggregate"] = executor.run(stage, parts, idx_dir, overwrite=overwrite)
     sivf = ShardedInvertedFile.from_stage(idx_dir, parts)
@@ -997,7 +1202,7 @@ def run(
     res_dir = out / "results" / f"{name}.sharded"
     cb = load_codebook(cb_path)
     qnames = list(ds.qimlist)
-    q_batch = _aggregate_named(rc, qf, qnames, cb)
+    q_batch = _aggregate_named(rc, qf, qnames, cb, kernel=QUERY_KERNEL[rc["kernel"]])
     ids, _ = search_sharded(
         executor,
         q_batch,
@@ -1037,21 +1242,32 @@ def run(
         verified=verified,
         reports=reports,
         index_stats=sivf.stats(),
+        regions=regions_csv,
     )
 
 
 def _aggregate_named(
-    rc: Mapping[str, Any], shards: FeatureShards, names: Sequence[str], cb: np.ndarray
+    rc: Mapping[str, Any],
+    shards: FeatureShards,
+    names: Sequence[str],
+    cb: np.ndarray,
+    *,
+    kernel: str | None = None,
 ) -> AggregatedBatch:
-    """Aggregate ``names`` of feature shards on the driver, ``batch_images`` at a time."""
+    """Aggregate ``names`` of feature shards on the driver, ``batch_images`` at a time.
+
+    ``kernel`` overrides ``rc["kernel"]`` (queries: the single-image kernel, as in
+    :func:`retrieval.engine.search`).
+    """
+    kern = kernel or rc["kernel"]
     step = int(rc.get("batch_images", 512))
     parts = [
         aggregate_many(
             shards.read_descriptors(names[a : a + step]),
             cb,
-            rc["kernel"],
+            kern,
             num_assignments=int(rc["num_assignments"]),
         )
         for a in range(0, len(names), step)
     ]
-    return AggregatedBatch.concatenate(parts) if parts else aggregate_many([], cb, rc["kernel"])
+    return AggregatedBatch.concatenate(parts) if parts else aggregate_many([], cb, kern)

@@ -68,7 +68,7 @@ class TestRootSift:
         p = save(tmp_path / "a.png", img)
         c = conf()
         c["model"]["max_features"] = 150
-        ex = F._make_extractor(c)
+        ex = F.make_extractor(c)
         feats, size = extract_image(ex, ImageItem("a", p), c)
         n = feats.descriptors.shape[0]
         assert size == (400, 300) and 50 <= n <= 150
@@ -90,7 +90,7 @@ class TestGeometry:
         full = save(tmp_path / "full.png", img)
         crop = save(tmp_path / "crop.png", img[30:190, 40:240])
         c = conf()
-        ex = F._make_extractor(c)
+        ex = F.make_extractor(c)
         a, _ = extract_image(ex, ImageItem("q", full, (40.0, 30.0, 240.0, 190.0)), c)
         b, _ = extract_image(ex, ImageItem("c", crop), c)
         assert a.descriptors.shape[0] > 20
@@ -105,7 +105,7 @@ class TestGeometry:
             tmp_path / "small.png", cv2.resize(img, (300, 200), interpolation=cv2.INTER_AREA)
         )
         c = conf(max_side=300)
-        ex = F._make_extractor(c)
+        ex = F.make_extractor(c)
         a, size = extract_image(ex, ImageItem("b", big), c)
         b, _ = extract_image(ex, ImageItem("s", small), c)
         assert size == (600, 400)
@@ -147,7 +147,7 @@ class TestBadImages:
         arr, size, factor = load_image(tmp_path / "huge.jpg", max_side=500)
         assert size == (4000, 3000) and factor == 4.0 and arr.shape == (750, 1000)
         c = conf(max_side=500)
-        feats, _ = extract_image(F._make_extractor(c), ImageItem("h", tmp_path / "huge.jpg"), c)
+        feats, _ = extract_image(F.make_extractor(c), ImageItem("h", tmp_path / "huge.jpg"), c)
         assert feats.descriptors.shape[0] > 50
         assert feats.keypoints[:, 0].max() < 4000 and feats.keypoints[:, 0].max() > 2000
 
@@ -220,7 +220,7 @@ class TestMain:
             main(conf(), [ImageItem("a", p), ImageItem("a", p)], tmp_path / "f.h5")
         c = copy.deepcopy(confs["delf"])
         with pytest.raises(ValueError, match=r"model\.path"):
-            F._make_extractor(c)
+            F.make_extractor(c)
 
 
 # ---------------------------------------------------------------------------- DELF
@@ -370,7 +370,7 @@ class TestDelf:
         c["model"].update(
             path=str(tmp_path / "model"), pca_path=str(pca_dir), pca_dim=8, max_features=50
         )
-        ex = F._make_extractor(c)
+        ex = F.make_extractor(c)
         feats, size = extract_image(ex, ImageItem("im", p), c)
         assert size == (96, 64) and feats.descriptors.shape[1] == 8
         n = feats.descriptors.shape[0]
@@ -399,7 +399,7 @@ class TestDelf:
         p = save(tmp_path / "im.png", rgb)
         c = copy.deepcopy(confs["delf"])
         c["model"].update(path=str(tmp_path / "model"))
-        ex = F._make_extractor(c)
+        ex = F.make_extractor(c)
         feats, _ = extract_image(ex, ImageItem("im", p), c)
         # scores 200*s > 100 keeps the scales above 0.5: 0.7071, 1, 1.4142, 2
         np.testing.assert_allclose(feats.scales, [0.7071, 1.0, 1.4142, 2.0], rtol=1e-6)
@@ -411,4 +411,4 @@ class TestDelf:
         c = copy.deepcopy(confs["delf"])
         c["model"]["path"] = str(tmp_path)
         with pytest.raises(FileNotFoundError, match=r"saved_model\.pb"):
-            F._make_extractor(c)
+            F.make_extractor(c)

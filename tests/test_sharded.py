@@ -78,6 +78,42 @@ class TestShardedInvertedFile:
         np.testing.assert_array_equal(back.search(q, 5)[0], single.search(q, 5)[0])
         assert back.stats()["images"] == 41 and back.stats()["parts"] == 6
 
+    @pytest.mark.parametrize("pooling", ["max", "avg"])
+    def test_regional_parts_same_as_single_index(self, pooling: str) -> None:
+        """D2R regional search: items are regions; each part pools its own images' regions."""
+        rng = np.random.default_rng(5)
+        d = 16
+        cb = rng.standard_normal((12, d)).astype(np.float32)
+        images = []
+        for _ in range(23):
+            x = rng.standard_normal((int(rng.integers(0, 12)), d)).astype(np.float32)
+            cuts = rng.integers(0, max(x.shape[0], 1), (int(rng.integers(0, 4)), 2))
+            images.append([x] + [x[min(a, b) : max(a, b)] for a, b in cuts])
+        images[9] = [images[9][0][:0], images[9][0][:0]]  # regions without words
+        flat = [r for regs in images for r in regs]
+        owner = np.repeat(np.arange(len(images)), [len(r) for r in images])
+        db = aggregate_many(flat, cb, "asmk_star")
+        q = aggregate_many(
+            [rng.standard_normal((6, d)).astype(np.float32) for _ in range(5)], cb, "asmk_star"
+        )
+        single = InvertedFile.build(db, 12, "asmk_star", item_image=owner, pooling=pooling)
+        parts = sharded.ShardedInvertedFile.build(
+            db, 12, "asmk_star", 5, item_image=owner, pooling=pooling
+        )
+        assert parts.starts.tolist() == [0, 5, 10, 15, 20] and parts.n_images == 23
+        assert sum(p.n_items for p in parts.parts) == owner.size > 23
+        assert all(p.regional and p.pooling == pooling for p in parts.parts)
+        np.testing.assert_array_equal(parts.scores(q), single.scores(q))
+        for k in (None, 3, 23):
+            i1, s1 = single.search(q, k)
+            i2, s2 = parts.search(q, k)
+            np.testing.assert_array_equal(i2, i1)
+            np.testing.assert_array_equal(s2, s1)
+        merged = parts.merge()
+        for a in ("offsets", "image_ids", "data", "words_per_image", "item_image"):
+            np.testing.assert_array_equal(getattr(merged, a), getattr(single, a))
+        assert merged.pooling == pooling and parts.stats()["items"] == owner.size
+
     def test_merge_topk_reference(self) -> None:
         rng = np.random.default_rng(3)
         ids, scs = [], []
@@ -224,11 +260,11 @@ class TestRay:
         tmp_path: Path,
     ) -> None:
         from retrieval.datasets import RevisitedDataset
-        from retrieval.engine import _feature_conf, resolve_conf
+        from retrieval.engine import feature_conf, resolve_conf
         from retrieval.features import ImageItem
 
         ds = RevisitedDataset.load(world / "retrieval")
-        fc = _feature_conf(resolve_conf(CONF))
+        fc = feature_conf(resolve_conf(CONF))
         items = [ImageItem(n, ds.image_path(n)) for n in ds.imlist]
         stage, shards = sharded.feature_stage(fc, items, shard_size=SHARD)
         crash = functools.partial(
@@ -315,6 +351,81 @@ class TestRay:
             if k.startswith("gld/images/")
         }
         assert got == images
+
+
+# ================================================================ index-side regions (D2R)
+REGIONAL = {
+    "r_asmk_star": {**CONF, "kernel": "r_asmk_star", "regions": "gt"},
+    "d2r_max": {**CONF, "regions": "gt", "regional_search": "max", "region_features": "reextract"},
+}
+
+
+@pytest.fixture(scope="module")
+def regional_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One output folder per way of running, shared by the confs (features are reused)."""
+    return {k: tmp_path_factory.mktemp(f"regional-{k}") for k in ("engine", "serial", "ray")}
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.parametrize("kind", sorted(REGIONAL))
+def test_regional_sharded_equals_engine(
+    kind: str,
+    world: Path,
+    serial_run: sharded.ShardedRun,
+    ray_executor: RayExecutor,
+    regional_dirs: dict[str, Path],
+) -> None:
+    """Regional kernels and regional search, sharded (serial and Ray) == the engine's run."""
+    import json
+
+    from retrieval.engine import run as engine_run
+    from retrieval.regions import read_regions_csv
+
+    conf = REGIONAL[kind]
+    ref = engine_run(
+        world / "retrieval", regional_dirs["engine"], conf, codebook_path=serial_run.codebook
+    )
+    runs = {
+        name: sharded.run(
+            world / "retrieval",
+            regional_dirs[name],
+            conf,
+            executor=engine,
+            shard_size=SHARD,
+            codebook_path=serial_run.codebook,
+        )
+        for name, engine in (("serial", SerialExecutor(progress=False)), ("ray", ray_executor))
+    }
+    assert ref.regions is not None
+    n_regions = sum(len(b) for b in read_regions_csv(ref.regions).values())
+    want_items = n_regions if kind == "d2r_max" else 48
+    assert n_regions > 48 and ref.index_stats["items"] == want_items
+    for name, r in runs.items():
+        assert r.index.name == f"{ref.index.name}.parts", name
+        assert r.regions is not None and r.regions.read_bytes() == ref.regions.read_bytes()
+        assert r.reports["aggregate"].counts["images"] == 48
+        assert r.reports["aggregate"].counts["items"] == want_items
+        # The very ranking and metrics of the single-machine engine.
+        np.testing.assert_array_equal(np.load(r.ranks), np.load(ref.ranks), err_msg=name)
+        assert json.loads(r.metrics_path.read_text()) == json.loads(ref.metrics_path.read_text())
+        for p in ("easy", "medium", "hard"):
+            assert r.results[p].as_dict() == ref.results[p].as_dict()
+        # The parts merged into one index are the engine's index, array for array (regional
+        # search: postings of items shifted by the parts before, item_image made global).
+        sivf = sharded.ShardedInvertedFile.load(r.index)
+        assert len(sivf.parts) == 3 and sivf.parts[0].pooling == conf.get("regional_search")
+        merged, single = sivf.merge(), InvertedFile.load(ref.index)
+        for a in ("offsets", "image_ids", "data", "words_per_image", "item_image"):
+            np.testing.assert_array_equal(getattr(merged, a), getattr(single, a), err_msg=a)
+    if kind == "d2r_max":
+        # reextract: every crop extracted once, in shards paired with the images' shards
+        crops = runs["ray"].reports["features-regions"]
+        assert crops.counts["images"] == n_regions - 48 and len(crops.done) == 3
+    assert runs["serial"].results["medium"].map > 0.5
+    # Ray's files are the serial executor's, byte for byte.
+    a, b = _files(regional_dirs["serial"]), _files(regional_dirs["ray"])
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
 
 
 # ------------------------------------------------------------- stages shipped to Ray workers
