@@ -648,11 +648,19 @@ def make_executor(
     )
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--engine serial|ray`` and its resource options to a stage command."""
+def add_engine_options(
+    parser: argparse.ArgumentParser, *, shard_size: int = 256, shard_unit: str = "images"
+) -> None:
+    """Add ``--engine serial|ray`` and its resource options to a stage command.
+
+    Args:
+        shard_size: default of ``--shard-size``; shard_unit: what a shard counts (its help).
+    """
     g = parser.add_argument_group("execution (serial here, or Ray: local or RAY_ADDRESS)")
     g.add_argument("--engine", choices=list(ENGINES), help="run shard by shard on this engine")
-    g.add_argument("--shard-size", type=int, default=256, help="images per shard")
+    g.add_argument(
+        "--shard-size", type=int, default=shard_size, help=f"{shard_unit} per shard (task)"
+    )
     g.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     g.add_argument("--num-cpus", type=float, help="CPUs of a local Ray (default: all)")
     g.add_argument("--task-cpus", type=float, help="CPUs per shard task (fractional allowed)")
@@ -757,7 +765,8 @@ def gldv2_shard_stage(
     :func:`gldboxes.gld.download_gldv2` (``shards=[]``).
 
     Returns:
-        ``(stage, shards)``; the shard items are tar indices.
+        ``(stage, shards)``; the shard items are tar indices, a shard is named after its
+        first (and last) tar: ``tars-007``, ``tars-008-009``.
     """
     from gldboxes.gld import GLDV2_BASE_URL, GLDV2_SHARDS
 
@@ -782,12 +791,28 @@ def gldv2_shard_stage(
         resources=resources or Resources(num_cpus=0.25),
         retries=2,
     )
-    shards = make_shards(sorted({int(i) for i in shard_indices}), tars_per_task, prefix="tars")
+    if tars_per_task < 1:
+        raise ValueError(f"tars_per_task must be >= 1, got {tars_per_task}")
+    # Tasks are named after their tars (tars-007, tars-008-009), not their position, so a rerun
+    # over a larger set of tars finds the finished ones under the same names.
+    shards = [
+        Shard(
+            s.index,
+            s.items,
+            f"tars-{s.items[0]:03d}" + (f"-{s.items[-1]:03d}" if len(s.items) > 1 else ""),
+        )
+        for s in make_shards(sorted({int(i) for i in shard_indices}), tars_per_task, meta=False)
+    ]
     return stage, shards
 
 
-def url_list_shards(csv_path: str | os.PathLike[str], rows_per_shard: int) -> list[Shard]:
-    """Shards of ``[id, url]`` rows of a GLDv1-style CSV (header with ``id`` and ``url``)."""
+def url_list_shards(
+    csv_path: str | os.PathLike[str], rows_per_shard: int, *, limit: int | None = None
+) -> list[Shard]:
+    """Shards of ``[id, url]`` rows of a GLDv1-style CSV (header with ``id`` and ``url``).
+
+    ``limit``: only the first ``limit`` rows (smoke runs).
+    """
     path = Path(csv_path)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
@@ -796,6 +821,8 @@ def url_list_shards(csv_path: str | os.PathLike[str], rows_per_shard: int) -> li
             raise ValueError(f"{path}: expected a header with 'id' and 'url', got {header}")
         i_id, i_url = header.index("id"), header.index("url")
         rows = [[r[i_id].strip(), r[i_url].strip()] for r in reader if r]
+    if limit is not None:
+        rows = rows[: max(limit, 0)]
     return make_shards(rows, rows_per_shard, prefix="urls")
 
 
@@ -852,6 +879,7 @@ def url_list_stage(
     retries: int = 3,
     backoff: float = 0.5,
     timeout: float = 30.0,
+    limit: int | None = None,
     resources: Resources | None = None,
 ) -> tuple[Stage, list[Shard]]:
     """The URL-list download as an executor stage: one task per ``rows_per_shard`` rows.
@@ -862,7 +890,7 @@ def url_list_stage(
     its shard folder. Run it with ``executor.run(stage, shards, out_dir / "shards")``.
 
     Returns:
-        ``(stage, shards)``; the shard items are ``[id, url]`` rows.
+        ``(stage, shards)``; the shard items are ``[id, url]`` rows (the first ``limit``).
     """
     hashed = {
         "csv": os.fspath(Path(csv_path).resolve()),
@@ -884,4 +912,4 @@ def url_list_stage(
         resources=resources or Resources(num_cpus=0.25),
         retries=2,
     )
-    return stage, url_list_shards(csv_path, rows_per_shard)
+    return stage, url_list_shards(csv_path, rows_per_shard, limit=limit)

@@ -24,6 +24,7 @@ import requests
 from fault_server import Fault, FaultServer
 
 from gldboxes.cli.main import main as cli_main
+from gldboxes.executor import read_done
 from gldboxes.gld import (
     GLDV2_METADATA,
     download_gldv2,
@@ -589,3 +590,145 @@ def test_cli_urls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert "1 downloaded, 0 already present, 1 failed" in capsys.readouterr().out
         img = cv2.imread(str(tmp_path / "o/images/a/b/c/abcdef0123456789.jpg"))
         assert img is not None and max(img.shape[:2]) == 16
+
+
+# ------------------------------------------------------------- --engine serial|ray (executor)
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real local Ray (2 CPUs) that the CLI's ``--engine ray`` executors join."""
+    from gldboxes.executor import RayExecutor
+
+    r = RayExecutor(work_dir=tmp_path_factory.mktemp("raywork"), num_cpus=2, progress=False)
+    r.start()
+    yield
+    r.shutdown()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but the executor's run records (timings, pids, paths)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in ("done.json", "stage.yaml")
+    }
+
+
+ENGINE = ["--num-cpus", "2", "--task-cpus", "0.5", "--no-progress"]
+NET = ["--retries", "3", "--backoff", "0.02", "--timeout", "2"]
+
+
+@pytest.mark.slow
+class TestEngine:
+    def test_gldv2_ray_equals_serial_and_rerun_skips(
+        self,
+        tmp_path: Path,
+        mirror: Mirror,
+        local_ray: None,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        srv, files, images = mirror
+
+        def gldv2(out: Path, engine: str, shards: str) -> int:
+            argv = ["-q", "download", "gldv2", "--split", "train", "--out", str(out)]
+            argv += ["--shards", shards, "--base-url", srv.base_url, "--engine", engine]
+            return cli_main([*argv, *ENGINE, *NET])
+
+        trees = {}
+        for engine in ("serial", "ray"):
+            srv.add_fault("train/images_001.tar", Fault(drop_after=2000))  # resumed with Range
+            assert gldv2(tmp_path / engine, engine, "0-1") == 0
+            assert "2 shard(s) done now, 0 already done, 8 images" in capsys.readouterr().out
+            hits = srv.hits("train/*.tar")
+            # A rerun over more tars runs only the new one; the two finished tasks are skipped.
+            assert gldv2(tmp_path / engine, engine, "0-2") == 0
+            assert "1 shard(s) done now, 2 already done, 4 images" in capsys.readouterr().out
+            assert srv.hits("train/*.tar") == hits + 1
+            root = tmp_path / engine / "train"
+            check_images(root, images)
+            assert sorted(p.name for p in (root / "shards").glob("tars-*")) == [
+                "tars-000",
+                "tars-001",
+                "tars-002",
+            ]
+            assert (root / "shards" / "tars-001" / "images.txt").read_text().split() == sorted(
+                images_of_shard(files, "train", 1)
+            )
+            trees[engine] = _tree(tmp_path / engine)
+            done = read_done(root / "shards" / "tars-002")
+            assert done is not None and (done["pid"] == os.getpid()) == (engine == "serial")
+        assert any(r.range_start for r in srv.requests("train/images_001.tar"))
+        # Ray's outputs are the serial executor's, byte for byte (images, md5 lists, metadata,
+        # manifest, per-task listings); only the run records differ.
+        assert sorted(trees["ray"]) == sorted(trees["serial"])
+        assert [k for k in trees["ray"] if trees["ray"][k] != trees["serial"][k]] == []
+        assert sum(k.startswith("train/images/") for k in trees["ray"]) == 12
+        # The threaded downloader (no --engine) reads the manifest: nothing left to fetch.
+        hits = srv.hits("train/*.tar")
+        rep = download_gldv2("train", tmp_path / "ray", shards="0-2", base_url=srv.base_url, **FAST)
+        assert rep.ok and len(rep.skipped) == 3 and rep.done == []
+        assert srv.hits("train/*.tar") == hits
+        # ... and its images are the same bytes as the executor's.
+        assert gldv2_default_tree(tmp_path / "plain", srv.base_url) == {
+            k: v for k, v in trees["ray"].items() if k.startswith("train/images/")
+        }
+
+    def test_urls_ray_equals_serial_and_rerun_skips(
+        self, tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        files = {f"img/{i}.jpg": jpeg(i) for i in range(7)}
+        with FaultServer(files) as srv:
+            rows = [(f"{i:x}{i:x}c0ffee{i:08d}", srv.url(f"img/{i}.jpg")) for i in range(7)]
+            rows.insert(3, ("deadbeef00000000", srv.url("img/gone.jpg")))  # 404: a failure
+            path = tmp_path / "list.csv"
+            path.write_text("id,url,landmark_id\n" + "".join(f"{a},{b},1\n" for a, b in rows))
+
+            def urls(out: Path, *extra: str) -> int:
+                argv = ["-q", "download", "urls", "--csv", str(path), "--out", str(out)]
+                argv += ["--max-size", "32", "--retries", "0", "--timeout", "2"]
+                return cli_main([*argv, *extra])
+
+            trees = {}
+            for engine in ("serial", "ray"):
+                out = tmp_path / engine
+                argv = ["--engine", engine, "--shard-size", "3", *ENGINE]
+                srv.add_fault("img/5.jpg", Fault(status=503))  # one transient error ...
+                assert urls(out, *argv, "--retries", "1", "--backoff", "0.01") == 0
+                said = capsys.readouterr().out
+                assert "7 downloaded, 0 already present, 1 failed" in said
+                assert "3 task(s) run, 0 already done" in said
+                trees[engine] = _tree(out)
+                done = read_done(out / "shards" / "urls-00002")  # ran in a Ray worker or here
+                assert done is not None and (done["pid"] == os.getpid()) == (engine == "serial")
+                # A rerun skips the finished tasks; the one with the dead URL is retried ...
+                dead = srv.hits("img/gone.jpg")
+                all_hits = srv.hits("img/*")
+                assert urls(out, *argv) == 0
+                assert "1 task(s) run, 2 already done" in capsys.readouterr().out
+                assert srv.hits("img/*") - all_hits == 1 and srv.hits("img/gone.jpg") == dead + 1
+                # ... unless told to skip failures: then nothing is fetched.
+                assert urls(out, *argv, "--skip-failed") == 0
+                assert "0 task(s) run, 3 already done" in capsys.readouterr().out
+                assert srv.hits("img/*") - all_hits == 1
+                assert _tree(out) == trees[engine]
+            assert sorted(trees["ray"]) == sorted(trees["serial"])
+            assert [k for k in trees["ray"] if trees["ray"][k] != trees["serial"][k]] == []
+            assert sorted(k for k in trees["ray"] if not k.startswith("shards/")) == sorted(
+                ["failures.csv"] + [f"images/{image_relpath(i)}" for i, _ in rows if i[0] != "d"]
+            )
+            # Without --engine: the same images and the same failures.csv, byte for byte.
+            assert urls(tmp_path / "plain", "--no-progress") == 0
+            assert _tree(tmp_path / "plain") == {
+                k: v for k, v in trees["ray"].items() if not k.startswith("shards/")
+            }
+
+    def test_no_extract_is_refused(self, tmp_path: Path) -> None:
+        argv = ["-q", "download", "gldv2", "--split", "train", "--out", str(tmp_path)]
+        assert cli_main([*argv, "--engine", "serial", "--no-extract", "--no-progress"]) == 2
+        assert not (tmp_path / "train" / "shards").exists()
+
+
+def gldv2_default_tree(out: Path, base_url: str) -> dict[str, bytes]:
+    """The images of shards 0-2 downloaded by the threaded downloader (no --engine)."""
+    rep = download_gldv2("train", out, shards="0-2", base_url=base_url, workers=2, **FAST)
+    assert rep.ok
+    return {k: v for k, v in _tree(out).items() if k.startswith("train/images/")}
