@@ -2,8 +2,9 @@
 
 Each function here is the fast twin of a vectorised numpy computation that stays in the calling
 module as the reference (``backend="numpy"``); the tests check both give the same numbers, bit
-for bit. The loops visit data in the order the numpy code sums it, so float rounding is the
-same:
+for bit. The loops add in the order the numpy code and :func:`retrieval.aggregation.similarity`
+add, so float rounding is the same (the numpy scoring path adds a batch's postings in chunks
+of ~1M, and only beyond one chunk may differ from both in the last bit):
 
 * :func:`score_binary`: for every query, its words in ascending order, every posting of the
   word; the Hamming distance by hardware popcount of XOR-ed 64-bit lanes, its selectivity by
@@ -12,6 +13,8 @@ same:
 * :func:`segment_residual_sums`: per (item, word) segment of sorted descriptors, the float32 sum
   of ``x - c_word`` in order (what the sparse 0/1 matrix product computes), without
   materialising the (N, D) residuals.
+* :func:`rank_descending`: the full ranking by decreasing score, ties by ascending id, as a
+  stable LSD radix sort on the float bits (``np.argsort(-s, kind="stable")``, 3x faster).
 
 Functions are compiled on first use and cached on disk next to this file (``cache=True``); the
 first call in a fresh environment costs a few seconds of compilation.
@@ -26,7 +29,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["score_binary", "segment_residual_sums"]
+__all__ = ["rank_descending", "score_binary", "segment_residual_sums"]
 
 
 @intrinsic
