@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codebook-size", type=int, default=4096)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise", type=float, default=0.35, help="descriptor noise (harder: 0.8)")
+    ap.add_argument("--clutter", type=float, default=0.5, help="fraction of clutter descriptors")
     args = ap.parse_args(argv)
 
     try:
@@ -104,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     db_lab = rng.integers(0, args.landmarks, args.images)
     q_lab = rng.integers(0, args.landmarks, args.queries)
     t0 = time.process_time()
-    db = synthetic_descriptors(rng, args.images, args.per_image, protos, db_lab, d)
-    qs = synthetic_descriptors(rng, args.queries, args.per_image, protos, q_lab, d)
+    hard = {"noise": args.noise, "clutter": args.clutter}
+    db = synthetic_descriptors(rng, args.images, args.per_image, protos, db_lab, d, **hard)
+    qs = synthetic_descriptors(rng, args.queries, args.per_image, protos, q_lab, d, **hard)
     # The codebook is trained on "another dataset": fresh images of other landmarks.
     other = rng.standard_normal((args.landmarks, 400, d)).astype(np.float32)
     n_train = min(40 * args.codebook_size, 200_000)
