@@ -385,9 +385,9 @@ def _nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarra
     materialised, so memory stays at ~64 MB whatever N and K.
     """
     n, (k, dim) = x.shape[0], cb.shape
-    aug = np.empty((dim + 1, k), np.float32)  # [-2 c ; ||c||^2]^T
-    np.multiply(cb.T, -2.0, out=aug[:dim])
-    aug[dim] = np.einsum("ij,ij->i", cb, cb)
+    aug = np.empty((k, dim + 1), np.float32)  # [-2 c, ||c||^2], row by row (no transpose)
+    np.multiply(cb, -2.0, out=aug[:, :dim])
+    aug[:, dim] = np.einsum("ij,ij->i", cb, cb)
     out = np.empty(n, np.int64)
     rows = min(block, n)
     xa = np.empty((rows, dim + 1), np.float32)
@@ -401,7 +401,7 @@ def _nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarra
         for c in range(0, k, block):
             cs = slice(c, min(k, c + block))
             d = buf[:m, : cs.stop - c]
-            np.matmul(xa[:m], aug[:, cs], out=d)
+            np.matmul(xa[:m], aug[cs].T, out=d)
             j = d.argmin(axis=1)
             if c == 0 and cs.stop == k:  # one block of codewords: no running minimum
                 out[r : r + m] = j
