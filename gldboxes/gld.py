@@ -315,12 +315,7 @@ def download_gldv2(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    indices = _shard_indices(split, shards)
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    root = Path(out_dir) / split
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = _Manifest(root / "manifest.json", split, base)
-    report = GLDv2Report(split=split, root=root, manifest=manifest.path)
+    indices, base, root, manifest, report = _gldv2_setup(split, shards, base_url, out_dir)
     session = new_session(max(workers, 2))
     policy: dict[str, Any] = {"retries": retries, "backoff": backoff, "timeout": timeout}
     try:
@@ -403,6 +398,28 @@ def _shard_indices(split: str, shards: Sequence[int] | str | None) -> list[int]:
     return indices
 
 
+def _gldv2_setup(
+    split: str,
+    shards: Sequence[int] | str | None,
+    base_url: str,
+    out_dir: str | os.PathLike[str],
+) -> tuple[list[int], str, Path, _Manifest, GLDv2Report]:
+    """What both GLDv2 downloaders start from: tar indices, base URL (with a trailing ``/``),
+    the split's folder (created), its manifest and an empty report."""
+    indices = _shard_indices(split, shards)
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    root = Path(out_dir) / split
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = _Manifest(root / "manifest.json", split, base)
+    return (
+        indices,
+        base,
+        root,
+        manifest,
+        GLDv2Report(split=split, root=root, manifest=manifest.path),
+    )
+
+
 def _download_metadata(
     split: str, base: str, root: Path, session: Any, policy: dict[str, Any], report: GLDv2Report
 ) -> None:
@@ -449,12 +466,7 @@ def download_gldv2_sharded(
 
     if tars_per_task < 1:
         raise ValueError(f"tars_per_task must be >= 1, got {tars_per_task}")
-    indices = _shard_indices(split, shards)
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    root = Path(out_dir) / split
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = _Manifest(root / "manifest.json", split, base)
-    report = GLDv2Report(split=split, root=root, manifest=manifest.path)
+    indices, base, root, manifest, report = _gldv2_setup(split, shards, base_url, out_dir)
     if metadata:
         session = new_session(2)
         try:
