@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from gldboxes.io import read_json, write_json
+from gldboxes.io import atomic_dir, read_json, write_json
 
 __all__ = ["SIGNATURE", "main"]
 
@@ -130,10 +128,8 @@ def main(
 
     params = build_experiment(conf, None)
     seed_everything(int(conf["seed"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     started = time.perf_counter()
-    try:
+    with atomic_dir(out) as tmp:
         export_saved_model_lib.export_inference_graph(
             input_type="image_tensor",
             batch_size=1,
@@ -154,13 +150,6 @@ def main(
                 "signature": SIGNATURE,
             },
         )
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     logger.info(
         "exported %s (%s) to %s in %.1f s", conf["output"], tag, out, time.perf_counter() - started
     )

@@ -26,8 +26,6 @@ import csv
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ from tqdm import tqdm
 from detection.images import encode_jpeg, needs_reencoding, read_image_rgb, resolve_image_path
 from detection.tfcompat import import_tf
 from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
-from gldboxes.io import read_json, write_config, write_json
+from gldboxes.io import atomic_dir, read_json, write_config, write_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -307,9 +305,7 @@ def main(
     n_shards = {s: max(1, int(shards_conf.get(s, 1))) for s in split_names}
     seed = int(conf["seed"])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         writers = {
             s: [
                 tf.io.TFRecordWriter(str(tmp / f"{s}-{k:05d}-of-{n_shards[s]:05d}.tfrecord"))
@@ -388,12 +384,5 @@ def main(
                 "image_dir": os.fspath(image_dir),
             },
         )
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     logger.info("wrote %s: %s examples (%s with boxes)", out, counts, positives)
     return out

@@ -35,8 +35,6 @@ import functools
 import itertools
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gldboxes.io import read_json, write_json
+from gldboxes.io import atomic_dir, read_json, write_json
 from retrieval.aggregation import (
     KERNEL_SIMILARITY,
     KERNELS,
@@ -561,20 +559,12 @@ class InvertedFile:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the index folder atomically (a temp folder renamed onto ``path``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             for a in self.header()["arrays"]:
                 np.save(
                     tmp / f"{a}.npy", np.ascontiguousarray(getattr(self, a)), allow_pickle=False
                 )
             write_json(tmp / "header.json", self.header())
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod
