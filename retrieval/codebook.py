@@ -12,6 +12,7 @@ size, dim, seed, iterations, training set, number of training descriptors, confi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ __all__ = [
     "load_codebook",
     "main",
     "sample_descriptors",
+    "sample_rows",
     "train_codebook",
 ]
 
@@ -121,18 +123,39 @@ def sample_descriptors(
         total = int(counts.sum())
         if total == 0:
             raise ValueError(f"{path}: no descriptors to train a codebook on")
-        rng = np.random.default_rng(seed)
-        if max_descriptors and total > max_descriptors:
-            pick = np.sort(rng.choice(total, size=max_descriptors, replace=False))
-        else:
-            pick = np.arange(total)
-        offs = np.r_[0, np.cumsum(counts)]
-        img = np.searchsorted(offs, pick, side="right") - 1
-        parts = []
-        for i in np.unique(img):  # per image of the training set, reading only what is sampled
-            d = f[names[i]]["descriptors"][()]
-            parts.append(d[pick[img == i] - offs[i]])
+        items, bounds, rows = sample_rows(counts, max_descriptors, seed)
+        parts = [  # per image of the training set, reading only the images sampled
+            f[names[i]]["descriptors"][()][rows[a:b]]
+            for i, (a, b) in zip(items.tolist(), itertools.pairwise(bounds.tolist()), strict=True)
+        ]
     return np.concatenate(parts).astype(np.float32, copy=False), total
+
+
+def sample_rows(
+    counts: np.ndarray, max_rows: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded uniform sample, without replacement, of the rows of items holding ``counts``
+    rows each (all rows when ``max_rows`` is falsy or not below the total), grouped by item.
+
+    Args:
+        counts: int (n_items,) rows of each item, in the order the draw numbers them.
+
+    Returns:
+        ``(items, bounds, rows)``: int64 (U,) the sampled items, ascending; int64 (U + 1,)
+        their slices of ``rows``; int64 (M,) the sampled rows, as indices within their item.
+    """
+    counts = np.asarray(counts, np.int64)
+    total = int(counts.sum())
+    rng = np.random.default_rng(seed)
+    if max_rows and total > max_rows:
+        pick = np.sort(rng.choice(total, size=max_rows, replace=False))
+    else:
+        pick = np.arange(total)
+    offs = np.r_[0, np.cumsum(counts)]
+    item = np.searchsorted(offs, pick, side="right") - 1
+    starts = np.flatnonzero(np.r_[True, item[1:] != item[:-1]]) if pick.size else pick
+    items = item[starts]
+    return items, np.r_[starts, pick.size].astype(np.int64), pick - offs[item]
 
 
 def load_codebook(path: str | os.PathLike[str]) -> np.ndarray:

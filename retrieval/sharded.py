@@ -52,6 +52,7 @@ from gldboxes.http import md5sum
 from gldboxes.io import atomic_path, atomic_write, config_hash, read_json, write_config, write_json
 from retrieval import features as features_stage
 from retrieval.aggregation import KERNELS, AggregatedBatch, aggregate_many
+from retrieval.codebook import sample_rows
 from retrieval.inverted_file import InvertedFile
 
 __all__ = [
@@ -259,17 +260,12 @@ class FeatureShards:
             total = int(counts.sum())
             if total == 0:
                 raise ValueError(f"{self.paths[0].parent.parent}: no descriptors to sample")
-            rng = np.random.default_rng(seed)
-            if max_descriptors and total > max_descriptors:
-                pick = np.sort(rng.choice(total, size=max_descriptors, replace=False))
-            else:
-                pick = np.arange(total)
-            offs = np.r_[0, np.cumsum(counts)]
-            img = np.searchsorted(offs, pick, side="right") - 1
-            parts = []
-            for i in np.unique(img):  # per sampled image (not per descriptor)
-                d = files[where[names[i]]][names[i]]["descriptors"][()]
-                parts.append(d[pick[img == i] - offs[i]])
+            items, bounds, rows = sample_rows(counts, max_descriptors, seed)
+            spans = zip(items.tolist(), itertools.pairwise(bounds.tolist()), strict=True)
+            parts = [  # per sampled image (not per descriptor)
+                files[where[names[i]]][names[i]]["descriptors"][()][rows[a:b]]
+                for i, (a, b) in spans
+            ]
         finally:
             for f in files:
                 f.close()

@@ -68,6 +68,29 @@ class TestFiles:
         allx, _ = sample_descriptors(tmp_path / "f.h5", 0, seed=2)
         np.testing.assert_array_equal(allx, full)
 
+    def test_sample_rows_grouped_by_item(self) -> None:
+        from retrieval.codebook import sample_rows
+
+        rng = np.random.default_rng(3)
+        for _ in range(50):
+            counts = rng.integers(0, 9, int(rng.integers(1, 20)))
+            m, seed = int(rng.integers(0, 60)), int(rng.integers(100))
+            items, bounds, rows = sample_rows(counts, m, seed)
+            total = int(counts.sum())
+            want = np.arange(total)
+            if m and total > m:
+                want = np.sort(np.random.default_rng(seed).choice(total, size=m, replace=False))
+            offs = np.r_[0, np.cumsum(counts)]
+            got = np.concatenate(
+                [
+                    offs[i] + rows[a:b]
+                    for i, a, b in zip(items, bounds[:-1], bounds[1:], strict=True)
+                ]
+                or [np.zeros(0, np.int64)]
+            )
+            np.testing.assert_array_equal(got, want)
+            assert np.all(np.diff(items) > 0) and np.all(np.diff(bounds) > 0)
+
     def test_main_writes_and_skips(self, tmp_path: Path) -> None:
         _features(tmp_path / "train.h5", [40] * 10)
         conf = {"size": 16, "niter": 5, "seed": 0, "max_descriptors": 300}
