@@ -62,6 +62,7 @@ __all__ = [
     "read_descriptors",
     "read_features",
     "rootsift",
+    "write_image",
 ]
 
 logger = logging.getLogger("retrieval.features")
@@ -502,7 +503,11 @@ def extract_image(
     ), size
 
 
-def _write(f: h5py.File, name: str, feats: ExtractedFeatures, attrs: Mapping[str, Any]) -> None:
+def write_image(
+    f: h5py.File, name: str, feats: ExtractedFeatures, attrs: Mapping[str, Any]
+) -> None:
+    """Write one image's features as group ``name`` of an open features file (replacing an
+    earlier group of that name), with ``attrs`` and ``done = True`` set last."""
     if name in f:
         del f[name]
     g = f.create_group(name)
@@ -581,7 +586,7 @@ def main(
                 attrs["status"] = "error"
                 attrs["error"] = str(exc)
                 logger.debug("%s", exc)
-            _write(f, it.name, feats, attrs)
+            write_image(f, it.name, feats, attrs)
     os.replace(partial, out)
     write_config(out.parent, dict(conf), name=f"{out.stem}.config.yaml")
     if bad:

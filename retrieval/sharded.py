@@ -77,23 +77,6 @@ HEADER_NAME = "sharded.json"
 
 
 # ====================================================================================== features
-def _load_extractor(conf: Mapping[str, Any]) -> Any:
-    """The feature extractor of a features preset (a DELF SavedModel is loaded here)."""
-    # The factory features.main uses, so a shard's features are those of the single-file stage.
-    return features_stage.make_extractor(conf)
-
-
-def _write_image(
-    f: h5py.File, name: str, feats: features_stage.ExtractedFeatures, attrs: Mapping[str, Any]
-) -> None:
-    g = f.create_group(name)
-    for key in ("keypoints", "descriptors", "scales", "scores"):
-        g.create_dataset(key, data=getattr(feats, key))
-    for k, v in attrs.items():
-        g.attrs[k] = v
-    g.attrs["done"] = True
-
-
 def _features_shard(
     shard: Shard, out: Path, extractor: Any, *, conf: Mapping[str, Any]
 ) -> dict[str, int]:
@@ -117,7 +100,7 @@ def _features_shard(
                 attrs["status"] = "error"
                 attrs["error"] = str(exc)
                 logger.warning("%s: %s", name, exc)
-            _write_image(f, name, feats, attrs)
+            features_stage.write_image(f, name, feats, attrs)
             counts["images"] += 1
             counts[str(attrs["status"])] += 1
             counts["descriptors"] += int(feats.descriptors.shape[0])
@@ -160,7 +143,8 @@ def feature_stage(
         f"features-{conf['output']}",
         functools.partial(_features_shard, conf=dict(conf)),
         conf=dict(conf),
-        load_model=functools.partial(_load_extractor, dict(conf)),
+        # the factory features.main uses: a shard's features are the single-file stage's
+        load_model=functools.partial(features_stage.make_extractor, dict(conf)),
         resources=resources or Resources(num_cpus=0.5),
         retries=retries,
         versions={"opencv": cv2.__version__, "h5py": h5py.__version__},
