@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Hashable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -411,20 +411,7 @@ def verify_pair(
     Returns:
         :class:`PairResult`: matches (K, 2) and the affine fit mapping image 1 to image 2.
     """
-    c = _as_conf(conf, overrides)
-    m = match_descriptors(f1.descriptors, f2.descriptors, max_distance=c.max_distance)
-    kp1 = np.asarray(f1.keypoints, dtype=np.float64)
-    kp2 = np.asarray(f2.keypoints, dtype=np.float64)
-    aff = estimate_affine_ransac(
-        kp1[m[:, 0]],
-        kp2[m[:, 1]],
-        threshold=c.threshold,
-        trials=c.trials,
-        seed=c.seed,
-        min_matches=c.min_matches,
-        max_scale=c.max_scale,
-    )
-    return PairResult(m, aff)
+    return _verify(f1, f2, _as_conf(conf, overrides), match_descriptors, estimate_affine_ransac)
 
 
 def verify_pair_naive(
@@ -432,10 +419,21 @@ def verify_pair_naive(
 ) -> PairResult:
     """:func:`verify_pair` with the reference k-d tree matching and plain-loop RANSAC."""
     c = _as_conf(conf, overrides)
-    m = match_descriptors_naive(f1.descriptors, f2.descriptors, max_distance=c.max_distance)
+    return _verify(f1, f2, c, match_descriptors_naive, estimate_affine_ransac_naive)
+
+
+def _verify(
+    f1: LocalFeatures,
+    f2: LocalFeatures,
+    c: VerificationConf,
+    match: Callable[..., np.ndarray],
+    ransac: Callable[..., Any],
+) -> PairResult:
+    """Match with ``match``, then fit with ``ransac`` (fast or reference implementations)."""
+    m = match(f1.descriptors, f2.descriptors, max_distance=c.max_distance)
     kp1 = np.asarray(f1.keypoints, dtype=np.float64)
     kp2 = np.asarray(f2.keypoints, dtype=np.float64)
-    aff = estimate_affine_ransac_naive(
+    aff = ransac(
         kp1[m[:, 0]],
         kp2[m[:, 1]],
         threshold=c.threshold,
