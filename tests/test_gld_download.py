@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import logging
 import os
 import signal
 import subprocess
@@ -94,26 +93,6 @@ def images_of_shard(files: dict[str, bytes], split: str, index: int) -> list[str
 
 
 Mirror = tuple[FaultServer, dict[str, bytes], dict[str, bytes]]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``cli_main`` installs handlers on the package loggers; undo it after each test."""
-    names = ("gldboxes", "retrieval", "detection", "annotation")
-    saved = {
-        n: (
-            list(logging.getLogger(n).handlers),
-            logging.getLogger(n).propagate,
-            logging.getLogger(n).level,
-        )
-        for n in names
-    }
-    yield
-    for n, (handlers, propagate, level) in saved.items():
-        lg = logging.getLogger(n)
-        lg.handlers[:] = handlers
-        lg.propagate = propagate
-        lg.setLevel(level)
 
 
 @pytest.fixture

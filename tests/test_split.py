@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,26 +23,6 @@ from gldboxes.split import (
     read_landmark_csv,
     split_landmarks,
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``cli_main`` installs handlers on the package loggers; undo it after each test."""
-    names = ("gldboxes", "retrieval", "detection", "annotation")
-    saved = {
-        n: (
-            list(logging.getLogger(n).handlers),
-            logging.getLogger(n).propagate,
-            logging.getLogger(n).level,
-        )
-        for n in names
-    }
-    yield
-    for n, (handlers, propagate, level) in saved.items():
-        lg = logging.getLogger(n)
-        lg.handlers[:] = handlers
-        lg.propagate = propagate
-        lg.setLevel(level)
 
 
 def long_tail_data(n_landmarks: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
