@@ -9,7 +9,9 @@ of ~1M, and only beyond one chunk may differ from both in the last bit):
 * :func:`score_binary`: for every query, its words in ascending order, every posting of the
   word; the Hamming distance by hardware popcount of XOR-ed 64-bit lanes, its selectivity by
   table look-up, added to the posting's item score (float64). One pass over the postings, no
-  temporaries: what the numpy path does in five passes over gathered copies.
+  temporaries: what the numpy path does in five passes over gathered copies. Any D >= 1: rows
+  of ``ceil(D/8)`` bytes read as the widest lanes dividing them, the padding bits after bit D
+  zero on both sides (so ``h <= D``), the table indexed by ``h`` built with the true D.
 * :func:`segment_residual_sums`: per (item, word) segment of sorted descriptors, the float32 sum
   of ``x - c_word`` in order (what the sparse 0/1 matrix product computes), without
   materialising the (N, D) residuals.
@@ -66,11 +68,14 @@ def score_binary(  # pragma: no cover - compiled
     Args:
         offsets: int64 (K + 1,) CSR offsets of the inverted file.
         image_ids: uint32 (N,) item id of each posting.
-        lanes: uint64 (N, L) packed sign bits of each posting (L = D / 64).
+        lanes: unsigned (N, L) packed sign bits of each posting: the ``ceil(D/8)`` bytes of a
+            row viewed as L lanes of 8, 16, 32 or 64 bits (L = 2 of uint64 at D = 128); the
+            padding bits after bit D are zero.
         q_offsets: int64 (n_queries + 1,); query ``i`` owns word rows ``q_offsets[i]:[i+1]``.
         q_words: uint32 (M,) query words, ascending within a query.
-        q_lanes: uint64 (M, L) packed sign bits of the query words.
-        table: float64 (D + 1,) selectivity of each Hamming distance.
+        q_lanes: (M, L) packed sign bits of the query words, same lanes as ``lanes``.
+        table: float64 (D + 1,) selectivity of each Hamming distance, for the true D (zero
+            padding bits agree, so ``h <= D`` and never indexes past the table).
         out: float64 (n_queries, n_items), accumulated in place.
     """
     n_lanes = lanes.shape[1]

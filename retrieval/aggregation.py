@@ -5,7 +5,9 @@ An image is aggregated into a set of visual words, each carrying one vector:
 * ``vlad``: per-word residual sums ``sum(x - c)``; the whole K*D vector is L2-normalised, so the
   similarity of two images (``alpha=1, tau=-inf, normalize=False``) is the VLAD cosine.
 * ``asmk``: per-word residual sums, each L2-normalised (float32 (n_words, D)).
-* ``asmk_star``: the sign bits ``residual > 0`` packed MSB-first (uint8 (n_words, D/8)).
+* ``asmk_star``: the sign bits ``residual > 0`` packed MSB-first (uint8 (n_words, ceil(D/8)),
+  the last byte zero-padded when D is not a multiple of 8: any D >= 1 works, see
+  :func:`pack_signs`).
 * ``r_vlad`` / ``r_asmk`` / ``r_asmk_star`` (regional, Teichmann et al. CVPR 2019): each region
   (``regions[0]`` is the whole image) is VLAD-aggregated and L2-normalised as a whole; the region
   vectors are averaged; then ``r_vlad`` L2-normalises the whole vector, ``r_asmk`` each word and
@@ -20,7 +22,9 @@ An image is aggregated into a set of visual words, each carrying one vector:
 Words whose aggregated residual has a norm below :data:`ZERO_NORM` are dropped (they carry no
 direction). The similarity (:func:`similarity`) sums the selectivity
 ``sigma(u) = sign(u)|u|^alpha if u > tau else 0`` over the shared words, where ``u`` is the dot
-product of the two words' vectors, or ``1 - 2h/D`` for binary words with Hamming distance ``h``;
+product of the two words' vectors, or ``1 - 2h/D`` for binary words with Hamming distance ``h``
+(over the D true bits: the zero padding of the last byte agrees on both sides and adds nothing
+to ``h``, and ``D`` is the descriptor dimension, never the padded ``8 ceil(D/8)``);
 with ``normalize=True`` the sum is divided by ``sqrt(|W_a| |W_b|)`` (the ASMK normalisation of
 images whose words have unit self-similarity). An image without words scores -1 against anything.
 
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,7 +56,9 @@ __all__ = [
     "aggregate",
     "aggregate_many",
     "assign",
+    "check_packed_bits",
     "pack_signs",
+    "packed_width",
     "pair_similarity",
     "selectivity",
     "similarity",
@@ -112,21 +118,60 @@ BACKENDS: tuple[str, ...] = ("numba", "numpy")
 _ASSIGN_CHUNK = 32768
 
 
+def packed_width(dim: int) -> int:
+    """Bytes of one binary word of dimension ``dim``: ``ceil(dim / 8)`` (MSB-first, the last
+    byte zero-padded), the width :func:`pack_signs` and ``np.packbits`` give."""
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+        raise ValueError(f"descriptor dimension must be an integer >= 1, got {dim!r}")
+    return (int(dim) + 7) // 8
+
+
+def check_packed_bits(data: np.ndarray, dim: int, what: str = "packed bits") -> None:
+    """Check packed sign bits against their dimension D.
+
+    Args:
+        data: uint8 (M, ceil(D/8)) sign bits packed MSB-first.
+        dim: the descriptor dimension D >= 1.
+        what: the name of the checked object, for the error message.
+
+    Raises:
+        ValueError: a row is not ``ceil(D/8)`` bytes wide, or one of the ``8 ceil(D/8) - D``
+            padding bits of the last byte is set (padding must agree between any two words,
+            or the Hamming distance would count bits beyond D).
+    """
+    width = packed_width(dim)
+    if data.shape[1] != width:
+        raise ValueError(
+            f"{what}: packed bits of D={dim} need {width} bytes a row, got {data.shape[1]}"
+        )
+    pad = 8 * width - dim
+    if pad and data.shape[0] and np.any(data[:, -1] & np.uint8((1 << pad) - 1)):
+        raise ValueError(
+            f"{what}: the {pad} padding bits after bit D={dim} must be zero "
+            "(pack with np.packbits(residuals > 0, axis=1, bitorder='big'))"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class AggregatedImage:
     """One aggregated image: its visual words and one vector per word.
 
     Attributes:
         words: sorted, unique visual-word ids, uint32 (n_words,).
-        data: float32 (n_words, D) residual vectors, or uint8 (n_words, D/8) sign bits packed
-            MSB-first (binary kernels).
+        data: float32 (n_words, D) residual vectors, or uint8 (n_words, ceil(D/8)) sign bits
+            packed MSB-first, the last byte zero-padded (binary kernels).
+        dim: descriptor dimension D (keyword). ``0`` (default) infers it from ``data``: its
+            width for float data, 8 bits a byte for binary data (exact only when D is a multiple
+            of 8: give ``dim`` otherwise).
 
-    Construct it from the two arrays (``AggregatedImage(words, data)``); they are checked and
-    converted (C-contiguous uint32 / float32 or uint8).
+    Construct it from the two arrays (``AggregatedImage(words, data)`` or
+    ``AggregatedImage(words, bits, dim=13)``); they are checked and converted (C-contiguous
+    uint32 / float32 or uint8).
     """
 
     words: np.ndarray
     data: np.ndarray
+    dim: int = field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         words = np.ascontiguousarray(self.words)
@@ -154,18 +199,26 @@ class AggregatedImage:
         words = words.astype(np.uint32, copy=False)
         if words.size > 1 and np.any(words[1:] <= words[:-1]):
             raise ValueError("AggregatedImage words must be sorted and unique")
+        binary = data.dtype == np.uint8
+        dim = self.dim
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 0:
+            raise ValueError(f"AggregatedImage dim must be an integer >= 0, got {dim!r}")
+        if dim == 0:
+            dim = data.shape[1] * (8 if binary else 1)
+            if dim == 0:
+                raise ValueError("AggregatedImage data has zero width: give (n_words, D>=1)")
+        elif binary:
+            check_packed_bits(data, int(dim), "AggregatedImage")
+        elif data.shape[1] != dim:
+            raise ValueError(f"AggregatedImage data must be (n_words, {dim}), got {data.shape}")
         object.__setattr__(self, "words", words)
         object.__setattr__(self, "data", data)
+        object.__setattr__(self, "dim", int(dim))
 
     @property
     def binary(self) -> bool:
         """True for packed sign bits (ASMK*), False for float residuals."""
         return bool(self.data.dtype == np.uint8)
-
-    @property
-    def dim(self) -> int:
-        """Descriptor dimension D (8 bits per byte for binary data)."""
-        return int(self.data.shape[1] * (8 if self.binary else 1))
 
     @property
     def n_words(self) -> int:
@@ -186,14 +239,36 @@ class AggregatedBatch:
     Attributes:
         offsets: int64 (n_images + 1,); image ``i`` owns rows ``offsets[i]:offsets[i+1]``.
         words: uint32 (n_rows,), sorted and unique within each image.
-        data: float32 (n_rows, D) or uint8 (n_rows, D/8).
-        dim: descriptor dimension D.
+        data: float32 (n_rows, D) or uint8 (n_rows, ceil(D/8)) (the last byte zero-padded).
+        dim: descriptor dimension D >= 1 (the true D, also for binary data).
+
+    The shapes are checked on construction (and, when D is not a multiple of 8, that the
+    padding bits of binary data are zero).
     """
 
     offsets: np.ndarray
     words: np.ndarray
     data: np.ndarray
     dim: int
+
+    def __post_init__(self) -> None:
+        packed_width(self.dim)  # raises unless an integer >= 1
+        object.__setattr__(self, "dim", int(self.dim))
+        if np.ndim(self.offsets) != 1 or np.shape(self.offsets)[0] < 1:
+            raise ValueError(
+                f"AggregatedBatch offsets must be (n_images + 1,), got {np.shape(self.offsets)}"
+            )
+        if np.ndim(self.data) != 2 or np.shape(self.data)[0] != np.shape(self.words)[0]:
+            raise ValueError(
+                f"AggregatedBatch data must be (n_rows, width) with n_rows="
+                f"{np.shape(self.words)[0]}, got shape {np.shape(self.data)}"
+            )
+        if self.binary:
+            check_packed_bits(self.data, self.dim, "AggregatedBatch")
+        elif self.data.shape[1] != self.dim:
+            raise ValueError(
+                f"AggregatedBatch data must be (n_rows, {self.dim}), got {self.data.shape}"
+            )
 
     @property
     def n_images(self) -> int:
@@ -211,7 +286,7 @@ class AggregatedBatch:
         if not 0 <= i < self.n_images:
             raise ValueError(f"image index {i} outside [0, {self.n_images})")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return AggregatedImage(self.words[a:b], self.data[a:b])
+        return AggregatedImage(self.words[a:b], self.data[a:b], dim=self.dim)
 
     def images(self) -> list[AggregatedImage]:
         return [self.image(i) for i in range(self.n_images)]
@@ -251,7 +326,7 @@ class AggregatedBatch:
         counts = np.array([im.n_words for im in images], dtype=np.int64)
         offsets = np.zeros(len(images) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        width = d // 8 if binary else d
+        width = packed_width(d) if binary else d
         dt = np.uint8 if binary else np.float32
         words = np.concatenate([im.words for im in images]) if images else np.zeros(0, np.uint32)
         data = np.concatenate([im.data for im in images]) if images else np.zeros((0, width), dt)
@@ -284,9 +359,10 @@ def pair_similarity(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
     """Row-wise word similarity ``u`` of two aligned word-vector arrays.
 
     Args:
-        a, b: float32 (M, D) residuals (dot product) or uint8 (M, D/8) packed bits
-            (``1 - 2 h / D`` with ``h`` the Hamming distance).
-        dim: descriptor dimension D.
+        a, b: float32 (M, D) residuals (dot product) or uint8 (M, ceil(D/8)) packed bits
+            (``1 - 2 h / D`` with ``h`` the Hamming distance; the zero padding bits of the last
+            byte agree on both sides, so ``h`` counts the D true bits only).
+        dim: descriptor dimension D (the true D, not the padded ``8 ceil(D/8)``).
 
     Returns:
         float64 (M,).
@@ -331,16 +407,25 @@ def similarity(
 
 
 def pack_signs(residuals: np.ndarray) -> np.ndarray:
-    """Binarise residuals (``> 0``) and pack the bits MSB-first: (M, D) -> uint8 (M, D/8)."""
-    if residuals.shape[1] % 8:
-        raise ValueError(f"binary kernels need D divisible by 8, got D={residuals.shape[1]}")
+    """Binarise residuals (``> 0``) and pack the bits MSB-first.
+
+    Args:
+        residuals: float (M, D), any D >= 1.
+
+    Returns:
+        uint8 (M, ceil(D/8)): ``np.packbits(residuals > 0, axis=1, bitorder="big")``, bit ``j``
+        of a row in byte ``j // 8`` at bit ``7 - j % 8``; the ``8 ceil(D/8) - D`` bits after
+        the last one are zero.
+    """
+    if np.ndim(residuals) != 2 or np.shape(residuals)[1] < 1:
+        raise ValueError(f"pack_signs: residuals must be (M, D) with D >= 1, got {residuals.shape}")
     return np.packbits(residuals > 0, axis=1, bitorder="big")
 
 
 def _check_codebook(codebook: np.ndarray) -> np.ndarray:
     cb = np.asarray(codebook)
-    if cb.ndim != 2 or cb.shape[0] < 1:
-        raise ValueError(f"codebook must be (K, D) with K >= 1, got shape {cb.shape}")
+    if cb.ndim != 2 or cb.shape[0] < 1 or cb.shape[1] < 1:
+        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {cb.shape}")
     return np.ascontiguousarray(cb, dtype=np.float32)
 
 
@@ -557,8 +642,6 @@ def aggregate_many(
     cb = _check_codebook(codebook)
     dim = cb.shape[1]
     n = len(descriptors)
-    if kernel in BINARY_KERNELS and dim % 8:
-        raise ValueError(f"kernel {kernel} needs D divisible by 8, got D={dim}")
     if kernel not in REGIONAL_KERNELS:
         if regions is not None:
             raise ValueError(
@@ -587,7 +670,7 @@ def aggregate_many(
         else:
             parts.append(_aggregate_regions(regions[a:b], cb, kernel, num_assignments, backend))
     if not parts:
-        width = dim // 8 if kernel in BINARY_KERNELS else dim
+        width = packed_width(dim) if kernel in BINARY_KERNELS else dim
         dt = np.uint8 if kernel in BINARY_KERNELS else np.float32
         return _to_batch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, width), dt), 0, dim)
     return parts[0] if len(parts) == 1 else AggregatedBatch.concatenate(parts)
@@ -679,7 +762,7 @@ def aggregate(
 
     Returns:
         :class:`AggregatedImage` with sorted uint32 words (n_words,) and float32 (n_words, D)
-        or packed uint8 (n_words, D/8) data.
+        or packed uint8 (n_words, ceil(D/8)) data.
     """
     regs = None if regions is None else [list(regions)]
     return aggregate_many(

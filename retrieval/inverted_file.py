@@ -5,7 +5,9 @@ Layout (``K`` visual words, ``N`` postings, ``n`` images)::
     offsets          int64  (K + 1,)     word w owns postings offsets[w]:offsets[w+1]
     image_ids        uint32 (N,)         ascending within each word
     data             float32 (N, D)      residuals (asmk, vlad, r_asmk, r_vlad), or
-                     uint8   (N, D/8)    packed sign bits (asmk_star, r_asmk_star)
+                     uint8 (N, ceil(D/8)) packed sign bits (asmk_star, r_asmk_star, ...), MSB
+                                         first, the last byte zero-padded when 8 does not
+                                         divide D
     words_per_image  uint32 (n,)         |W_x|, for the ASMK normalisation
     item_image       uint32 (n,)         regional search only: the database image of each item
 
@@ -21,8 +23,11 @@ similarities and their selectivity, and accumulates per (query, image) with one
 the XOR-ed bits (``np.bitwise_count`` on the widest lanes dividing a row, 64 bits at D = 128),
 then the selectivity of each Hamming distance by look-up in a table computed with the same
 expressions (bit for bit the same numbers, without a power per posting); the large temporaries
-reuse per-thread scratch buffers. The result equals :func:`retrieval.aggregation.similarity`
-against every image, number for number.
+reuse per-thread scratch buffers. Any D >= 1 works: the padding bits of the last byte are zero
+in every word (checked when an index or a batch is made), so they agree and add nothing to the
+Hamming distance, and the table maps ``h`` to ``selectivity(1 - 2 h / D)`` with the true D
+(``dim`` in the header), never the padded ``8 ceil(D/8)``. The result equals
+:func:`retrieval.aggregation.similarity` against every image, number for number.
 
 On disk an inverted file is a folder: ``header.json`` (format version, kernel, parameters,
 shapes, dtypes, config hash) and one ``.npy`` per array, loadable with ``mmap_mode="r"``. No
@@ -50,6 +55,7 @@ from retrieval.aggregation import (
     KERNELS,
     AggregatedBatch,
     AggregatedImage,
+    check_packed_bits,
     pair_similarity,
     selectivity,
 )
@@ -141,6 +147,10 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndar
 def _selectivity_tables(dim: int, alpha: float, tau: float) -> tuple[np.ndarray, np.ndarray]:
     """The selectivity of every Hamming distance of binary words, as look-up tables.
 
+    Args:
+        dim: the true descriptor dimension D (not the padded bit count ``8 ceil(D/8)``: the
+            zero padding bits never differ, so ``h <= D``).
+
     Returns:
         ``table``: float64 (D + 1,), ``table[h] = selectivity(1 - 2 h / D)`` computed with the
         very expressions of :func:`retrieval.aggregation.pair_similarity` and ``selectivity``,
@@ -189,6 +199,24 @@ class InvertedFile:
     pooling: str | None = None
 
     def __post_init__(self) -> None:
+        dim = self.dim
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"InvertedFile: dim must be an integer >= 1, got {dim!r}")
+        object.__setattr__(self, "dim", int(dim))
+        if np.ndim(self.data) != 2 or np.shape(self.data)[0] != np.shape(self.image_ids)[0]:
+            raise ValueError(
+                f"InvertedFile: data must be (n_postings, width) with n_postings="
+                f"{np.shape(self.image_ids)[0]}, got shape {np.shape(self.data)}"
+            )
+        if self.binary:
+            # The scoring looks Hamming distances up in a (D + 1,) table: the width must match D
+            # and the padding bits must be zero (one pass over the last byte column, only when
+            # 8 does not divide D).
+            check_packed_bits(self.data, self.dim, "InvertedFile")
+        elif self.data.shape[1] != self.dim:
+            raise ValueError(
+                f"InvertedFile: float data must be (n_postings, {self.dim}), got {self.data.shape}"
+            )
         if (self.item_image is None) != (self.pooling is None):
             raise ValueError("InvertedFile: item_image and pooling go together (regional search)")
         if self.item_image is None:

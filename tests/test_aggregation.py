@@ -17,6 +17,8 @@ from retrieval.aggregation import (
     aggregate,
     aggregate_many,
     assign,
+    pack_signs,
+    packed_width,
     selectivity,
     similarity,
 )
@@ -42,10 +44,10 @@ def ref_residual_sums(x: np.ndarray, cb: np.ndarray, m: int) -> dict[int, np.nda
 
 
 def ref_pack(bits: np.ndarray) -> np.ndarray:
-    """MSB-first packing of a (D,) 0/1 vector, one byte at a time."""
+    """MSB-first packing of a (D,) 0/1 vector, one byte at a time; bits past D are 0."""
     out = []
     for j in range(0, bits.size, 8):
-        out.append(sum(int(bits[j + t]) << (7 - t) for t in range(8)))
+        out.append(sum(int(bits[j + t]) << (7 - t) for t in range(8) if j + t < bits.size))
     return np.array(out, np.uint8)
 
 
@@ -63,10 +65,10 @@ def ref_aggregate(x: np.ndarray, cb: np.ndarray, kernel: str, m: int = 1) -> Agg
     words = sorted(d)
     if kernel == "asmk_star":
         data: np.ndarray = np.array([ref_pack(d[w] > 0) for w in words], np.uint8)
-        data = data.reshape(len(words), cb.shape[1] // 8)
+        data = data.reshape(len(words), math.ceil(cb.shape[1] / 8))
     else:
         data = np.array([d[w] for w in words], np.float32).reshape(len(words), cb.shape[1])
-    return AggregatedImage(np.array(words, np.uint32), data)
+    return AggregatedImage(np.array(words, np.uint32), data, dim=cb.shape[1])
 
 
 def ref_regional(regions: list[np.ndarray], cb: np.ndarray, kernel: str) -> AggregatedImage:
@@ -83,10 +85,10 @@ def ref_regional(regions: list[np.ndarray], cb: np.ndarray, kernel: str) -> Aggr
         rows = [acc[w] / np.linalg.norm(acc[w]) for w in words]
     if kernel == "r_asmk_star":
         data: np.ndarray = np.array([ref_pack(r > 0) for r in rows], np.uint8)
-        data = data.reshape(len(words), cb.shape[1] // 8)
+        data = data.reshape(len(words), math.ceil(cb.shape[1] / 8))
     else:
         data = np.array(rows, np.float32).reshape(len(words), cb.shape[1])
-    return AggregatedImage(np.array(words, np.uint32), data)
+    return AggregatedImage(np.array(words, np.uint32), data, dim=cb.shape[1])
 
 
 def ref_similarity(
@@ -101,7 +103,9 @@ def ref_similarity(
             continue
         j = hits[0]
         if a.binary:
-            ba, bb = np.unpackbits(a.data[i]), np.unpackbits(b.data[j])
+            # the D sign bits only (the padding of the last byte is not a descriptor bit)
+            ba = np.unpackbits(a.data[i], count=a.dim)
+            bb = np.unpackbits(b.data[j], count=b.dim)
             h = int(sum(int(p != q) for p, q in zip(ba, bb, strict=True)))
             u = 1.0 - 2.0 * h / a.dim
         else:
@@ -144,7 +148,21 @@ class TestAggregate:
             (kern, n, k, d, m)
             for kern, (n, k, d), m in itertools.product(
                 ("vlad", "asmk", "asmk_star"),
-                [(0, 4, 8), (1, 4, 8), (7, 1, 16), (50, 5, 16), (200, 64, 64), (120, 32, 128)],
+                [
+                    (0, 4, 8),
+                    (1, 4, 8),
+                    (7, 1, 16),
+                    (50, 5, 16),
+                    (200, 64, 64),
+                    (120, 32, 128),
+                    # D not a multiple of 8 (the last byte of binary words zero-padded)
+                    (30, 5, 1),
+                    (30, 5, 2),
+                    (40, 6, 3),
+                    (40, 6, 7),
+                    (60, 8, 13),
+                    (60, 8, 100),
+                ],
                 (1, 2),
             )
             if not (k == 1 and m == 2)
@@ -157,8 +175,9 @@ class TestAggregate:
         ref = ref_aggregate(x, cb, kernel, m)
         np.testing.assert_array_equal(got.words, ref.words)
         assert got.words.dtype == np.uint32
+        assert got.dim == d
         if kernel == "asmk_star":
-            assert got.data.dtype == np.uint8 and got.data.shape == (ref.n_words, d // 8)
+            assert got.data.dtype == np.uint8 and got.data.shape == (ref.n_words, -(-d // 8))
             np.testing.assert_array_equal(got.data, ref.data)
         else:
             assert got.data.dtype == np.float32
@@ -206,10 +225,11 @@ class TestAggregate:
         np.testing.assert_array_equal(full.words, small.words)
         np.testing.assert_allclose(full.data, small.data, rtol=1e-6)
 
+    @pytest.mark.parametrize("d", [16, 3, 13])
     @pytest.mark.parametrize("kernel", ["r_vlad", "r_asmk", "r_asmk_star"])
-    def test_regional_matches_loop_reference(self, kernel: str) -> None:
-        rng = np.random.default_rng(6)
-        x, cb = _data(rng, 80, 12, 16)
+    def test_regional_matches_loop_reference(self, kernel: str, d: int) -> None:
+        rng = np.random.default_rng(6 + d)
+        x, cb = _data(rng, 80, 12, d)
         regions = [x, x[:30], x[50:], x[:0]]
         got = aggregate(x, cb, kernel, regions=regions)
         ref = ref_regional(regions, cb, kernel)
@@ -230,8 +250,8 @@ class TestAggregate:
         x, cb = _data(np.random.default_rng(8), 10, 4, 12)
         with pytest.raises(ValueError, match="unknown kernel"):
             aggregate(x, cb, "bow")
-        with pytest.raises(ValueError, match="divisible by 8"):
-            aggregate(x, cb, "asmk_star")
+        with pytest.raises(ValueError, match=r"D >= 1"):
+            aggregate(x[:, :0], cb[:, :0], "asmk_star")
         with pytest.raises(ValueError, match="not regional"):
             aggregate(x, cb, "asmk", regions=[x])
         with pytest.raises(ValueError, match=r"\(N, 12\)"):
@@ -242,6 +262,27 @@ class TestAggregate:
             aggregate(bad, cb, "vlad")
 
 
+class TestPackSigns:
+    @pytest.mark.parametrize("d", [1, 2, 3, 7, 8, 9, 13, 100, 128])
+    def test_matches_packbits_and_loop(self, d: int) -> None:
+        r = np.random.default_rng(d).standard_normal((20, d)).astype(np.float32)
+        r[0] = 0.0  # zero is not > 0
+        got = pack_signs(r)
+        assert got.dtype == np.uint8 and got.shape == (20, packed_width(d))
+        np.testing.assert_array_equal(got, np.packbits(r > 0, axis=1, bitorder="big"))
+        np.testing.assert_array_equal(got, np.stack([ref_pack(row > 0) for row in r]))
+        np.testing.assert_array_equal(np.unpackbits(got, axis=1, count=d), r > 0)
+        assert not np.any(np.unpackbits(got, axis=1)[:, d:])  # zero padding
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="D >= 1"):
+            pack_signs(np.zeros((3, 0), np.float32))
+        with pytest.raises(ValueError, match="D >= 1"):
+            pack_signs(np.zeros(3, np.float32))
+        with pytest.raises(ValueError, match=">= 1"):
+            packed_width(0)
+
+
 class TestAggregatedImage:
     def test_construct_from_arrays(self) -> None:
         a = AggregatedImage(np.array([1, 5, 9]), np.ones((3, 4), np.float64))
@@ -249,6 +290,28 @@ class TestAggregatedImage:
         assert (a.n_words, a.dim, a.binary) == (3, 4, False)
         b = AggregatedImage(np.array([2]), np.zeros((1, 16), np.uint8))
         assert (b.dim, b.binary) == (128, True)
+        c = AggregatedImage(np.array([2]), np.array([[0xFF, 0b11100000]], np.uint8), dim=11)
+        assert (c.dim, c.binary) == (11, True)
+        assert AggregatedImage(np.array([2]), np.ones((1, 4)), dim=4).dim == 4
+
+    def test_dim_exception(self) -> None:
+        bits = np.array([[0b11000000]], np.uint8)
+        with pytest.raises(ValueError, match="padding bits after bit D=2"):
+            AggregatedImage(np.array([0]), bits | 1, dim=2)
+        with pytest.raises(ValueError, match="need 2 bytes a row"):
+            AggregatedImage(np.array([0]), bits, dim=9)
+        with pytest.raises(ValueError, match=r"\(n_words, 5\)"):
+            AggregatedImage(np.array([0]), np.ones((1, 4)), dim=5)
+        with pytest.raises(ValueError, match="padding bits"):
+            AggregatedBatch(np.array([0, 1]), np.array([0], np.uint32), bits | 0b100000, 2)
+        with pytest.raises(ValueError, match="need 1 bytes a row"):
+            AggregatedBatch(
+                np.array([0, 1]), np.array([0], np.uint32), np.zeros((1, 2), np.uint8), 3
+            )
+        with pytest.raises(ValueError, match=r"\(n_rows, 3\)"):
+            AggregatedBatch(np.array([0, 1]), np.array([0], np.uint32), np.ones((1, 4)), 3)
+        with pytest.raises(ValueError, match="integer >= 1"):
+            AggregatedBatch(np.array([0, 1]), np.array([0], np.uint32), bits, 0)
 
     def test_exception(self) -> None:
         with pytest.raises(ValueError, match="sorted and unique"):
@@ -280,7 +343,10 @@ class TestSimilarity:
         np.testing.assert_allclose(selectivity(u, 1.0, 0.4), [0.0, 0.0, 0.5, 1.0])
 
     @pytest.mark.parametrize("kernel", KERNELS)
-    @pytest.mark.parametrize(("d", "k"), [(8, 3), (16, 10), (64, 32), (128, 64)])
+    @pytest.mark.parametrize(
+        ("d", "k"),
+        [(8, 3), (16, 10), (64, 32), (128, 64), (1, 3), (2, 4), (3, 4), (7, 5), (13, 8), (100, 16)],
+    )
     def test_matches_loop_reference(self, kernel: str, d: int, k: int) -> None:
         rng = np.random.default_rng(d + k)
         cb = rng.standard_normal((k, d)).astype(np.float32)
@@ -315,6 +381,19 @@ class TestSimilarity:
         # h = 3 of D = 16: u = 1 - 6/16 = 0.625
         assert similarity(a, b, alpha=1.0, tau=-1.0, normalize=False) == pytest.approx(0.625)
         assert similarity(a, b) == pytest.approx(0.625**3)
+
+    def test_hamming_over_true_dimension(self) -> None:
+        """Padding bits agree but are not descriptor bits: u = 1 - 2h/D with the true D."""
+        a = AggregatedImage(np.array([3]), np.array([[0b11000000]], np.uint8), dim=3)
+        b = AggregatedImage(np.array([3]), np.array([[0b10000000]], np.uint8), dim=3)
+        # h = 1 of D = 3: u = 1/3 (over 8 padded bits it would be 1 - 2/8 = 0.75)
+        assert similarity(a, b, alpha=1.0, tau=-1.0, normalize=False) == 1.0 - 2.0 / 3.0
+        c = AggregatedImage(np.array([3]), np.array([[0b10000000]], np.uint8), dim=2)
+        d = AggregatedImage(np.array([3]), np.array([[0b01000000]], np.uint8), dim=2)
+        assert similarity(c, d, alpha=1.0, tau=-np.inf, normalize=False) == -1.0  # opposite
+        assert similarity(c, d) == 0.0  # below tau = 0: no contribution
+        with pytest.raises(ValueError, match="dimensions differ"):
+            similarity(a, c)
 
     def test_exception(self) -> None:
         a = AggregatedImage(np.array([1]), np.ones((1, 8), np.float32))

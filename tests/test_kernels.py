@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import retrieval.aggregation as agg
-from retrieval.aggregation import KERNELS, aggregate_many, similarity
+from retrieval.aggregation import KERNELS, AggregatedBatch, aggregate_many, similarity
 from retrieval.inverted_file import InvertedFile, top_k
+
+# The float kernel whose residual signs a binary kernel packs.
+FLOAT_TWIN = {"asmk_star": "asmk", "r_asmk_star": "r_asmk", "naive_r_asmk_star": "naive_r_asmk"}
 
 
 def _images(
@@ -24,33 +29,136 @@ def _images(
     return out
 
 
-@pytest.mark.parametrize("d", [8, 24, 64, 128, 256])
+def _signs(batch: AggregatedBatch) -> list[tuple[list[int], list[list[bool]]]]:
+    """Per image of a float batch: its words and the sign vectors ``residual > 0`` (length D)."""
+    out = []
+    for i in range(batch.n_images):
+        im = batch.image(i)
+        out.append(([int(w) for w in im.words], [[bool(v > 0) for v in row] for row in im.data]))
+    return out
+
+
+def py_hamming_similarity(
+    q: tuple[list[int], list[list[bool]]],
+    x: tuple[list[int], list[list[bool]]],
+    dim: int,
+    alpha: float,
+    tau: float,
+    normalize: bool,
+) -> float:
+    """Plain-python ASMK* similarity from unpacked sign vectors of length D: the Hamming
+    distance ``h`` counts differing signs, ``u = 1 - 2h/D``, selectivity summed over the shared
+    words in ascending order, divided by ``sqrt(|Wq| |Wx|)`` when ``normalize``."""
+    (qw, qs), (xw, xs) = q, x
+    if not qw or not xw:
+        return -1.0
+    xmap = dict(zip(xw, xs, strict=True))
+    total = 0.0
+    for w, sq in zip(qw, qs, strict=True):
+        if w not in xmap:
+            continue
+        h = sum(1 for a, b in zip(sq, xmap[w], strict=True) if a != b)
+        u = 1.0 - 2.0 * h / dim
+        if u > tau:
+            total += math.copysign(abs(u) ** alpha, u)
+    if normalize:
+        total /= math.sqrt(len(qw) * len(xw))
+    return total
+
+
+@pytest.mark.parametrize("d", [8, 24, 64, 128, 256, 1, 2, 3, 7, 13, 100])
 @pytest.mark.parametrize("kernel", ["asmk_star", "r_asmk_star", "naive_r_asmk_star"])
 def test_binary_scores_equal_numpy_reference(kernel: str, d: int) -> None:
-    """Every lane width (uint8 at D=8/24, uint64 x1/x2/x4) gives the numpy path's numbers."""
+    """Every lane width (uint8 at D=8/24/100, uint16 at D=13, uint64 x1/x2/x4) and every D,
+    a multiple of 8 or not (the last byte zero-padded), gives the numpy path's numbers, those
+    of similarity(), and those of a plain-python Hamming similarity over D sign bits."""
     rng = np.random.default_rng(d)
     k = 32
     cb = rng.standard_normal((k, d)).astype(np.float32)
     protos = rng.standard_normal((4, 30, d)).astype(np.float32)
-    db = aggregate_many(_images(rng, 80, d, protos), cb, kernel)
-    q = aggregate_many(_images(rng, 7, d, protos), cb, "asmk_star")
+    db_images, q_images = _images(rng, 80, d, protos), _images(rng, 7, d, protos)
+    db = aggregate_many(db_images, cb, kernel)
+    q = aggregate_many(q_images, cb, "asmk_star")
+    assert db.dim == q.dim == d and db.data.shape[1] == q.data.shape[1] == -(-d // 8)
+    # the packed bits are exactly np.packbits of the float twin's residual signs
+    db_float = aggregate_many(db_images, cb, FLOAT_TWIN[kernel])
+    q_float = aggregate_many(q_images, cb, "asmk")
+    for packed, flt in ((db, db_float), (q, q_float)):
+        np.testing.assert_array_equal(packed.words, flt.words)
+        np.testing.assert_array_equal(
+            packed.data, np.packbits(flt.data > 0, axis=1, bitorder="big")
+        )
     ivf = InvertedFile.build(db, k, kernel)
     fast = ivf.scores(q, backend="numba")
     ref = ivf.scores(q, backend="numpy")
     np.testing.assert_array_equal(fast, ref)
-    # ... and similarity() itself, pair by pair, for a few queries
+    # ... and similarity() itself, pair by pair, for a few queries, and the python reference
+    db_signs, q_signs = _signs(db_float), _signs(q_float)
     for i in range(3):
         for j in range(0, 80, 7):
             want = similarity(
                 q.image(i), db.image(j), alpha=ivf.alpha, tau=ivf.tau, normalize=ivf.normalize
             )
             assert fast[i, j] == want
+            py = py_hamming_similarity(
+                q_signs[i], db_signs[j], d, ivf.alpha, ivf.tau, ivf.normalize
+            )
+            assert fast[i, j] == pytest.approx(py, rel=1e-12, abs=1e-15)
     assert np.count_nonzero(fast > 0) > 20  # the test compares real matches, not only zeros
 
 
-def test_scores_from_memmapped_index_and_regional_pooling(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel", ["asmk_star", "r_asmk_star", "naive_r_asmk_star"])
+def test_two_dimensional_descriptors_end_to_end(kernel: str, tmp_path: Path) -> None:
+    """2-D descriptors (as in the asmk authors' tests): one packed byte a word, 6 zero padding
+    bits. Scores and the full ranking equal the plain-python reference over the 2 true bits,
+    before and after a save/load; the padded-bits reading (D = 8) would rank differently."""
+    rng = np.random.default_rng(20)
+    k, d = 6, 2
+    angles = np.linspace(0.0, 2.0 * np.pi, k, endpoint=False)
+    cb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    centres = 1.5 * rng.standard_normal((4, d))
+
+    def image() -> np.ndarray:
+        n = int(rng.integers(0, 25))
+        c = centres[rng.integers(0, 4)]
+        return (c + 0.7 * rng.standard_normal((n, d))).astype(np.float32)
+
+    db_images, q_images = [image() for _ in range(40)], [image() for _ in range(6)]
+    regions = None
+    if kernel != "asmk_star":
+        regions = [[x, x[: len(x) // 2], x[len(x) // 2 :]] for x in db_images]
+    db = aggregate_many(db_images, cb, kernel, regions=regions)
+    q = aggregate_many(q_images, cb, "asmk_star")
+    assert db.data.shape[1] == 1 and not np.any(db.data & np.uint8(0b00111111))
+    ivf = InvertedFile.build(db, k, kernel)
+    back = InvertedFile.load(ivf.save(tmp_path / kernel))
+    assert back.dim == 2 and back.header()["dim"] == 2
+    db_signs = _signs(aggregate_many(db_images, cb, FLOAT_TWIN[kernel], regions=regions))
+    q_signs = _signs(aggregate_many(q_images, cb, "asmk"))
+    p = (ivf.alpha, ivf.tau, ivf.normalize)
+    want = np.array([[py_hamming_similarity(a, b, d, *p) for b in db_signs] for a in q_signs])
+    padded = np.array([[py_hamming_similarity(a, b, 8, *p) for b in db_signs] for a in q_signs])
+    assert not np.array_equal(want, padded)  # the test tells the true D from the padded one
+    assert np.count_nonzero(want > 0) > 20
+    # u is 1, 0 or -1 here, so the reference is exact: compare the numbers and the order
+    order = np.array([sorted(range(40), key=lambda j: (-row[j], j)) for row in want.tolist()])
+    for index in (ivf, back):
+        for backend in ("numba", "numpy"):
+            np.testing.assert_array_equal(index.scores(q, backend=backend), want)
+            ids, sc = index.search(q, backend=backend)
+            np.testing.assert_array_equal(ids, order)
+            np.testing.assert_array_equal(sc, np.take_along_axis(want, order, axis=1))
+    # an index whose data do not fit its D is refused instead of scored wrongly
+    with pytest.raises(ValueError, match="need 2 bytes a row"):
+        dataclasses.replace(ivf, dim=9)
+    with pytest.raises(ValueError, match="padding bits after bit D=2"):
+        dataclasses.replace(ivf, data=ivf.data | np.uint8(1))
+
+
+@pytest.mark.parametrize("d", [32, 13])
+def test_scores_from_memmapped_index_and_regional_pooling(tmp_path: Path, d: int) -> None:
     rng = np.random.default_rng(1)
-    d, k = 32, 24
+    k = 24
     cb = rng.standard_normal((k, d)).astype(np.float32)
     protos = rng.standard_normal((3, 30, d)).astype(np.float32)
     items = aggregate_many(_images(rng, 50, d, protos), cb, "asmk_star")
@@ -59,6 +167,7 @@ def test_scores_from_memmapped_index_and_regional_pooling(tmp_path: Path) -> Non
     for pooling in ("max", "avg"):
         ivf = InvertedFile.build(items, k, "asmk_star", item_image=item_image, pooling=pooling)
         back = InvertedFile.load(ivf.save(tmp_path / pooling))  # read-only memory maps
+        assert back.dim == d
         fast = back.scores(q)
         np.testing.assert_array_equal(fast, ivf.scores(q, backend="numpy"))
         ids, sc = back.search(q, 5)
@@ -77,11 +186,14 @@ def test_unknown_backend() -> None:
         aggregate_many([np.zeros((1, 8), np.float32)], cb, "asmk", backend="gpu")
 
 
+@pytest.mark.parametrize("d", [16, 13])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_aggregation_equals_numpy_reference(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aggregation_equals_numpy_reference(
+    kernel: str, d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Compiled residual sums == the sparse-product reference, across chunk boundaries."""
     rng = np.random.default_rng(3)
-    d, k = 16, 20
+    k = 20
     cb = rng.standard_normal((k, d)).astype(np.float32)
     protos = rng.standard_normal((3, 30, d)).astype(np.float32)
     imgs = _images(rng, 25, d, protos, most=90)
