@@ -8,6 +8,7 @@ Stages (each a module with a typed ``main``; the CLI is ``gldboxes detect STEP``
 ``train``          Orbit training loop: checkpoints, resume, TensorBoard, progress bar
 ``evaluate``       AP@0.5 + COCO sweep of a checkpoint, or of any boxes CSV (NumPy + pycocotools)
 ``export``         SavedModel with a documented ``serving_default`` signature
+``card``           the export's model card ``detector.json``: training data, AP@0.5, ``fit_for``
 ``inference``      batch detection -> ``id,box,score`` CSV; also loads the authors' TF1 export
 =================  =========================================================================
 """

@@ -4,7 +4,9 @@ Layout of ``RUN/export-step<N>/`` (or the folder given)::
 
     saved_model.pb, variables/   the SavedModel (Model Garden's DetectionModule)
     params.yaml                  the Model Garden experiment config
-    detector.json                what this file documents: preset, checkpoint, signature
+    detector.json                the model card (``detection.card``): preset, checkpoint,
+                                 signature, training steps and data (synthetic world or
+                                 not), validation AP@0.5, ``fit_for`` and ``warning``
 
 Signature ``serving_default`` (the ``SIGNATURE`` dict below, also written to
 ``detector.json``)::
@@ -29,10 +31,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gldboxes.io import atomic_dir, read_json, write_json
+from detection.card import (
+    CARD_NAME,
+    CARD_VERSION,
+    build_model_card,
+    read_model_card,
+    write_model_card,
+)
+from gldboxes.io import atomic_dir
 
 __all__ = ["SIGNATURE", "main"]
 
@@ -77,6 +87,7 @@ def main(
     *,
     checkpoint: str = "latest",
     conf: dict[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Export a run's checkpoint as a SavedModel (see the module docstring for the layout).
@@ -88,6 +99,10 @@ def main(
         checkpoint: ``latest``, a checkpoint prefix, or ``random`` (seeded random weights:
             only for timing a preset's architecture, e.g. the GPU presets on a CPU).
         conf: the preset, when there is no run folder.
+        validation: metrics of ``detection.evaluate.main`` for this checkpoint, for the
+            card's AP@0.5; by default ``run_dir/eval/val-step<N>.json`` when it exists.
+        overwrite: export again even when the folder holds a current export. Without it an
+            export whose card is older (``format_version`` 1) only gets a new card.
 
     Returns:
         The SavedModel folder.
@@ -119,9 +134,25 @@ def main(
             raise ValueError("export_dir is required without a run folder")
         export_dir = Path(run_dir) / f"export-{tag}"
     out = Path(export_dir)
-    if (out / "detector.json").is_file() and not overwrite:
-        logger.info("already exported: %s", out)
+    old = read_model_card(out) if (out / "saved_model.pb").is_file() else None
+    if old is not None and not overwrite:
+        if old["format_version"] < CARD_VERSION:
+            # An export from before model cards: describe it, keep the SavedModel.
+            card = build_model_card(
+                conf,
+                checkpoint=old.get("checkpoint", ckpt_path),
+                run_dir=run_dir,
+                validation=validation,
+                signature=old.get("signature", SIGNATURE),
+            )
+            write_model_card(out, card)
+            logger.info("wrote the model card of the existing export %s", out / CARD_NAME)
+        else:
+            logger.info("already exported: %s", out)
         return out
+    card = build_model_card(
+        conf, checkpoint=ckpt_path, run_dir=run_dir, validation=validation, signature=SIGNATURE
+    )
 
     import official.vision  # noqa: F401 - registers the vision tasks
     from official.vision.serving import export_saved_model_lib
@@ -138,25 +169,10 @@ def main(
             checkpoint_path=ckpt_path,
             export_dir=str(tmp),
         )
-        write_json(
-            tmp / "detector.json",
-            {
-                "format_version": 1,
-                "layout": "model_garden",
-                "preset": conf["output"],
-                "family": conf["family"],
-                "input_size": list(conf["input_size"]),
-                "checkpoint": ckpt_path,
-                "signature": SIGNATURE,
-            },
-        )
+        write_model_card(tmp, card)
     logger.info(
         "exported %s (%s) to %s in %.1f s", conf["output"], tag, out, time.perf_counter() - started
     )
+    if card["warning"]:
+        logger.info("model card of %s: %s", out, card["warning"])
     return out
-
-
-def read_export_info(export_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``detector.json`` of an export folder, or ``None`` for a foreign SavedModel."""
-    path = Path(export_dir) / "detector.json"
-    return read_json(path) if path.is_file() else None

@@ -12,7 +12,10 @@ Two SavedModel layouts load through :func:`load_detector`:
 :func:`main` runs a detector over a folder or a list of images and writes ``id,box,score``
 (``box`` = normalised ``ymin xmin ymax xmax``; the id is the file stem; every box scoring
 >= ``threshold``), resumable through a ``<out>.progress.jsonl`` journal. Unreadable images are
-listed in ``<out>.bad.csv``; ``<out>.json`` reports counts and images/s.
+listed in ``<out>.bad.csv``; ``<out>.json`` reports counts and images/s. When the model's card
+(``detector.json``, see :mod:`detection.card`) says it was trained on the synthetic world only
+and some images are not from a synthetic world, one warning line is logged (and kept in
+``<out>.json`` as ``domain_warning``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from detection.card import warn_if_unfit
 from detection.images import list_images, read_image_rgb
 from gldboxes.boxes import Box, write_boxes_csv
 from gldboxes.io import write_json
@@ -239,6 +243,7 @@ def main(
     max_side: int | None = None,
     overwrite: bool = False,
     detector: Detector | None = None,
+    warn_domain: bool = True,
 ) -> Path:
     """Detect landmarks in every image and write a boxes CSV (see the module docstring).
 
@@ -250,6 +255,8 @@ def main(
         max_side: downscale larger images before detection (boxes are normalised, so they
             do not change); ``None`` feeds originals.
         detector: an already loaded detector (skips loading ``model_dir``).
+        warn_domain: check the model card against the images (see the module docstring);
+            ``detection.sharded`` checks once for all shards and turns it off per shard.
 
     Returns:
         ``out_csv``.
@@ -263,6 +270,7 @@ def main(
         list_images(images) if isinstance(images, str | os.PathLike) else [Path(p) for p in images]
     )
     ids = _image_ids(paths)
+    domain_warning = warn_if_unfit(model_dir, paths) if warn_domain else None
     journal = out.with_name(out.name + ".progress.jsonl")
     if overwrite and journal.exists():
         journal.unlink()
@@ -331,6 +339,7 @@ def main(
             "seconds": round(seconds, 3),
             "images_per_second": None if ips is None else round(ips, 3),
             "model_load_seconds": round(load_seconds, 2),
+            "domain_warning": domain_warning,
         },
     )
     journal.unlink()

@@ -43,6 +43,7 @@ def _detect_shard(
         threshold=float(conf["threshold"]),
         max_side=conf["max_side"],
         detector=model,
+        warn_domain=False,  # detect_stage checked every image once
     )
     boxes = read_boxes_csv(csv_path)
     return {"images": len(shard.items), "boxes": sum(len(v) for v in boxes.values())}
@@ -67,12 +68,19 @@ def detect_stage(
         max_side: downscale larger images before detection.
         shard_size: images per shard.
         resources: per-task resources (default 0.5 CPU; on GPU set ``num_gpus``).
+
+    A detector whose model card says it was trained on the synthetic world only gets one
+    warning line here when some images are not from a synthetic world
+    (:func:`detection.card.warn_if_unfit`).
     """
+    from detection.card import warn_if_unfit
+
     paths = [os.fspath(Path(p).resolve()) for p in images]
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError(f"detect_stage: image file names are not unique among {len(paths)}")
     model = os.fspath(Path(model_dir).resolve())
+    warn_if_unfit(model_dir, paths)
     conf = {"model": model, "threshold": float(threshold), "max_side": max_side}
     stage = Stage(
         "detect-boxes",

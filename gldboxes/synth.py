@@ -8,7 +8,9 @@ seed: the same seed gives byte-identical files.
 
 Outputs of :func:`generate_world` (``OUT``)::
 
-    world.json                       configuration, seed, format version, counts
+    world.json                       configuration, seed, format version, counts, and
+                                     ``"kind": WORLD_KIND``: the marker that tells other
+                                     packages an image comes from a synthetic world
     train/images/a/b/c/<id>.jpg      GLD-style training images (id: 16 hex characters)
     train/train.csv                  id,url,landmark_id (url relative to train/)
     train/boxes.csv                  id,box  Google Landmark Boxes ground truth
@@ -47,11 +49,14 @@ from tqdm import tqdm
 from gldboxes.boxes import Box, write_boxes_csv
 from gldboxes.io import atomic_write, read_json, write_json
 
-__all__ = ["FORMAT_VERSION", "SynthConf", "confs", "generate_world", "main"]
+__all__ = ["FORMAT_VERSION", "WORLD_KIND", "SynthConf", "confs", "generate_world", "main"]
 
 logger = logging.getLogger("gldboxes.synth")
 
 FORMAT_VERSION = 2
+# ``world.json["kind"]``: marks a folder as a synthetic world, so that e.g. a detector trained
+# only on it can tell synthetic images (under ``train/`` and ``retrieval/``) from real photos.
+WORLD_KIND = "gldboxes.synth.world"
 
 # Seed streams: landmark textures and image layouts never share random numbers.
 _QUERY_LANDMARKS, _OTHER_LANDMARKS, _TRAIN_LANDMARKS, _MOTIFS = 1, 2, 3, 4
@@ -607,7 +612,7 @@ def generate_world(
         "database_images": len(imlist),
         "queries": len(queries),
     }
-    write_json(marker, {**record, "counts": counts})
+    write_json(marker, {**record, "kind": WORLD_KIND, "counts": counts})
     logger.info("synthetic world written to %s: %s", out, counts)
     return out
 

@@ -114,6 +114,7 @@ def detected(pipe: dict[str, Any]) -> dict[str, Any]:
     return {
         "csv": out,
         "stdout": proc.stdout,
+        "stderr": proc.stderr,
         "val_ids": [Path(p).stem for p in val_paths],
         "n_retrieval": len(db_paths),
     }
@@ -156,12 +157,23 @@ class TestExportAndBoxes:
         info = json.loads((ex / "detector.json").read_text())
         assert info["signature"]["inputs"]["inputs"]["dtype"] == "uint8"
         assert info["checkpoint"].endswith(f"ckpt-{STEPS}")
+        # The model card: trained on the synthetic world only, AP@0.5 of `detect eval`.
+        assert info["format_version"] == 2 and info["preset"] == "detector-tiny_cpu-128"
+        assert info["input_size"] == [128, 128] and info["training"]["steps"] == STEPS
+        data = info["training_data"]
+        assert data["records"] == str(pipe["records"]) and data["split"] == "train"
+        assert data["synthetic_world"] is True and data["worlds"] == [str(pipe["world"])]
+        assert data["n_images"] == records.load_records_info(pipe["records"]).splits["train"]
+        assert info["validation"]["ap50"] == pytest.approx(pipe["final"]["ap50"])
+        assert info["fit_for"] == "synthetic_world"
+        assert info["warning"] == "trained on the synthetic world only; not for real photos"
 
     def test_new_process_detects_held_out_images(
         self, pipe: dict[str, Any], detected: dict[str, Any]
     ) -> None:
         boxes = read_boxes_csv(detected["csv"])
         assert "images/s" in detected["stdout"]
+        assert "not for real photos" not in detected["stderr"]  # all synthetic: quiet
         stats = json.loads(Path(str(detected["csv"]) + ".json").read_text())
         assert stats["n_images"] == len(detected["val_ids"]) + detected["n_retrieval"]
         assert stats["n_bad"] == 0 and stats["images_per_second"] > 0
