@@ -199,7 +199,7 @@ def main(
     *,
     boxes: str | os.PathLike[str] | None = None,
     gt_boxes: str | os.PathLike[str] | None = None,
-    codebook_images: str | os.PathLike[str] | None = None,
+    codebook_images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     codebook_dataset: str | os.PathLike[str] | None = None,
     codebook_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,

@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
         "--train-features", required=True, help="features .h5 of ANOTHER dataset than the benchmark"
     )
     cb.add_argument("--out", required=True, help="output root (OUT/codebooks/<name>/)")
-    cb.add_argument("--features", default="rootsift", help="features preset of the file")
+    _feature_options(cb)
     cb.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
     cb.add_argument("--seed", type=int, default=0)
     cb.add_argument("--niter", type=int, default=20, help="k-means iterations")
@@ -71,7 +71,12 @@ def register(subparsers: Any) -> None:
     rn = sub.add_parser("run", help="one shot: features, codebook, index, ranks, metrics table")
     rn.add_argument("--dataset", required=True, help="Revisited-style folder")
     cbs = rn.add_mutually_exclusive_group()
-    cbs.add_argument("--codebook-images", help="train the codebook on this image folder")
+    cbs.add_argument(
+        "--codebook-images",
+        nargs="+",
+        metavar="DIR",
+        help="train the codebook on these image folders (any photos of other places)",
+    )
     cbs.add_argument("--codebook-dataset", help="train it on another Revisited folder's database")
     cbs.add_argument("--codebook", help="use this codebook.npy")
     rn.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
@@ -106,18 +111,19 @@ def register(subparsers: Any) -> None:
         default="assign",
         help="assign, reextract, or both comma-separated (the paper re-extracts)",
     )
-    ab.add_argument("--verify", action="store_true", help="spatial verification on every cell")
-    ab.add_argument("--gv-top-n", type=int, default=100, help="verified head per protocol")
-    ab.add_argument("--gv-max-distance", type=float, default=0.9, help="1-NN L2 threshold")
+    _verify_options(ab)
     cbs = ab.add_mutually_exclusive_group()
-    cbs.add_argument("--codebook-images", help="train the codebook on this image folder")
+    cbs.add_argument(
+        "--codebook-images",
+        nargs="+",
+        metavar="DIR",
+        help="train the codebook on these image folders (any photos of other places)",
+    )
     cbs.add_argument("--codebook-dataset", help="train it on another Revisited folder's database")
     cbs.add_argument("--codebook", help="use this codebook.npy")
     ab.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
     ab.add_argument("--codebook-seed", type=int, default=0)
-    ab.add_argument("--features", default="rootsift", help="features preset: rootsift | delf")
-    ab.add_argument("--model-path", help="delf: SavedModel directory")
-    ab.add_argument("--pca-path", help="delf: PCA .npz or folder of .datum files")
+    _feature_options(ab)
     ab.add_argument("--name", default="ablation", help="result folder under --out")
     ab.add_argument("--overwrite", action="store_true", help="redo finished work")
     ab.set_defaults(func=_ablation)
@@ -125,11 +131,89 @@ def register(subparsers: Any) -> None:
     _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.learned_rmac)
 
 
-def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output root of the config-named folders")
-    p.add_argument("--features", default="rootsift", help="features preset: rootsift | delf")
+def _feature_options(p: argparse.ArgumentParser) -> None:
+    from retrieval.features import confs
+
+    p.add_argument("--features", default="rootsift", choices=sorted(confs), help="features preset")
     p.add_argument("--model-path", help="delf: SavedModel directory")
     p.add_argument("--pca-path", help="delf: PCA .npz or folder of .datum files")
+    p.add_argument(
+        "--max-features",
+        type=int,
+        help="feature budget per image (rootsift default 1000; classical ASMK: several "
+        "thousand); named in the output folder (rootsift-n4000)",
+    )
+    p.add_argument(
+        "--upright",
+        action="store_true",
+        default=None,
+        help="rootsift: one descriptor per keypoint at angle 0 (upright photos)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        help="downscale the longer image side to this before extraction (default 1024, the "
+        "size of the Revisited images); keypoints stay in original pixels",
+    )
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    """Spatial verification knobs; unset ones take the features preset's defaults."""
+    p.add_argument("--verify", action="store_true", help="spatial verification after search")
+    p.add_argument("--gv-top-n", type=int, help="verified head per protocol (default 100)")
+    p.add_argument(
+        "--gv-max-distance",
+        type=float,
+        help="1-NN L2 threshold (preset: delf 0.8, rootsift off; 'inf' turns it off)",
+    )
+    p.add_argument(
+        "--gv-ratio", type=float, help="Lowe's ratio test (preset: rootsift 0.8; 1 turns it off)"
+    )
+    p.add_argument(
+        "--gv-mutual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mutual nearest neighbours only (preset: rootsift on, delf off)",
+    )
+    p.add_argument(
+        "--gv-threshold",
+        type=float,
+        help="RANSAC inlier threshold in pixels of the image at --max-side (default 10)",
+    )
+    p.add_argument(
+        "--gv-min-inliers",
+        type=int,
+        help="fewer inliers: unverified, first-stage order kept (preset: rootsift 10, delf 0)",
+    )
+    p.add_argument("--gv-trials", type=int, help="RANSAC trials (default 1000)")
+
+
+def _verification_conf(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The run's ``verification`` dict from the ``--gv-*`` options (None: no verification)."""
+    if not getattr(args, "verify", False):
+        return None
+    keys = ("top_n", "max_distance", "ratio", "mutual", "threshold", "min_inliers", "trials")
+    return {k: getattr(args, f"gv_{k}") for k in keys if getattr(args, f"gv_{k}") is not None}
+
+
+def _feature_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``feature_model`` / ``feature_preprocessing`` overrides from the features options."""
+    model: dict[str, Any] = {}
+    if getattr(args, "model_path", None):
+        model["path"] = args.model_path
+    if getattr(args, "pca_path", None):
+        model["pca_path"] = args.pca_path
+    if getattr(args, "max_features", None) is not None:
+        model["max_features"] = args.max_features
+    if getattr(args, "upright", None):
+        model["upright"] = True
+    pre = {"max_side": args.max_side} if getattr(args, "max_side", None) else {}
+    return {"feature_model": model, "feature_preprocessing": pre}
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output root of the config-named folders")
+    _feature_options(p)
     p.add_argument(
         "--kernel",
         default="asmk_star",
@@ -156,9 +240,7 @@ def _region_options(p: argparse.ArgumentParser) -> None:
         choices=["max", "avg"],
         help="D2R regional search: index every region, pool scores per image",
     )
-    p.add_argument("--verify", action="store_true", help="spatial verification after search")
-    p.add_argument("--gv-top-n", type=int, default=100, help="verified head per protocol")
-    p.add_argument("--gv-max-distance", type=float, default=0.9, help="1-NN L2 threshold")
+    _verify_options(p)
 
 
 def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,25 +250,16 @@ def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
         "region_threshold": getattr(args, "region_threshold", None),
         "region_features": getattr(args, "region_features", "assign"),
         "regional_search": getattr(args, "regional_search", None),
-        "verification": (
-            {"top_n": args.gv_top_n, "max_distance": args.gv_max_distance}
-            if getattr(args, "verify", False)
-            else None
-        ),
+        "verification": _verification_conf(args),
     }
 
 
 def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     from retrieval.engine import resolve_conf
 
-    model: dict[str, Any] = {}
-    if getattr(args, "model_path", None):
-        model["path"] = args.model_path
-    if getattr(args, "pca_path", None):
-        model["pca_path"] = args.pca_path
     return resolve_conf(
         features=args.features,
-        feature_model=model,
+        **_feature_overrides(args),
         kernel=getattr(args, "kernel", "asmk_star"),
         num_assignments=getattr(args, "num_assignments", 1),
         top_k=getattr(args, "top_k", None),
@@ -336,14 +409,9 @@ def _ablation(args: argparse.Namespace) -> int:
     from retrieval.ablation import confs, main
 
     conf = copy.deepcopy(confs["paper"])
-    model: dict[str, Any] = {}
-    if args.model_path:
-        model["path"] = args.model_path
-    if args.pca_path:
-        model["pca_path"] = args.pca_path
     conf["engine"] = {
         "features": args.features,
-        "feature_model": model,
+        **_feature_overrides(args),
         "codebook": {"size": args.codebook_size, "seed": args.codebook_seed},
     }
     conf["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -352,8 +420,7 @@ def _ablation(args: argparse.Namespace) -> int:
     conf["ss"] = [int(v) for v in _floats(args.ss, "ss")]
     conf["gt"] = not args.no_gt
     conf["region_features"] = [m.strip() for m in args.region_features.split(",") if m.strip()]
-    if args.verify:
-        conf["verification"] = {"top_n": args.gv_top_n, "max_distance": args.gv_max_distance}
+    conf["verification"] = _verification_conf(args)
     path = main(
         conf,
         args.dataset,
@@ -529,6 +596,8 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
 
     if args.codebook_dataset:
         raise ValueError("--engine: use --codebook-images or --codebook (not --codebook-dataset)")
+    if args.codebook_images and len(args.codebook_images) > 1:
+        raise ValueError("--engine: give one --codebook-images folder (or --codebook)")
     with executor_from_args(args, args.out) as engine:
         res = run_sharded(
             args.dataset,
@@ -536,7 +605,7 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
             conf,
             executor=engine,
             shard_size=args.shard_size,
-            codebook_images=args.codebook_images,
+            codebook_images=args.codebook_images[0] if args.codebook_images else None,
             codebook_path=args.codebook,
             overwrite=args.overwrite,
         )

@@ -12,10 +12,12 @@ size, dim, seed, iterations, training set, number of training descriptors, confi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from gldboxes.io import atomic_path, config_hash, read_json, write_config, write
 
 __all__ = [
     "FORMAT_VERSION",
+    "MIN_DESCRIPTORS_PER_WORD",
     "confs",
     "load_codebook",
     "main",
@@ -37,6 +40,10 @@ __all__ = [
 logger = logging.getLogger("retrieval.codebook")
 
 FORMAT_VERSION = 1
+
+#: Fewer training descriptors per visual word than this draw a warning: k-means cannot place
+#: the words well (faiss itself asks for at least 39 per centroid).
+MIN_DESCRIPTORS_PER_WORD = 39
 
 confs: dict[str, dict[str, Any]] = {
     # 1,024 words: the synthetic world and quick checks.
@@ -107,25 +114,38 @@ def train_codebook(
 
 
 def sample_descriptors(
-    features: str | os.PathLike[str], max_descriptors: int, seed: int
+    features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    max_descriptors: int,
+    seed: int,
 ) -> tuple[np.ndarray, int]:
-    """A seeded uniform sample of the descriptors of a features HDF5 file.
+    """A seeded uniform sample of the descriptors of one or several features HDF5 files.
+
+    Args:
+        features: a features file, or several (their images are pooled, in the given order).
+        max_descriptors: sample size (0: all descriptors).
+        seed: seed of the draw.
 
     Returns:
-        ``(sample (M, D) float32, total number of descriptors in the file)``.
+        ``(sample (M, D) float32, total number of descriptors in the files)``.
     """
-    path = Path(features)
-    if not path.exists():
-        raise FileNotFoundError(f"features file not found: {path}")
-    with h5py.File(path, "r") as f:
-        names = sorted(f.keys())
-        counts = np.array([f[n]["descriptors"].shape[0] for n in names], np.int64)
+    paths = (
+        [Path(features)] if isinstance(features, str | os.PathLike) else [Path(p) for p in features]
+    )
+    if not paths:
+        raise ValueError("codebook: no training features files given")
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"features file not found: {path}")
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(h5py.File(p, "r")) for p in paths]
+        keys = [(f, n) for f in files for n in sorted(f.keys())]
+        counts = np.array([f[n]["descriptors"].shape[0] for f, n in keys], np.int64)
         total = int(counts.sum())
         if total == 0:
-            raise ValueError(f"{path}: no descriptors to train a codebook on")
+            raise ValueError(f"{', '.join(map(str, paths))}: no descriptors to train a codebook on")
         items, bounds, rows = sample_rows(counts, max_descriptors, seed)
         parts = [  # per image of the training set, reading only the images sampled
-            f[names[i]]["descriptors"][()][rows[a:b]]
+            keys[i][0][keys[i][1]]["descriptors"][()][rows[a:b]]
             for i, (a, b) in zip(items.tolist(), itertools.pairwise(bounds.tolist()), strict=True)
         ]
     return np.concatenate(parts).astype(np.float32, copy=False), total
@@ -192,7 +212,7 @@ def load_codebook(path: str | os.PathLike[str]) -> np.ndarray:
 
 def main(
     conf: dict[str, Any],
-    features: str | os.PathLike[str],
+    features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     *,
     training_set: str | None = None,
@@ -202,7 +222,8 @@ def main(
 
     Args:
         conf: a preset of :data:`confs` (or a dict with the same keys).
-        features: the features HDF5 of the training set (another dataset than the benchmark).
+        features: the features HDF5 of the training set (another dataset than the benchmark),
+            or several files pooled into one training set.
         output_dir: folder receiving ``codebook.npy``, ``codebook.json`` and ``config.yaml``.
         training_set: a name for the training set recorded in the sidecar (default: file name).
 
@@ -220,6 +241,19 @@ def main(
     logger.info(
         "k-means: %d words on %d of %d descriptors (D=%d)", size, x.shape[0], total, x.shape[1]
     )
+    per_word = x.shape[0] / max(size, 1)
+    if per_word < MIN_DESCRIPTORS_PER_WORD:
+        logger.warning(
+            "codebook %s: %d training descriptors for %d words (%.1f per word; k-means wants at "
+            "least %d): the words will be poorly placed. Train on more images (several "
+            "--codebook-images folders, or --codebook-dataset), more features per image "
+            "(--max-features), or fewer words (--codebook-size)",
+            out.name,
+            x.shape[0],
+            size,
+            per_word,
+            MIN_DESCRIPTORS_PER_WORD,
+        )
     cb = train_codebook(
         x,
         size,
@@ -239,9 +273,10 @@ def main(
             "dim": int(cb.shape[1]),
             "seed": seed,
             "niter": int(conf.get("niter", 20)),
-            "training_set": training_set or Path(features).name,
-            "training_features": os.fspath(features),
+            "training_set": training_set or _names(features),
+            "training_features": _names(features, full=True),
             "n_training_descriptors": int(x.shape[0]),
+            "descriptors_per_word": round(per_word, 2),
             "n_available_descriptors": total,
             "config_hash": config_hash(conf),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -249,3 +284,9 @@ def main(
     )
     write_config(out, conf)
     return npy
+
+
+def _names(features: Any, *, full: bool = False) -> str:
+    """The training file name(s), joined with ``+``."""
+    paths = [features] if isinstance(features, str | os.PathLike) else list(features)
+    return "+".join(os.fspath(p) if full else Path(p).name for p in paths)

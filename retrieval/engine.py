@@ -89,6 +89,7 @@ __all__ = [
     "run",
     "run_name",
     "search",
+    "verification_conf",
     "verify",
 ]
 
@@ -99,7 +100,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Every key of a run's configuration (the resolved dict is written beside each output).
 default_conf: dict[str, Any] = {
     "features": "rootsift",  # preset of retrieval.features.confs
-    "feature_model": {},  # overrides of the preset's "model" (e.g. {"path": ..., "pca_path": ...})
+    "feature_model": {},  # overrides of the preset's "model" (e.g. {"max_features": 4000})
+    "feature_preprocessing": {},  # overrides of the preset's "preprocessing" ({"max_side": 800})
     "codebook": {  # see retrieval.codebook.confs
         "size": 1024,
         "niter": 20,
@@ -137,7 +139,9 @@ def resolve_conf(conf: Mapping[str, Any] | None = None, **overrides: Any) -> dic
         for k, v in src.items():
             if k not in out:
                 raise ValueError(f"unknown retrieval option {k!r}; expected one of {sorted(out)}")
-            if k == "codebook" and isinstance(v, Mapping):
+            if k in ("codebook", "feature_model", "feature_preprocessing") and isinstance(
+                v, Mapping
+            ):
                 out[k].update(v)
             elif v is not None or k in ("alpha", "tau", "normalize", "top_k"):
                 out[k] = v
@@ -196,11 +200,35 @@ def feature_conf(conf: Mapping[str, Any]) -> dict[str, Any]:
         conf: a resolved run conf (:func:`resolve_conf`).
 
     Returns:
-        a deep copy of ``retrieval.features.confs[conf["features"]]`` whose ``model`` dict is
-        updated with ``conf["feature_model"]``; its ``output`` names the features folder.
+        a deep copy of ``retrieval.features.confs[conf["features"]]`` whose ``model`` and
+        ``preprocessing`` dicts are updated with ``conf["feature_model"]`` and
+        ``conf["feature_preprocessing"]``; its ``output`` (the features folder) names the
+        resulting budget, orientation and image size (:func:`retrieval.features.output_name`).
     """
     fc = copy.deepcopy(features_stage.confs[conf["features"]])
-    fc["model"].update(conf.get("feature_model") or {})
+    model = dict(conf.get("feature_model") or {})
+    pre = dict(conf.get("feature_preprocessing") or {})
+    bad = sorted(set(pre) - set(fc["preprocessing"]))
+    if bad:
+        raise ValueError(
+            f"unknown feature preprocessing option(s) {bad}; expected {sorted(fc['preprocessing'])}"
+        )
+    base = copy.deepcopy(fc)
+    fc["model"].update(model)
+    fc["preprocessing"].update(pre)
+    if model or pre:
+        fc["output"] = features_stage.output_name(fc)
+        # Settings the name does not spell out (a model file, SIFT thresholds) get a hash, so
+        # two configurations never share a features folder.
+        named = {"max_features", "upright", "max_side", "name"}
+        other = {
+            f"{part}.{k}": v
+            for part in ("model", "preprocessing")
+            for k, v in fc[part].items()
+            if k not in named and base[part].get(k) != v
+        }
+        if other:
+            fc["output"] += f"-{config_hash(other, 6)}"
     return fc
 
 
@@ -268,13 +296,14 @@ def extract_folder(
 
 def build_codebook(
     conf: Mapping[str, Any],
-    train_features: str | os.PathLike[str],
+    train_features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     training_set: str,
     out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Train the codebook on ``train_features``; returns ``codebook.npy``."""
+    """Train the codebook on ``train_features`` (one file or several pooled); returns
+    ``codebook.npy``."""
     fc = feature_conf(conf)
     cb = conf["codebook"]
     folder = (
@@ -754,15 +783,26 @@ def evaluate(
     return out, {"results": res, "metrics": metrics}
 
 
-def _verify_settings(conf: Mapping[str, Any]) -> tuple[Any, int, int | None]:
+def verification_conf(conf: Mapping[str, Any]) -> tuple[Any, int, int | None]:
+    """The spatial verification settings of a run: the features preset's ``verification``
+    defaults (RootSIFT: ratio test + mutual NN; DELF: 1-NN below 0.8), updated with the run's
+    ``verification`` dict (keys set to None keep the preset's value).
+
+    Args:
+        conf: a resolved run conf whose ``verification`` is not None.
+
+    Returns:
+        ``(VerificationConf, top_n, num_workers)``.
+    """
     from retrieval.verification import VerificationConf
 
-    ver = dict(conf.get("verification") or {})
+    ver = {k: v for k, v in dict(conf.get("verification") or {}).items() if v is not None}
     top_n = int(ver.pop("top_n", 100))
     workers = ver.pop("num_workers", None)
     if top_n < 1:
         raise ValueError(f"verification top_n must be >= 1, got {top_n}")
-    return VerificationConf(**ver), top_n, None if workers is None else int(workers)
+    preset = dict(feature_conf(conf).get("verification") or {})
+    return VerificationConf(**{**preset, **ver}), top_n, None if workers is None else int(workers)
 
 
 def verify(
@@ -791,7 +831,7 @@ def verify(
     from retrieval.evaluate import Protocol, evaluate_protocols
     from retrieval.verification import read_features_h5, rerank_revisited
 
-    vconf, top_n, workers = _verify_settings(conf)
+    vconf, top_n, workers = verification_conf(conf)
     ranks_path = Path(ranks_path)
     folder = ranks_path.parent.parent / (
         f"{ranks_path.parent.name}-gv{top_n}-{config_hash(asdict(vconf), 6)}"
@@ -833,9 +873,10 @@ def verify(
         depth = top_n + len(g.get("junk", [])) + extra
         needed.update(int(i) for i in ranks[:depth, q])
     t0 = time.perf_counter()
-    qf = read_features_h5(query_features, dataset.qimlist)
+    max_side = int(feature_conf(conf)["preprocessing"].get("max_side", 1024))
+    qf = read_features_h5(query_features, dataset.qimlist, max_side=max_side)
     names = [dataset.imlist[i] for i in sorted(needed)]
-    by_name = read_features_h5(db_features, names)
+    by_name = read_features_h5(db_features, names, max_side=max_side)
     dbf = {i: by_name[dataset.imlist[i]] for i in sorted(needed)}
     read_s = time.perf_counter() - t0
     gv = rerank_revisited(
@@ -903,7 +944,7 @@ def run(
     out_dir: str | os.PathLike[str],
     conf: Mapping[str, Any] | None = None,
     *,
-    codebook_images: str | os.PathLike[str] | None = None,
+    codebook_images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     codebook_dataset: str | os.PathLike[str] | None = None,
     codebook_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -915,7 +956,8 @@ def run(
             synthetic world's ``retrieval/``).
         out_dir: where the config-named folders go.
         conf: options (see :data:`default_conf`).
-        codebook_images: train the codebook on this image folder (another dataset).
+        codebook_images: train the codebook on this image folder (another dataset), or on
+            several folders pooled.
         codebook_dataset: or on the database images of another Revisited folder.
         codebook_path: or use an existing ``codebook.npy``.
     """
@@ -934,10 +976,20 @@ def run(
         cb_path = Path(codebook_path)
         training_set = codebook_tag(cb_path)
     else:
+        train_h5: Path | list[Path]
         if codebook_images is not None:
-            train_h5, training_set = extract_folder(
-                rc, codebook_images, out_dir, overwrite=overwrite
+            folders = (
+                [codebook_images]
+                if isinstance(codebook_images, str | os.PathLike)
+                else list(codebook_images)
             )
+            if not folders:
+                raise ValueError("codebook_images: no folder given")
+            done = [extract_folder(rc, d, out_dir, overwrite=overwrite) for d in folders]
+            train_h5 = [p for p, _ in done]
+            training_set = done[0][1]
+            if len(done) > 1:
+                training_set += f"+{len(done) - 1}-{config_hash({'sets': [n for _, n in done]}, 6)}"
         elif codebook_dataset is not None:
             other = RevisitedDataset.load(Path(codebook_dataset))
             train_h5, _ = extract(rc, other, out_dir, overwrite=overwrite, queries=False)

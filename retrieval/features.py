@@ -3,7 +3,14 @@
 Presets (:data:`confs`), hloc-style; the ``output`` name encodes the settings:
 
 * ``rootsift`` (default): OpenCV SIFT, the ``max_features`` strongest by response, RootSIFT
-  (L1-normalise, square root: unit L2 norm), 128-D. Runs offline everywhere.
+  (L1-normalise, square root: unit L2 norm), 128-D. Runs offline everywhere. ``upright`` drops
+  the dominant orientations (one descriptor per keypoint at angle 0, as for the upright
+  photos of Revisited Oxford/Paris). Image-size policy: the longer side is downscaled to
+  ``max_side`` (1,024 px, the size of the Revisited images) before extraction and keypoints
+  are stored in original pixels, so thresholds in pixels (spatial verification) refer to the
+  image at ``max_side``.
+* ``rootsift-n4000``: the same with a budget of 4,000 features per image (the classical
+  ASMK setups use several thousand; slower to extract, index and verify).
 * ``delf``: a DELF/DELG SavedModel directory as released with the DELF code. TF2 exports are
   called through ``signatures["serving_default"]``; TF1 exports through the graph tensors
   ``input_image``, ``input_scales``, ``input_abs_thres``, ``input_max_feature_num`` ->
@@ -58,6 +65,7 @@ __all__ = [
     "load_image",
     "main",
     "make_extractor",
+    "output_name",
     "read_datum",
     "read_descriptors",
     "read_features",
@@ -71,12 +79,14 @@ FORMAT_VERSION = 1
 
 DELF_SCALES = [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0]
 
-confs: dict[str, dict[str, Any]] = {
-    "rootsift": {
-        "output": "rootsift-n1000",  # folder / file name under features/
+
+def _rootsift(max_features: int) -> dict[str, Any]:
+    return {
+        "output": f"rootsift-n{max_features}",  # folder / file name (see output_name)
         "model": {
             "name": "rootsift",
-            "max_features": 1000,  # keep the strongest by SIFT response
+            "max_features": max_features,  # keep the strongest by SIFT response
+            "upright": False,  # True: one descriptor per keypoint at angle 0 (upright SIFT)
             "contrast_threshold": 0.04,  # OpenCV SIFT defaults
             "edge_threshold": 10.0,
             "sigma": 1.6,
@@ -87,7 +97,24 @@ confs: dict[str, dict[str, Any]] = {
             "exif_transpose": True,  # apply the EXIF orientation (keypoints in upright pixels)
             "grayscale": True,
         },
-    },
+        # Spatial verification defaults for these descriptors (retrieval.verification): nearly
+        # every RootSIFT 1-NN is closer than DELF's absolute 0.8-0.9, so RootSIFT matches by
+        # Lowe's ratio test (0.8, his paper's value) and mutual nearest neighbours. Below
+        # min_inliers a pair counts as unverified and keeps its first-stage place: with 3-point
+        # affine samples a few consistent matches arise by chance between unrelated photos.
+        "verification": {
+            "max_distance": None,
+            "ratio": 0.8,
+            "mutual": True,
+            "threshold": 10.0,  # pixels of the image at max_side
+            "min_inliers": 10,
+        },
+    }
+
+
+confs: dict[str, dict[str, Any]] = {
+    "rootsift": _rootsift(1000),
+    "rootsift-n4000": _rootsift(4000),
     "delf": {
         "output": "delf-n1000",
         "model": {
@@ -106,8 +133,36 @@ confs: dict[str, dict[str, Any]] = {
             "exif_transpose": True,
             "grayscale": False,
         },
+        # The DELF authors' matching: 1-NN with L2 distance below 0.8 (DELF match_images),
+        # affine RANSAC with a 10 px residual threshold.
+        "verification": {
+            "max_distance": 0.8,
+            "ratio": None,
+            "mutual": False,
+            "threshold": 10.0,
+            "min_inliers": 0,
+        },
     },
 }
+
+
+def output_name(conf: Mapping[str, Any]) -> str:
+    """The features folder name of a preset after overrides: ``<model>-n<budget>`` plus
+    ``-up`` (upright RootSIFT) and ``-r<max_side>`` when it differs from 1,024 px.
+
+    Args:
+        conf: a features preset (``model`` and ``preprocessing`` dicts).
+
+    Returns:
+        e.g. ``rootsift-n1000`` (the default preset), ``rootsift-n4000-up``, ``delf-n1000-r800``.
+    """
+    model, pre = conf["model"], conf.get("preprocessing", {})
+    name = f"{model['name']}-n{int(model['max_features'])}"
+    if model.get("upright"):
+        name += "-up"
+    if int(pre.get("max_side", 1024)) != 1024:
+        name += f"-r{int(pre['max_side'])}"
+    return name
 
 
 class BadImageError(ValueError):
@@ -238,6 +293,9 @@ class _RootSift:
         import cv2
 
         self.max_features = int(model["max_features"])
+        if self.max_features < 1:
+            raise ValueError(f"rootsift: max_features must be >= 1, got {self.max_features}")
+        self.upright = bool(model.get("upright", False))
         self.sift = cv2.SIFT_create(  # type: ignore[attr-defined]
             nfeatures=self.max_features,
             contrastThreshold=float(model.get("contrast_threshold", 0.04)),
@@ -246,8 +304,30 @@ class _RootSift:
         )
         self.dim = 128
 
+    @staticmethod
+    def _upright(kps: Sequence[Any]) -> list[Any]:
+        """One keypoint per (location, size, octave) at angle 0: SIFT repeats a keypoint for
+        each dominant orientation; the repeat with the strongest response is kept."""
+        import cv2
+
+        if not kps:
+            return []
+        rows = np.array([(*k.pt, k.size, k.response, k.octave) for k in kps], np.float64)
+        key = np.round(rows[:, [0, 1, 2]], 2)
+        order = np.lexsort((-rows[:, 3], rows[:, 4], key[:, 2], key[:, 1], key[:, 0]))
+        k = key[order]
+        first = np.r_[True, (np.diff(k, axis=0) != 0).any(axis=1) | (np.diff(rows[order, 4]) != 0)]
+        keep = rows[order[first]]
+        return [
+            cv2.KeyPoint(float(x), float(y), float(s), 0.0, float(r), int(o))
+            for x, y, s, r, o in keep
+        ]
+
     def __call__(self, img: np.ndarray) -> tuple[np.ndarray, ...]:
-        kps, desc = self.sift.detectAndCompute(img, None)
+        if self.upright:
+            kps, desc = self.sift.compute(img, self._upright(self.sift.detect(img, None)))
+        else:
+            kps, desc = self.sift.detectAndCompute(img, None)
         if desc is None or not kps:
             return (
                 np.zeros((0, 2), np.float32),

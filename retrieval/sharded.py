@@ -34,6 +34,7 @@ the tie-break by ascending id is preserved because local ids keep the global ord
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -211,8 +212,9 @@ class FeatureShards:
                 out[n] = d
         return [out[n] for n in names]
 
-    def read_local(self, names: Sequence[str]) -> dict[str, Any]:
-        """``{id: Features(keypoints, descriptors)}`` for spatial verification."""
+    def read_local(self, names: Sequence[str], *, max_side: int | None = None) -> dict[str, Any]:
+        """``{id: Features(keypoints, descriptors, scale)}`` for spatial verification
+        (``max_side``: see :func:`retrieval.verification.read_features_h5`)."""
         from retrieval.verification import read_features_h5
 
         where = self._where()
@@ -223,7 +225,7 @@ class FeatureShards:
             by_shard.setdefault(where[n], []).append(n)
         out: dict[str, Any] = {}
         for s, ns in by_shard.items():
-            out.update(read_features_h5(self.paths[s], ns))
+            out.update(read_features_h5(self.paths[s], ns, max_side=max_side))
         return out
 
     def sample_descriptors(self, max_descriptors: int, seed: int) -> tuple[np.ndarray, int]:
@@ -860,12 +862,14 @@ def _verification_shard(
         tuple(Path(p) for p in conf["db_paths"]), tuple(tuple(n) for n in conf["db_names"])
     )
     qnames = [ds.qimlist[int(i)] for i in qidx]
-    qfeat = qf.read_local(qnames)
+    vconf = dict(conf["verification"])
+    max_side = vconf.pop("max_side", None)
+    qfeat = qf.read_local(qnames, max_side=max_side)
     top_n = int(conf["top_n"])
     # Every protocol's head lies within the first top_n + (junk + easy + hard) ranks.
     depth = top_n + max(sum(len(g.get(k, [])) for k in ("junk", "easy", "hard")) for g in gnd)
     heads = np.unique(np.asarray(ranks[:depth]))
-    dbfeat_named = dbf.read_local([ds.imlist[int(d)] for d in heads])
+    dbfeat_named = dbf.read_local([ds.imlist[int(d)] for d in heads], max_side=max_side)
     dbfeat = {int(d): dbfeat_named[ds.imlist[int(d)]] for d in heads}
     res = rerank_revisited(
         np.asarray(ranks),
@@ -874,7 +878,7 @@ def _verification_shard(
         dbfeat,
         top_n=top_n,
         protocols=tuple(conf["protocols"]),
-        conf=VerificationConf(**conf["verification"]),
+        conf=VerificationConf(**vconf),
         num_workers=1,
     )
     for p, r in res.ranks.items():
@@ -1088,16 +1092,19 @@ def run(
         region_crop_items,
         resolve_conf,
         run_name,
+        verification_conf,
     )
     from retrieval.regions import read_regions_csv
 
     rc = resolve_conf(conf)
-    vconf = dict(rc.get("verification") or {})
-    if vconf:
-        verify = True
-        verify_top_n = int(vconf.pop("top_n", verify_top_n))
-        vconf.pop("num_workers", None)
     fc = feature_conf(rc)
+    vconf: dict[str, Any] = {}
+    if rc.get("verification") is not None or verify:
+        verify = True
+        ver = dict(rc.get("verification") or {})
+        ver.setdefault("top_n", verify_top_n)
+        vc, verify_top_n, _ = verification_conf({**rc, "verification": ver})
+        vconf = {**dataclasses.asdict(vc), "max_side": int(fc["preprocessing"]["max_side"])}
     ds = RevisitedDataset.load(Path(dataset_dir))
     out = Path(out_dir)
     fdir = out / "features" / fc["output"]

@@ -1,10 +1,24 @@
-"""Spatial verification: 1-NN descriptor matching, affine RANSAC and shortlist re-ranking.
+"""Spatial verification: descriptor matching, affine RANSAC and shortlist re-ranking.
 
-The protocol is the Detect-to-Retrieve authors' (DELF ``RerankByGeometricVerification``): the
-top 100 of the first-stage ranking (junk removed per protocol) are matched to the query by
-1-NN descriptor matching with L2 distance < 0.9; pairs with at least 4 putative matches run an
-affine RANSAC (3-point samples, 10 px residual threshold, 1000 trials); the shortlist is
-re-ranked by (inliers, first-stage score).
+The protocol follows the Detect-to-Retrieve authors' (DELF ``RerankByGeometricVerification``):
+the top 100 of the first-stage ranking (junk removed per protocol) are matched to the query;
+pairs with at least 4 putative matches run an affine RANSAC (3-point samples, 10 px residual
+threshold, 1000 trials); the shortlist is re-ranked by (inliers, first-stage score).
+
+Matching is per descriptor type (each features preset of :mod:`retrieval.features` carries
+its ``verification`` defaults, which :func:`retrieval.engine.verification_conf` applies):
+
+* DELF: 1-NN with L2 distance below ``max_distance`` (the authors' 0.8);
+* RootSIFT: Lowe's ratio test (``ratio`` 0.8: the nearest neighbour closer than 0.8 times the
+  second) and ``mutual`` nearest neighbours. An absolute distance does not work for RootSIFT:
+  nearly every 1-NN is closer than 0.9, and on real photos unrelated pairs then got as many
+  "inliers" (8-23) as hard positives.
+
+Re-ranking never punishes a lack of evidence: a pair with fewer than ``min_inliers`` inliers is
+*unverified* and keeps its first-stage order among the unverified; verified pairs go ahead of
+them, by inliers. The residual ``threshold`` is in pixels of the image at the features'
+extraction size (``max_side``, 1,024 px by default): keypoints are stored in original pixels,
+so it is scaled by the database image's ``scale`` (original pixels per extracted pixel).
 
 Here the RANSAC is vectorised over trials (closed-form 3-point affine fits, batched residuals)
 and seeded, matching uses faiss' exact search, and pairs run in a thread pool (faiss and numpy
@@ -13,14 +27,14 @@ plain loop over trials, like the authors' scikit-image code) is kept for tests a
 benchmark. The API is general: any two images' keypoints (N, 2) and descriptors (N, D) give an
 affine transform and an inlier mask (the annotation package reuses it for automatic boxes).
 
-Two notes on settings:
+Two more notes on settings:
 
 * one guard is added to the paper's RANSAC, on by default (``max_scale=10``): models that
   scale areas by more than 100x or less than 1/100 are refused. 1-NN matching is many-to-one,
   and without the guard a model collapsing many query points onto one database point counts
   those duplicates as inliers (an unrelated pair of real photos scored 59 "inliers");
-* the 0.9 descriptor distance is for DELF descriptors. Nearly every RootSIFT 1-NN is closer
-  than 0.9; ~0.45 works for RootSIFT (Sacre-Coeur pair 28 inliers, against Toronto 10).
+* the :class:`VerificationConf` defaults are the paper's (DELF, 1-NN below 0.9); the features
+  presets override them (RootSIFT: ratio 0.8, mutual, at least 10 inliers).
 """
 
 from __future__ import annotations
@@ -81,27 +95,48 @@ class Features(NamedTuple):
     Attributes:
         keypoints: (N, 2) float ``x, y`` in pixels.
         descriptors: (N, D) float32.
+        scale: original pixels per pixel of the image the features were extracted from (>= 1
+            when a large photo was downscaled); the RANSAC threshold of a pair is multiplied by
+            the second image's scale.
     """
 
     keypoints: np.ndarray
     descriptors: np.ndarray
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class VerificationConf:
-    """Spatial verification settings (defaults: the paper's)."""
+    """Spatial verification settings (defaults: the paper's, for DELF descriptors)."""
 
-    max_distance: float = 0.9  # 1-NN match kept when the L2 descriptor distance is below this
-    threshold: float = 10.0  # RANSAC inlier residual threshold, in pixels
+    max_distance: float | None = 0.9  # 1-NN kept when its L2 distance is below this (None: any)
+    ratio: float | None = None  # Lowe's ratio test: d(1-NN) < ratio * d(2-NN) (None: off)
+    mutual: bool = False  # keep only mutual nearest neighbours
+    threshold: float = 10.0  # RANSAC inlier residual threshold, pixels at extraction size
     trials: int = 1000  # RANSAC trials (3-point samples)
     seed: int = 0  # RANSAC seed (every pair uses it: results do not depend on order or threads)
     min_matches: int = 4  # pairs with fewer putative matches get 0 inliers
-    min_inliers: int = 0  # inlier counts below this are set to 0 when re-ranking
+    # Pairs with fewer inliers are unverified (counted 0): they keep their first-stage order.
+    min_inliers: int = 0
     # Reject affine models whose linear part scales areas by more than max_scale**2 or less
     # than 1 / max_scale**2 (None: off). Without it, many query points matched to one
     # database point (1-NN matching is many-to-one) give a collapsing model whose "inliers"
     # are those duplicates: on real photos this made unrelated pairs score 59 inliers.
     max_scale: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_distance is not None and not self.max_distance > 0:
+            raise ValueError(f"verification: max_distance must be > 0, got {self.max_distance}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"verification: ratio must be in (0, 1], got {self.ratio}")
+        if not self.threshold > 0:
+            raise ValueError(f"verification: threshold must be > 0 pixels, got {self.threshold}")
+        if self.trials < 1:
+            raise ValueError(f"verification: trials must be >= 1, got {self.trials}")
+        if self.min_inliers < 0 or self.min_matches < 0:
+            raise ValueError("verification: min_inliers and min_matches must be >= 0")
+        if self.max_scale is not None and not self.max_scale > 1:
+            raise ValueError(f"verification: max_scale must be > 1 or None, got {self.max_scale}")
 
 
 class AffineResult(NamedTuple):
@@ -168,16 +203,51 @@ def _check_descriptors(d1: npt.ArrayLike, d2: npt.ArrayLike) -> tuple[np.ndarray
 # --------------------------------------------------------------------------- matching
 
 
-def match_descriptors(
-    d1: npt.ArrayLike, d2: npt.ArrayLike, *, max_distance: float = 0.9
+def _select(
+    i: np.ndarray,
+    nn: np.ndarray,
+    dist: np.ndarray,
+    back: np.ndarray | None,
+    *,
+    max_distance: float | None,
+    ratio: float | None,
 ) -> np.ndarray:
-    """1-NN matches from ``d1`` to ``d2`` with L2 distance below ``max_distance`` (faiss, exact).
+    """The rule shared by both matchers: ``dist`` (N, 2) L2 distances to the first and second
+    neighbour (inf when absent), ``nn`` (N,) the first neighbour, ``back`` (M,) the nearest row
+    of image 1 for every row of image 2 (mutual check) or None."""
+    ok = np.isfinite(dist[:, 0])
+    if max_distance is not None:
+        ok &= dist[:, 0] < max_distance
+    if ratio is not None:
+        ok &= dist[:, 0] < ratio * dist[:, 1]
+    if back is not None:
+        ok &= back[np.where(ok, nn, 0)] == i
+    k = np.nonzero(ok)[0]
+    return np.stack([k, nn[k]], axis=1).astype(np.int64)
 
-    Several rows of ``d1`` may match the same row of ``d2`` (as the authors' k-d tree query).
+
+def match_descriptors(
+    d1: npt.ArrayLike,
+    d2: npt.ArrayLike,
+    *,
+    max_distance: float | None = 0.9,
+    ratio: float | None = None,
+    mutual: bool = False,
+) -> np.ndarray:
+    """Nearest-neighbour matches from ``d1`` to ``d2`` (faiss, exact search).
+
+    A row of ``d1`` matches its nearest row of ``d2`` when the L2 distance is below
+    ``max_distance``, it passes Lowe's ratio test (``d1st < ratio * d2nd``; a single
+    candidate always passes) and, with ``mutual``, it is also the nearest row of ``d1`` for that
+    row of ``d2``. Without ``mutual`` several rows may match the same row of ``d2`` (as the
+    authors' k-d tree query).
 
     Args:
         d1: (N, D) descriptors of image 1 (the query).
         d2: (M, D) descriptors of image 2.
+        max_distance: absolute L2 threshold on the nearest neighbour (None: off).
+        ratio: ratio-test threshold in (0, 1] (None: off).
+        mutual: keep mutual nearest neighbours only.
 
     Returns:
         (K, 2) int64 ``(i, j)`` pairs, sorted by ``i``.
@@ -187,27 +257,47 @@ def match_descriptors(
     a, b = _check_descriptors(d1, d2)
     if a.shape[0] == 0 or b.shape[0] == 0:
         return np.zeros((0, 2), np.int64)
-    _, nn = faiss.knn(a, b, 1)
-    j = nn[:, 0].astype(np.int64)
-    # Exact distance of the chosen neighbour (float64), so the threshold test is not subject to
+    k = 2 if ratio is not None and b.shape[0] > 1 else 1
+    _, nn = faiss.knn(a, b, k)
+    nn = nn.astype(np.int64)
+    # Exact distances of the chosen neighbours (float64), so the thresholds are not subject to
     # the float32 expansion error of the search.
-    dist2 = ((a.astype(np.float64) - b[j].astype(np.float64)) ** 2).sum(axis=1)
-    i = np.nonzero(dist2 < max_distance * max_distance)[0]
-    return np.stack([i, j[i]], axis=1).astype(np.int64)
+    a64 = a.astype(np.float64)
+    dist = np.full((a.shape[0], 2), np.inf)
+    for c in range(k):
+        dist[:, c] = np.sqrt(((a64 - b[nn[:, c]].astype(np.float64)) ** 2).sum(axis=1))
+    if k == 2:  # faiss orders by its float32 distances: reorder by the exact ones
+        swap = dist[:, 1] < dist[:, 0]
+        dist[swap] = dist[swap][:, ::-1]
+        nn[swap] = nn[swap][:, ::-1]
+    back = faiss.knn(b, a, 1)[1][:, 0].astype(np.int64) if mutual else None
+    i = np.arange(a.shape[0], dtype=np.int64)
+    return _select(i, nn[:, 0], dist, back, max_distance=max_distance, ratio=ratio)
 
 
 def match_descriptors_naive(
-    d1: npt.ArrayLike, d2: npt.ArrayLike, *, max_distance: float = 0.9
+    d1: npt.ArrayLike,
+    d2: npt.ArrayLike,
+    *,
+    max_distance: float | None = 0.9,
+    ratio: float | None = None,
+    mutual: bool = False,
 ) -> np.ndarray:
-    """Reference 1-NN matching with a scipy k-d tree (the authors' way); same output format."""
+    """Reference matching with scipy k-d trees (the authors' way); same rules and output."""
     from scipy.spatial import cKDTree
 
     a, b = _check_descriptors(d1, d2)
     if a.shape[0] == 0 or b.shape[0] == 0:
         return np.zeros((0, 2), np.int64)
-    dist, j = cKDTree(b).query(a, k=1, distance_upper_bound=max_distance)
-    i = np.nonzero(np.isfinite(dist) & (dist < max_distance))[0]
-    return np.stack([i, j[i]], axis=1).astype(np.int64)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    dist, j = cKDTree(b64).query(a64, k=2)
+    dist = np.asarray(dist, np.float64).reshape(a.shape[0], 2)
+    j = np.asarray(j, np.int64).reshape(a.shape[0], 2)
+    back = np.asarray(cKDTree(a64).query(b64, k=1)[1], np.int64) if mutual else None
+    i = np.arange(a.shape[0], dtype=np.int64)
+    return _select(
+        i, np.minimum(j[:, 0], b.shape[0] - 1), dist, back, max_distance=max_distance, ratio=ratio
+    )
 
 
 # --------------------------------------------------------------------------- RANSAC
@@ -430,13 +520,15 @@ def _verify(
     ransac: Callable[..., Any],
 ) -> PairResult:
     """Match with ``match``, then fit with ``ransac`` (fast or reference implementations)."""
-    m = match(f1.descriptors, f2.descriptors, max_distance=c.max_distance)
+    m = match(
+        f1.descriptors, f2.descriptors, max_distance=c.max_distance, ratio=c.ratio, mutual=c.mutual
+    )
     kp1 = np.asarray(f1.keypoints, dtype=np.float64)
     kp2 = np.asarray(f2.keypoints, dtype=np.float64)
     aff = ransac(
         kp1[m[:, 0]],
         kp2[m[:, 1]],
-        threshold=c.threshold,
+        threshold=c.threshold * float(getattr(f2, "scale", 1.0)),
         trials=c.trials,
         seed=c.seed,
         min_matches=c.min_matches,
@@ -652,11 +744,19 @@ def rerank_revisited(
     return RevisitedRerank(out, inliers, elapsed / max(nq, 1), len(pairs))
 
 
-def read_features_h5(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, Features]:
+def read_features_h5(
+    path: str | os.PathLike[str], keys: Sequence[str], *, max_side: int | None = None
+) -> dict[str, Features]:
     """Read ``keypoints`` and ``descriptors`` of the given ids from a features HDF5, once.
 
     The layout is the project's (``/<id>/keypoints`` (N, 2) x, y pixels,
-    ``/<id>/descriptors`` (N, D)).
+    ``/<id>/descriptors`` (N, D), attribute ``image_size`` (w, h)).
+
+    Args:
+        path: the features file.
+        keys: image ids.
+        max_side: the extraction size of the features preset: each image's ``scale`` is
+            ``max(1, max(w, h) / max_side)`` (None: 1).
     """
     import h5py
 
@@ -668,8 +768,13 @@ def read_features_h5(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[
             g = f[k]
             if "keypoints" not in g or "descriptors" not in g:
                 raise ValueError(f"{path}: {k!r} lacks 'keypoints' or 'descriptors'")
+            scale = 1.0
+            size = g.attrs.get("image_size")
+            if max_side and size is not None and len(size) == 2:
+                scale = max(1.0, float(max(size)) / float(max_side))
             out[k] = Features(
                 np.asarray(g["keypoints"][()], dtype=np.float64),
                 np.asarray(g["descriptors"][()], dtype=np.float32),
+                scale,
             )
     return out

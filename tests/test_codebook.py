@@ -119,3 +119,29 @@ class TestFiles:
         (tmp_path / "bad.npy").write_bytes(b"garbage")
         with pytest.raises(ValueError, match="unreadable codebook"):
             load_codebook(tmp_path / "bad.npy")
+
+
+class TestTrainingSet:
+    def test_too_few_descriptors_per_word_warns(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        _features(tmp_path / "few.h5", [50] * 4)  # 200 descriptors
+        with caplog.at_level("WARNING", logger="retrieval.codebook"):
+            main({"size": 16, "niter": 2}, tmp_path / "few.h5", tmp_path / "cb16")
+        assert "12.5 per word" in caplog.text and "--codebook-images" in caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="retrieval.codebook"):
+            main({"size": 4, "niter": 2}, tmp_path / "few.h5", tmp_path / "cb4")  # 50 per word
+        assert "per word" not in caplog.text
+        meta = json.loads((tmp_path / "cb16" / "codebook.json").read_text())
+        assert meta["descriptors_per_word"] == 12.5
+
+    def test_several_files_pool_into_one_training_set(self, tmp_path: Path) -> None:
+        a = _features(tmp_path / "a.h5", [30, 20], seed=1)
+        b = _features(tmp_path / "b.h5", [40], seed=2)
+        x, total = sample_descriptors([tmp_path / "a.h5", tmp_path / "b.h5"], 0, 0)
+        assert total == 90
+        np.testing.assert_array_equal(x, np.concatenate([*a, *b]))
+        npy = main({"size": 4, "niter": 2}, [tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "cb")
+        meta = json.loads(npy.with_suffix(".json").read_text())
+        assert meta["training_set"] == "a.h5+b.h5" and meta["n_training_descriptors"] == 90

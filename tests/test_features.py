@@ -412,3 +412,48 @@ class TestDelf:
         c["model"]["path"] = str(tmp_path)
         with pytest.raises(FileNotFoundError, match=r"saved_model\.pb"):
             F.make_extractor(c)
+
+
+class TestBudgetAndUpright:
+    def test_upright_one_descriptor_per_keypoint_at_angle_zero(self, tmp_path: Path) -> None:
+        img = texture(300, 400, seed=3)
+        p = save(tmp_path / "u.png", img)
+        c = conf()
+        c["model"].update(max_features=400, upright=True)
+        feats, _ = extract_image(F.make_extractor(c), ImageItem("u", p), c)
+        kp = feats.keypoints
+        n = kp.shape[0]
+        assert n > 50
+        # SIFT repeats a keypoint per dominant orientation; upright keeps one per location/size
+        rows = np.round(np.c_[kp, feats.scales], 2)
+        assert np.unique(rows, axis=0).shape[0] == n
+        # the helper: one keypoint per (location, size, octave), the strongest, at angle 0
+        sift = cv2.SIFT_create(nfeatures=400)  # type: ignore[attr-defined]
+        raw = sift.detect(img, None)
+        up = F._RootSift._upright(raw)
+        assert all(k.angle == 0.0 for k in up)
+        assert len(raw) > len(up) == len({(k.pt, k.size, k.octave) for k in raw})
+        # ... which differ from the oriented ones (rotation invariance is switched off)
+        c2 = conf()
+        c2["model"]["max_features"] = 400
+        oriented, _ = extract_image(F.make_extractor(c2), ImageItem("u", p), c2)
+        assert not np.allclose(
+            oriented.descriptors[:n], feats.descriptors[: oriented.descriptors.shape[0]]
+        )
+
+    def test_budget_and_names(self) -> None:
+        from retrieval.engine import feature_conf, resolve_conf
+
+        assert feature_conf(resolve_conf())["output"] == "rootsift-n1000"
+        fc = feature_conf(resolve_conf(feature_model={"max_features": 4000, "upright": True}))
+        assert fc["output"] == "rootsift-n4000-up" and fc["model"]["max_features"] == 4000
+        assert feature_conf(resolve_conf(features="rootsift-n4000"))["output"] == "rootsift-n4000"
+        small = feature_conf(resolve_conf(feature_preprocessing={"max_side": 800}))
+        assert small["output"] == "rootsift-n1000-r800"
+        # a setting the name does not spell out still gets its own folder
+        other = feature_conf(resolve_conf(feature_model={"contrast_threshold": 0.02}))
+        assert other["output"].startswith("rootsift-n1000-") and other["output"] != "rootsift-n1000"
+        with pytest.raises(ValueError, match="preprocessing"):
+            feature_conf(resolve_conf(feature_preprocessing={"max_size": 3}))
+        with pytest.raises(ValueError, match="max_features"):
+            F.make_extractor({**conf(), "model": {**conf()["model"], "max_features": 0}})

@@ -395,3 +395,149 @@ def test_real_case_landmark_photos(shared_data: Path) -> None:
     assert same >= 20
     assert other <= 15
     assert same >= 2 * other
+
+
+def _brute_rule(
+    d1: np.ndarray, d2: np.ndarray, max_distance: float | None, ratio: float | None, mutual: bool
+) -> np.ndarray:
+    """Obviously-correct matching: the full distance matrix, then the rules one by one."""
+    dist = np.sqrt(((d1[:, None, :].astype(np.float64) - d2[None, :, :]) ** 2).sum(axis=2))
+    out = []
+    for i in range(d1.shape[0]):
+        order = np.argsort(dist[i], kind="stable")
+        j = int(order[0])
+        first = dist[i, j]
+        second = dist[i, order[1]] if d2.shape[0] > 1 else np.inf
+        if max_distance is not None and not first < max_distance:
+            continue
+        if ratio is not None and not first < ratio * second:
+            continue
+        if mutual and int(np.argmin(dist[:, j])) != i:
+            continue
+        out.append((i, j))
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+class TestMatchingRules:
+    @pytest.mark.parametrize(
+        ("max_distance", "ratio", "mutual"),
+        [
+            (None, 0.8, False),
+            (None, 0.8, True),
+            (0.9, None, True),
+            (0.7, 0.9, True),
+            (None, None, False),
+        ],
+    )
+    def test_matches_brute_force(
+        self, max_distance: float | None, ratio: float | None, mutual: bool
+    ) -> None:
+        rng = np.random.default_rng(1)
+        d2 = _unit(rng, 200, 16)
+        d1 = d2[:60] + 0.15 * rng.standard_normal((60, 16)).astype(np.float32)
+        d1 = np.concatenate([d1 / np.linalg.norm(d1, axis=1, keepdims=True), _unit(rng, 90, 16)])
+        ref = _brute_rule(d1, d2, max_distance, ratio, mutual)
+        kw = {"max_distance": max_distance, "ratio": ratio, "mutual": mutual}
+        np.testing.assert_array_equal(match_descriptors(d1, d2, **kw), ref)
+        np.testing.assert_array_equal(match_descriptors_naive(d1, d2, **kw), ref)
+        if ratio is not None or mutual:  # the rules only ever remove 1-NN matches
+            assert len(ref) < len(_brute_rule(d1, d2, max_distance, None, False))
+        if ratio is not None:  # ... and the ratio test keeps the true ones here
+            assert (ref[:, 0] < 60).mean() > 0.9
+
+    def test_ratio_rejects_ambiguous_and_mutual_rejects_many_to_one(self) -> None:
+        d2 = np.array([[1.0, 0.0], [0.0, 1.0], [0.7071, 0.7071]], np.float32)
+        # row 0: nearest d2[0] (0.1) but d2[2] is close too (ambiguous); row 1: clearly d2[1]
+        d1 = np.array([[0.92, 0.39], [0.05, 1.0], [0.0, 0.98]], np.float32)
+        assert match_descriptors(d1, d2, max_distance=None, ratio=0.8).tolist() == [[1, 1], [2, 1]]
+        # rows 1 and 2 both pick d2[1]; only its own nearest (row 2) survives the mutual check
+        m = match_descriptors(d1, d2, max_distance=None, ratio=0.8, mutual=True)
+        assert m.tolist() == [[2, 1]]
+        # a single candidate always passes the ratio test
+        assert match_descriptors(d1[:1], d2[:1], max_distance=None, ratio=0.5).tolist() == [[0, 0]]
+
+
+class TestVerificationConf:
+    def test_exception(self) -> None:
+        for bad in (
+            {"ratio": 0.0},
+            {"ratio": 1.5},
+            {"max_distance": -1.0},
+            {"threshold": 0.0},
+            {"trials": 0},
+            {"min_inliers": -1},
+            {"max_scale": 1.0},
+        ):
+            with pytest.raises(ValueError, match="verification"):
+                VerificationConf(**bad)  # type: ignore[arg-type]
+
+    def test_feature_presets_carry_their_matching(self) -> None:
+        """RootSIFT verifies with the ratio test + mutual NN and a minimum inlier count; DELF
+        with the authors' absolute 0.8; run settings override the preset key by key."""
+        from retrieval.engine import resolve_conf, verification_conf
+
+        sift, top_n, _ = verification_conf(resolve_conf(verification={}))
+        assert (sift.max_distance, sift.ratio, sift.mutual, sift.min_inliers) == (
+            None,
+            0.8,
+            True,
+            10,
+        )
+        assert top_n == 100
+        delf, _, _ = verification_conf(resolve_conf(features="delf", verification={}))
+        assert (delf.max_distance, delf.ratio, delf.mutual) == (0.8, None, False)
+        over, top_n, _ = verification_conf(
+            resolve_conf(verification={"min_inliers": 4, "ratio": None, "top_n": 7})
+        )
+        assert (over.min_inliers, over.ratio, over.mutual, top_n) == (4, 0.8, True, 7)
+
+    def test_threshold_scales_with_downscaled_images(self) -> None:
+        """The RANSAC threshold is in pixels of the image at extraction size: a database image
+        stored at 4x (scale 4) tolerates 4x the residual in its original pixels."""
+        rng = np.random.default_rng(3)
+        p1 = rng.uniform(0, 500, (40, 2))
+        p2 = 4.0 * p1 + rng.normal(0, 12.0, (40, 2))  # ~17 px residuals in original pixels
+        d = _unit(rng, 40, 16)
+        q = Features(p1, d)
+        conf = VerificationConf(max_distance=None, ratio=0.8, mutual=True, threshold=10.0)
+        tight = verify_pair(q, Features(p2, d), conf).num_inliers
+        scaled = verify_pair(q, Features(p2, d, 4.0), conf).num_inliers
+        assert scaled >= 38 > tight
+
+
+class TestUnverifiedKeepOrder:
+    def test_below_min_inliers_keeps_first_stage_order(self) -> None:
+        """Pairs under min_inliers are unverified: they keep their first-stage order, and only
+        verified pairs move ahead of them (nothing moves down for lack of evidence)."""
+        from retrieval.verification import _rerank_order
+
+        inl = np.array([3, 0, 25, 9, 12, 5])
+        inl_gated = np.where(inl >= 10, inl, 0)
+        order = _rerank_order(inl_gated, np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]))
+        assert order.tolist() == [2, 4, 0, 1, 3, 5]
+
+
+def test_real_case_landmark_photos_preset(shared_data: Path) -> None:
+    """With the RootSIFT preset's matching, unrelated real photos stay below min_inliers and
+    same-landmark views pass it (photos outside the retrieval benchmark)."""
+    from retrieval.features import ImageItem, confs, extract_image, make_extractor
+
+    fc = confs["rootsift"]
+    conf = VerificationConf(**fc["verification"])
+    extractor = make_extractor(fc)
+
+    def feats(path: Path) -> Features:
+        f, size = extract_image(extractor, ImageItem(path.stem, path), fc)
+        scale = max(1.0, max(size) / fc["preprocessing"]["max_side"])
+        return Features(f.keypoints.astype(np.float64), f.descriptors, scale)
+
+    root = shared_data / "landmark_photos"
+    a = feats(root / "roma_assets" / "sacre_coeur_A.jpg")
+    b = feats(root / "roma_assets" / "sacre_coeur_B.jpg")
+    c = feats(root / "lightglue_assets" / "sacre_coeur1.jpg")
+    t = feats(root / "roma_assets" / "toronto_A.jpg")
+    p = feats(root / "sklearn_china_summer_palace.jpg")
+    same = [verify_pair(a, b, conf).num_inliers, verify_pair(a, c, conf).num_inliers]
+    other = [verify_pair(x, y, conf).num_inliers for x, y in ((a, t), (b, t), (a, p), (t, p))]
+    assert min(same) >= conf.min_inliers
+    assert max(other) < conf.min_inliers

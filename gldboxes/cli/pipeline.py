@@ -46,7 +46,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "features": "rootsift",  # retrieval.features preset
         "feature_model": {},  # overrides of the features preset's model (DELF: path, pca_path)
         "codebook_size": 1024,  # visual words
-        "verification": {"top_n": 100, "max_distance": 0.45},  # RootSIFT: L2 < 0.45
+        # Spatial verification of the top N; matching and thresholds are the features
+        # preset's (retrieval.features.confs[...]["verification"]: RootSIFT ratio + mutual).
+        "verification": {"top_n": 100},
         "oracle": True,  # also index with the ground-truth boxes (upper bound)
         "views": True,  # build the FiftyOne datasets (needs the `view` extra)
     },
@@ -65,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "features": "rootsift",
         "feature_model": {},
         "codebook_size": 128,
-        "verification": {"top_n": 20, "max_distance": 0.45},
+        "verification": {"top_n": 20},
         "oracle": True,
         "views": False,
     },
@@ -421,7 +423,7 @@ def _detector(conf: Mapping[str, Any], world: Path, split_dir: Path, out: Path) 
         run_dir = train.main(dconf, rec, out / "detector", steps=int(conf["detector_steps"]))
         metrics = det_eval.load_metrics(det_eval.main(run_dir, rec, split="val"))
         base = det_eval.load_metrics(det_eval.main(run_dir, rec, split="val", checkpoint="init"))
-        model = det_export.main(run_dir)
+        model = det_export.main(run_dir, validation=metrics)
     with _stage("detector: boxes on the retrieval database"):
         db_boxes = inference.main(
             model, world / "retrieval" / "jpg", out / "detector" / "db_boxes.csv", threshold=0.0
