@@ -186,13 +186,27 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
         help="fewer inliers: unverified, first-stage order kept (preset: rootsift 10, delf 0)",
     )
     p.add_argument("--gv-trials", type=int, help="RANSAC trials (default 1000)")
+    p.add_argument(
+        "--gv-max-scale",
+        type=float,
+        help="refuse affine models scaling areas beyond this squared (default 10; inf: off)",
+    )
 
 
 def _verification_conf(args: argparse.Namespace) -> dict[str, Any] | None:
     """The run's ``verification`` dict from the ``--gv-*`` options (None: no verification)."""
     if not getattr(args, "verify", False):
         return None
-    keys = ("top_n", "max_distance", "ratio", "mutual", "threshold", "min_inliers", "trials")
+    keys = (
+        "top_n",
+        "max_distance",
+        "ratio",
+        "mutual",
+        "threshold",
+        "min_inliers",
+        "trials",
+        "max_scale",
+    )
     return {k: getattr(args, f"gv_{k}") for k in keys if getattr(args, f"gv_{k}") is not None}
 
 
