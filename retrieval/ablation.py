@@ -123,7 +123,7 @@ def _source_settings(
             from retrieval.regions import confs as rconfs
 
             rc = copy.deepcopy(rconfs["ss-1"])
-            rc.update({"output": f"regions-ss-{int(n)}", "top_n": int(n)})
+            rc.update({"output": f"regions-ss-{int(n)}-s{rc['min_size']:g}", "top_n": int(n)})
             out.append(("selective_search", str(int(n)), {"regions": rc}))
     if conf.get("gt"):
         extra: dict[str, Any] = {"regions": "gt"}

@@ -84,6 +84,7 @@ __all__ = [
     "feature_conf",
     "region_conf",
     "region_crop_items",
+    "region_norm_floor",
     "regional_descriptor_lists",
     "resolve_conf",
     "run",
@@ -122,6 +123,9 @@ default_conf: dict[str, Any] = {
     "region_threshold": None,  # detector score threshold overriding the preset's
     "region_features": "assign",  # "assign" (whole-image features in each box) | "reextract"
     "regional_search": None,  # None | "max" | "avg": D2R search, each region its own entry
+    # Regional search: floor of a region's word count in the ASMK normalisation, as a fraction
+    # of its image's (retrieval.inverted_file; None: REGION_NORM_FLOOR = 0.1; 0: plain ASMK).
+    "region_norm_floor": None,
     # Spatial verification after search; None: off. A dict of VerificationConf fields
     # (max_distance, threshold, trials, seed, min_matches, min_inliers, max_scale) plus
     # "top_n" (head verified per protocol, 100) and "num_workers" (threads, None: CPUs).
@@ -608,6 +612,20 @@ def aggregate_database(
     return batch, item_image
 
 
+def region_norm_floor(conf: Mapping[str, Any]) -> float | None:
+    """The normalisation floor of a run's regional-search index (None without regional search).
+
+    Args:
+        conf: a run conf; ``region_norm_floor`` None means the library default.
+    """
+    from retrieval.inverted_file import REGION_NORM_FLOOR
+
+    if not conf.get("regional_search"):
+        return None
+    rho = conf.get("region_norm_floor")
+    return float(REGION_NORM_FLOOR if rho is None else rho)
+
+
 def run_name(conf: Mapping[str, Any], training_set: str, dataset: str) -> str:
     """The config-named folder of a run's index and results.
 
@@ -669,6 +687,8 @@ def build_index(
     }
     if regions_csv is not None:
         ident["regions_mtime"] = os.stat(regions_csv).st_mtime_ns
+    if conf.get("regional_search"):  # the resolved floor: a changed default rebuilds
+        ident["region_norm_floor"] = region_norm_floor(conf)
     if regions_features is not None and conf.get("region_features") == "reextract":
         ident["regions_features_mtime"] = os.stat(regions_features).st_mtime_ns
     chash = config_hash(ident)
@@ -707,6 +727,7 @@ def build_index(
         },
         item_image=item_image,
         pooling=conf.get("regional_search") if item_image is not None else None,
+        region_norm_floor=region_norm_floor(conf) if item_image is not None else None,
     )
     ivf.save(path)
     write_config(path, conf)
@@ -801,7 +822,7 @@ def verification_conf(conf: Mapping[str, Any]) -> tuple[Any, int, int | None]:
     workers = ver.pop("num_workers", None)
     if top_n < 1:
         raise ValueError(f"verification top_n must be >= 1, got {top_n}")
-    preset = dict(feature_conf(conf).get("verification") or {})
+    preset = dict(feature_conf(resolve_conf(conf)).get("verification") or {})
     return VerificationConf(**{**preset, **ver}), top_n, None if workers is None else int(workers)
 
 
@@ -873,7 +894,7 @@ def verify(
         depth = top_n + len(g.get("junk", [])) + extra
         needed.update(int(i) for i in ranks[:depth, q])
     t0 = time.perf_counter()
-    max_side = int(feature_conf(conf)["preprocessing"].get("max_side", 1024))
+    max_side = int(feature_conf(resolve_conf(conf))["preprocessing"].get("max_side", 1024))
     qf = read_features_h5(query_features, dataset.qimlist, max_side=max_side)
     names = [dataset.imlist[i] for i in sorted(needed)]
     by_name = read_features_h5(db_features, names, max_side=max_side)

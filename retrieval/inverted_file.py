@@ -17,6 +17,24 @@ every image at least one item) back to images, and the item scores are pooled pe
 ``max`` or ``avg`` (the mean over the image's items that have words; an image none of whose
 items has words scores -1). Without ``item_image`` items are images (the classic index).
 
+The ASMK normalisation ``1 / sqrt(|W_q| |W_item|)`` favours items with few words: a region with
+a handful of words that happens to share one or two of them with the query gets a normalised
+score like a whole image matching tens of words, so many generic proposals (a grid, selective
+search) outvote the whole image by chance. Regional indexes therefore floor the item side of the
+normalisation at a fraction ``rho`` (``region_norm_floor``) of the words of the item's whole
+image (its first item, region 0)::
+
+    score(q, item) = sum_c sigma(u_c) / sqrt(|W_q| max(|W_item|, rho |W_image|))
+
+A region may still beat its whole image by matching more cleanly (less clutter in its words'
+aggregated residuals) and by up to ``1 / sqrt(rho)`` for its size, but a region holding fewer
+than ``rho`` of the image's words is scored as if it held that many. ``rho = 0`` is plain ASMK
+(indexes written before this option: header ``format_version`` 2, loaded with ``rho = 0``);
+the whole image itself is never affected (``|W_image| >= rho |W_image|``). The default
+``rho = 0.1`` (:data:`REGION_NORM_FLOOR`) binds only on regions holding under a tenth of their
+image's words (specks, slivers, empty sky): the oracle boxes of the synthetic world, small
+landmarks, keep their full gain, which a floor of 0.25 or more already takes away.
+
 Scoring a batch of queries gathers the postings of all query words at once, computes word
 similarities and their selectivity, and accumulates per (query, image) with one
 ``np.bincount``. Float words: dot products, then the selectivity. Binary words: the popcount of
@@ -64,7 +82,9 @@ __all__ = [
     "BACKENDS",
     "FORMAT_VERSION",
     "FORMAT_VERSION_REGIONAL",
+    "FORMAT_VERSION_REGIONAL_FLOOR",
     "POOLINGS",
+    "REGION_NORM_FLOOR",
     "InvertedFile",
     "top_k",
 ]
@@ -75,6 +95,12 @@ FORMAT_VERSION = 1
 #: Version written for regional-search indexes (an ``item_image`` array; older readers refuse
 #: it instead of silently ranking regions as images). Both versions are read.
 FORMAT_VERSION_REGIONAL = 2
+#: Version written for regional indexes with a normalisation floor ``region_norm_floor > 0``
+#: (older readers would score them without it, so they must refuse them). Versions 1 and 2 load
+#: with ``region_norm_floor = 0``, the scoring they were written with.
+FORMAT_VERSION_REGIONAL_FLOOR = 3
+#: Default ``rho`` of :meth:`InvertedFile.build` for regional indexes (see the module docstring).
+REGION_NORM_FLOOR = 0.1
 POOLINGS = ("max", "avg")
 #: Scoring backends of :meth:`InvertedFile.item_scores`.
 BACKENDS = ("numba", "numpy")
@@ -183,6 +209,10 @@ class InvertedFile:
         item_image: regional search: uint32 (n_items,) image of each item, non-decreasing,
             every image in ``0..n_images-1`` owning at least one item; None: items are images.
         pooling: regional search: ``"max"`` (eq. 3) or ``"avg"`` (eq. 4); None otherwise.
+        region_norm_floor: regional search: ``rho`` in [0, 1], the floor of an item's word count
+            in the normalisation as a fraction of its image's first item (region 0); 0: plain
+            ASMK normalisation (the default of the constructor; :meth:`build` defaults to
+            :data:`REGION_NORM_FLOOR`). Must be 0 for a non-regional index.
     """
 
     offsets: np.ndarray
@@ -197,6 +227,7 @@ class InvertedFile:
     meta: dict[str, Any] = field(default_factory=dict)
     item_image: np.ndarray | None = None
     pooling: str | None = None
+    region_norm_floor: float = 0.0
 
     def __post_init__(self) -> None:
         dim = self.dim
@@ -219,7 +250,16 @@ class InvertedFile:
             )
         if (self.item_image is None) != (self.pooling is None):
             raise ValueError("InvertedFile: item_image and pooling go together (regional search)")
+        rho = self.region_norm_floor
+        real = isinstance(rho, int | float | np.integer | np.floating) and not isinstance(rho, bool)
+        if not real or not 0.0 <= rho <= 1.0:
+            raise ValueError(f"InvertedFile: region_norm_floor must be in [0, 1], got {rho!r}")
+        object.__setattr__(self, "region_norm_floor", float(rho))
         if self.item_image is None:
+            if rho != 0.0:
+                raise ValueError(
+                    "InvertedFile: region_norm_floor applies to regional search only (item_image)"
+                )
             return
         if self.pooling not in POOLINGS:
             raise ValueError(f"InvertedFile: pooling must be one of {POOLINGS}, got {self.pooling}")
@@ -250,6 +290,7 @@ class InvertedFile:
         meta: Mapping[str, Any] | None = None,
         item_image: np.ndarray | None = None,
         pooling: str | None = None,
+        region_norm_floor: float | None = None,
     ) -> InvertedFile:
         """Build from an aggregated database (image ``i`` of the batch gets id ``i``).
 
@@ -261,6 +302,8 @@ class InvertedFile:
             item_image: regional search: int (n_items,) image of each item of ``batch`` (sorted,
                 every image at least one item); None: the batch's entries are the images.
             pooling: with ``item_image``: ``"max"`` or ``"avg"`` pooling of item scores.
+            region_norm_floor: with ``item_image``: ``rho`` of the normalisation floor (None:
+                :data:`REGION_NORM_FLOOR`; 0: plain ASMK). Ignored (0) without ``item_image``.
         """
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
@@ -289,6 +332,13 @@ class InvertedFile:
             meta=dict(meta or {}),
             item_image=None if item_image is None else np.asarray(item_image, np.uint32),
             pooling=pooling,
+            region_norm_floor=(
+                0.0
+                if item_image is None
+                else REGION_NORM_FLOOR
+                if region_norm_floor is None
+                else region_norm_floor
+            ),
         )
 
     # ------------------------------------------------------------------ properties
@@ -496,13 +546,27 @@ class InvertedFile:
             flat += np.bincount(key, weights=s, minlength=nq * n)
         return self._normalise(flat.reshape(nq, n), q)
 
+    def item_norm_words(self) -> np.ndarray:
+        """The item side of the normalisation: ``max(|W_item|, rho |W_image|)`` per item.
+
+        Returns:
+            float64 (n_items,); ``|W_item|`` itself when ``region_norm_floor`` is 0 (or the index
+            is not regional). ``|W_image|`` is the word count of the image's first item.
+        """
+        dn = self.words_per_image.astype(np.float64)
+        if self.item_image is None or self.region_norm_floor == 0.0 or not dn.size:
+            return dn
+        ii = self.item_image.astype(np.int64)
+        first = np.flatnonzero(np.r_[True, ii[1:] != ii[:-1]])  # region 0 of each image
+        return np.maximum(dn, self.region_norm_floor * dn[first][ii])
+
     def _normalise(self, out: np.ndarray, q: AggregatedBatch) -> np.ndarray:
         """Apply the ASMK normalisation to summed scores (in place) and mark empty sides -1."""
         qn = np.diff(q.offsets).astype(np.float64)
         dn = self.words_per_image.astype(np.float64)
         if self.normalize:
             with np.errstate(divide="ignore", invalid="ignore"):
-                out /= np.sqrt(qn[:, None] * dn[None, :])
+                out /= np.sqrt(qn[:, None] * self.item_norm_words()[None, :])
         out[qn == 0, :] = -1.0
         out[:, dn == 0] = -1.0
         return out
@@ -562,10 +626,18 @@ class InvertedFile:
     def header(self) -> dict[str, Any]:
         arrays = list(_ARRAYS) + ([] if self.item_image is None else ["item_image"])
         regional = self.item_image is not None
+        floor = self.region_norm_floor > 0.0
         return {
             "format": "gldboxes.inverted_file",
-            "format_version": FORMAT_VERSION_REGIONAL if regional else FORMAT_VERSION,
+            "format_version": (
+                FORMAT_VERSION_REGIONAL_FLOOR
+                if floor
+                else FORMAT_VERSION_REGIONAL
+                if regional
+                else FORMAT_VERSION
+            ),
             "pooling": self.pooling,
+            "region_norm_floor": self.region_norm_floor if regional else None,
             "n_items": self.n_items,
             "kernel": self.kernel,
             "dim": self.dim,
@@ -612,14 +684,22 @@ class InvertedFile:
         if not isinstance(h, dict) or h.get("format") != "gldboxes.inverted_file":
             raise ValueError(f"{hpath}: not a gldboxes inverted-file header")
         version = h.get("format_version")
-        if version not in (FORMAT_VERSION, FORMAT_VERSION_REGIONAL):
+        known = (FORMAT_VERSION, FORMAT_VERSION_REGIONAL, FORMAT_VERSION_REGIONAL_FLOOR)
+        if version not in known:
             raise ValueError(
                 f"{hpath}: format_version {version!r} is not supported (this gldboxes reads "
-                f"versions {FORMAT_VERSION} and {FORMAT_VERSION_REGIONAL}); rebuild the index"
+                f"versions {', '.join(map(str, known))}); rebuild the index"
             )
-        names = list(_ARRAYS) + (["item_image"] if version == FORMAT_VERSION_REGIONAL else [])
-        if version == FORMAT_VERSION_REGIONAL and "item_image" not in h.get("arrays", {}):
+        regional = version in (FORMAT_VERSION_REGIONAL, FORMAT_VERSION_REGIONAL_FLOOR)
+        names = list(_ARRAYS) + (["item_image"] if regional else [])
+        if regional and "item_image" not in h.get("arrays", {}):
             raise ValueError(f"{hpath}: a regional index header without an item_image array")
+        # Version 2 predates the floor: its scores were plain ASMK, and so they stay.
+        rho = 0.0
+        if version == FORMAT_VERSION_REGIONAL_FLOOR:
+            rho = float(h.get("region_norm_floor") or 0.0)
+        if version == FORMAT_VERSION_REGIONAL_FLOOR and not 0.0 < rho <= 1.0:
+            raise ValueError(f"{hpath}: region_norm_floor {rho} must be in (0, 1] in version 3")
         arrays: dict[str, np.ndarray] = {}
         for a in names:
             f = path / f"{a}.npy"
@@ -645,6 +725,7 @@ class InvertedFile:
             **arrays,
             item_image=item_image,
             pooling=h.get("pooling") if item_image is not None else None,
+            region_norm_floor=rho,
             dim=int(h["dim"]),
             kernel=str(h["kernel"]),
             alpha=float(h["alpha"]),

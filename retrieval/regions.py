@@ -14,6 +14,16 @@ source                    boxes added after the whole image                     
 ``whole``                 nothing (the single-image baseline)                           -
 ========================  ============================================================  =========
 
+Every source then goes through the same selection (:func:`select_regions`, preset keys
+``min_size`` and ``max_regions``): boxes whose width or height is below ``min_size`` of the
+image's width or height are dropped, the rest are sorted best score first (stable: the source's
+order among equal scores, e.g. the R-MAC grid coarse to fine) and at most ``max_regions`` are
+kept. Region 0 is never dropped. Generic proposals (selective search) include many slivers and
+tiny boxes with a handful of features; as items of a regional index they mostly add chance
+matches, so their presets drop boxes under a fifth of the image side by default (the R-MAC grid,
+whose smallest squares span half the short side, and detector / ground-truth boxes are not
+filtered by default).
+
 The stage :func:`main` writes a *regions CSV* in the boxes format (``id,box,score``), one row per
 region in region order, so row ``j`` of an image is ``region_j`` of the regional features
 (``id/region_j`` in the features HDF5). Region 0 is written explicitly as ``0.0 0.0 1.0 1.0``
@@ -47,6 +57,7 @@ from gldboxes.io import write_config
 
 __all__ = [
     "SOURCES",
+    "SS_MIN_SIZE",
     "WHOLE_IMAGE",
     "assign_features_to_regions",
     "compute_regions",
@@ -58,6 +69,7 @@ __all__ = [
     "regional_descriptors",
     "rmac_boxes",
     "rmac_grid",
+    "select_regions",
     "selective_search_boxes",
 ]
 
@@ -68,6 +80,10 @@ SOURCES = ("detector", "rmac", "selective_search", "gt", "whole")
 #: Region 0 of every image.
 WHOLE_IMAGE = Box(0.0, 0.0, 1.0, 1.0, 1.0)
 
+#: ``min_size`` of the selective-search presets: a proposal narrower or lower than this fraction
+#: of the image side is dropped (before taking the first ``top_n``).
+SS_MIN_SIZE = 0.2
+
 
 def _detector(threshold: float) -> dict[str, Any]:
     return {
@@ -75,6 +91,8 @@ def _detector(threshold: float) -> dict[str, Any]:
         "source": "detector",  # boxes from a detector's boxes CSV (id,box,score)
         "score_threshold": threshold,  # keep boxes with score >= threshold (paper: .7/.5/.3/.1)
         "max_boxes": None,  # keep at most this many boxes per image, best first (None: all)
+        "min_size": 0.0,  # drop boxes narrower/lower than this fraction of the image side
+        "max_regions": None,  # keep at most this many regions besides region 0 (None: all)
     }
 
 
@@ -84,18 +102,24 @@ def _rmac(levels: int) -> dict[str, Any]:
         "source": "rmac",  # R-MAC grid boxes (RMACB), Tolias et al.'s sampling
         "levels": levels,  # levels l = 1..L; level l has l x (l + m - 1) square regions
         "overlap": 0.4,  # desired overlap of neighbouring regions (Tolias: 0.4)
+        "min_size": 0.0,  # drop boxes narrower/lower than this fraction of the image side
+        "max_regions": None,  # keep at most this many regions besides region 0, coarse first
     }
 
 
-def _ss(top_n: int) -> dict[str, Any]:
+def _ss(top_n: int, min_size: float = SS_MIN_SIZE) -> dict[str, Any]:
     return {
-        "output": f"regions-ss-{top_n}",
+        # the suffix names the size filter (stale CSVs of the unfiltered presets never match)
+        "output": f"regions-ss-{top_n}" + (f"-s{min_size:g}" if min_size > 0 else ""),
         "source": "selective_search",  # OpenCV contrib ximgproc selective search
         "top_n": top_n,  # keep the first N proposals (OpenCV's rank order)
         "mode": "fast",  # "fast" or "quality" (switchToSelectiveSearchFast / Quality)
         "max_side": 256,  # run on the image downscaled to this long side (speed)
         "min_area": 0.01,  # drop proposals smaller than this fraction of the image
         "seed": 0,  # seeds libc rand(), which OpenCV's ranking uses (None: not seeded)
+        "min_size": min_size,  # drop proposals narrower/lower than this fraction of the image
+        # side, before taking the first top_n (slivers and specks carry a few chance words)
+        "max_regions": None,  # keep at most this many regions besides region 0 (None: top_n)
     }
 
 
@@ -107,6 +131,8 @@ confs: dict[str, dict[str, Any]] = {
     "gt": {
         "output": "regions-gt",
         "source": "gt",  # ground-truth landmark boxes (oracle), e.g. the world's boxes_gt.csv
+        "min_size": 0.0,  # drop boxes narrower/lower than this fraction of the image side
+        "max_regions": None,  # keep at most this many regions besides region 0 (None: all)
     },
     "whole": {
         "output": "regions-whole",
@@ -194,13 +220,15 @@ def selective_search_boxes(
     max_side: int | None = 256,
     min_area: float = 0.01,
     seed: int | None = 0,
+    min_size: float = 0.0,
 ) -> list[Box]:
     """The first ``top_n`` selective-search proposals (OpenCV contrib ``ximgproc``).
 
     OpenCV orders proposals by a randomised hierarchical rank (level times C ``rand()``); with
     ``seed`` set, ``rand()`` is seeded under a lock so the result is reproducible (this touches
-    the process-wide C generator). Exact duplicates and proposals under ``min_area`` are dropped
-    before taking the first ``top_n``.
+    the process-wide C generator). Exact duplicates, proposals under ``min_area`` and proposals
+    narrower or lower than ``min_size`` of the image side are dropped before taking the first
+    ``top_n``.
 
     Args:
         image: (H, W, 3) BGR or (H, W) grey uint8 image.
@@ -209,6 +237,7 @@ def selective_search_boxes(
         max_side: downscale so the long side is at most this (None: full size).
         min_area: minimum proposal area as a fraction of the image.
         seed: seed of the ranking randomness (None: unseeded, not reproducible).
+        min_size: minimum proposal width and height as a fraction of the image's (0: any).
 
     Returns:
         Up to ``top_n`` boxes, best-ranked first, score ``1 / (1 + rank)``.
@@ -252,6 +281,7 @@ def selective_search_boxes(
         raw = ss.process()
     rects: np.ndarray = np.asarray(raw, dtype=np.int64).reshape(-1, 4)  # x, y, w, h
     keep = rects[:, 2] * rects[:, 3] >= min_area * w * h
+    keep &= (rects[:, 2] >= min_size * w) & (rects[:, 3] >= min_size * h)
     rects = rects[keep]
     _, first = np.unique(rects, axis=0, return_index=True)
     rects = rects[np.sort(first)][:top_n]
@@ -279,6 +309,30 @@ def detector_boxes(
     return kept if max_boxes is None else kept[:max_boxes]
 
 
+def select_regions(
+    boxes: Sequence[Box], *, min_size: float = 0.0, max_regions: int | None = None
+) -> list[Box]:
+    """The selection every source goes through: size filter, best score first, cap.
+
+    Args:
+        boxes: a source's boxes (region 0 excluded); a box without a score counts as 1.0.
+        min_size: drop boxes whose width or height is below this fraction of the image's width
+            or height (normalised box sides, with a 1e-9 tolerance for rounding).
+        max_regions: keep at most this many (None: all).
+
+    Returns:
+        The kept boxes, by decreasing score (stable: the source's order among equal scores).
+    """
+    if not 0.0 <= min_size <= 1.0:
+        raise ValueError(f"select_regions: min_size must be in [0, 1], got {min_size}")
+    if max_regions is not None and max_regions < 0:
+        raise ValueError(f"select_regions: max_regions must be >= 0 or None, got {max_regions}")
+    tol = min_size - 1e-9
+    kept = [b for b in boxes if b.xmax - b.xmin >= tol and b.ymax - b.ymin >= tol]
+    kept.sort(key=lambda b: -(1.0 if b.score is None else b.score))
+    return kept if max_regions is None else kept[:max_regions]
+
+
 def compute_regions(
     conf: Mapping[str, Any],
     *,
@@ -289,6 +343,9 @@ def compute_regions(
 ) -> list[Box]:
     """All regions of one image under a preset: the whole image first, then the source's boxes.
 
+    The source's boxes go through :func:`select_regions` with the preset's ``min_size``
+    (default 0) and ``max_regions`` (default None); region 0 is always kept.
+
     Args:
         conf: a preset of :data:`confs` (or a dict with the same keys).
         width, height: image size in pixels (needed by ``rmac``).
@@ -297,31 +354,36 @@ def compute_regions(
             when the image has none.
     """
     source = conf.get("source")
-    regions = [WHOLE_IMAGE]
+    min_size = float(conf.get("min_size") or 0.0)
+    max_regions = conf.get("max_regions")
+    found: list[Box]
     if source == "whole":
-        return regions
-    if source == "detector":
-        return regions + detector_boxes(
+        found = []
+    elif source == "detector":
+        found = detector_boxes(
             boxes or [], score_threshold=conf["score_threshold"], max_boxes=conf.get("max_boxes")
         )
-    if source == "gt":
-        return regions + [Box(b.ymin, b.xmin, b.ymax, b.xmax, 1.0) for b in boxes or []]
-    if source == "rmac":
+    elif source == "gt":
+        found = [Box(b.ymin, b.xmin, b.ymax, b.xmax, 1.0) for b in boxes or []]
+    elif source == "rmac":
         if width is None or height is None:
             raise ValueError("compute_regions: the 'rmac' source needs width and height")
-        return regions + rmac_boxes(width, height, conf["levels"], overlap=conf.get("overlap", 0.4))
-    if source == "selective_search":
+        found = rmac_boxes(width, height, conf["levels"], overlap=conf.get("overlap", 0.4))
+    elif source == "selective_search":
         if image is None:
             raise ValueError("compute_regions: the 'selective_search' source needs the image")
-        return regions + selective_search_boxes(
+        found = selective_search_boxes(
             image,
             top_n=conf["top_n"],
             mode=conf.get("mode", "fast"),
             max_side=conf.get("max_side", 256),
             min_area=conf.get("min_area", 0.01),
             seed=conf.get("seed", 0),
+            min_size=min_size,
         )
-    raise ValueError(f"unknown region source {source!r}; expected one of {SOURCES}")
+    else:
+        raise ValueError(f"unknown region source {source!r}; expected one of {SOURCES}")
+    return [WHOLE_IMAGE, *select_regions(found, min_size=min_size, max_regions=max_regions)]
 
 
 # --------------------------------------------------------------------------- crops and features

@@ -319,6 +319,7 @@ def _aggregation_shard(
         },
         item_image=item_image,
         pooling=conf.get("regional_search") if item_image is not None else None,
+        region_norm_floor=conf.get("region_norm_floor"),
     )
     ivf.save(out / "index")
     st = ivf.stats()
@@ -434,6 +435,10 @@ def aggregation_stage(
         sconf["regions"] = Path(regions_csv).stem
         sconf["region_features"] = mode
         sconf["regional_search"] = pooling
+        if pooling:
+            from retrieval.engine import region_norm_floor
+
+            sconf["region_norm_floor"] = region_norm_floor(conf)
     sconf["config_hash"] = config_hash(sconf)
     stage = Stage(
         f"aggregate-{conf['kernel']}",
@@ -552,6 +557,7 @@ class ShardedInvertedFile:
         meta: Mapping[str, Any] | None = None,
         item_image: np.ndarray | None = None,
         pooling: str | None = None,
+        region_norm_floor: float | None = None,
     ) -> ShardedInvertedFile:
         """Build parts of ``part_size`` images from one aggregated database (in memory).
 
@@ -589,6 +595,7 @@ class ShardedInvertedFile:
                     normalize=normalize,
                     item_image=None if owner is None else owner[ia:ib] - a,
                     pooling=None if owner is None else pooling,
+                    region_norm_floor=region_norm_floor,
                 )
             )
             starts.append(a)
@@ -758,6 +765,7 @@ class ShardedInvertedFile:
                 ]
             ).astype(np.uint32),
             pooling=p0.pooling,
+            region_norm_floor=p0.region_norm_floor,
         )
 
 

@@ -23,7 +23,12 @@ from retrieval.aggregation import (
     aggregate_many,
     similarity,
 )
-from retrieval.inverted_file import FORMAT_VERSION_REGIONAL, InvertedFile
+from retrieval.inverted_file import (
+    FORMAT_VERSION_REGIONAL,
+    FORMAT_VERSION_REGIONAL_FLOOR,
+    REGION_NORM_FLOOR,
+    InvertedFile,
+)
 
 # --------------------------------------------------------------------------- paper references
 # Teichmann et al., CVPR 2019, section 4. X^(r) are the descriptors of region r (r = 0 the whole
@@ -192,16 +197,30 @@ def _d2r_world(
 
 
 def brute_pool(
-    images: list[list[np.ndarray]], queries: list[np.ndarray], cb: np.ndarray, pooling: str
+    images: list[list[np.ndarray]],
+    queries: list[np.ndarray],
+    cb: np.ndarray,
+    pooling: str,
+    rho: float = 0.0,
 ) -> np.ndarray:
-    """Eq. 3 (max) / eq. 4 (mean over regions with words) from one similarity per pair."""
-    params = KERNEL_SIMILARITY["asmk_star"]
+    """Eq. 3 (max) / eq. 4 (mean over regions with words) from one similarity per pair.
+
+    Each region's similarity is the unnormalised kernel divided by
+    ``sqrt(|W_q| max(|W_region|, rho |W_region 0|))`` (plain ASMK when ``rho = 0``).
+    """
+    params = {**KERNEL_SIMILARITY["asmk_star"], "normalize": False}
     out = np.zeros((len(queries), len(images)))
     for qi, qx in enumerate(queries):
         qa = aggregate(qx, cb, "asmk_star")
         for i, regs in enumerate(images):
             aggs = [aggregate(r, cb, "asmk_star") for r in regs]
-            s = [similarity(qa, a, **params) for a in aggs]
+            s = []
+            for a in aggs:
+                if a.n_words == 0 or qa.n_words == 0:
+                    s.append(-1.0)
+                    continue
+                norm = math.sqrt(qa.n_words * max(a.n_words, rho * aggs[0].n_words))
+                s.append(similarity(qa, a, **params) / norm)
             if qa.n_words == 0:
                 out[qi, i] = -1.0
             elif pooling == "max":
@@ -213,12 +232,14 @@ def brute_pool(
 
 
 def _d2r_index(
-    images: list[list[np.ndarray]], cb: np.ndarray, pooling: str
+    images: list[list[np.ndarray]], cb: np.ndarray, pooling: str, rho: float = 0.0
 ) -> tuple[InvertedFile, AggregatedBatch]:
     flat = [r for regs in images for r in regs]
     owner = np.repeat(np.arange(len(images)), [len(r) for r in images])
     batch = aggregate_many(flat, cb, "asmk_star")
-    ivf = InvertedFile.build(batch, cb.shape[0], "asmk_star", item_image=owner, pooling=pooling)
+    ivf = InvertedFile.build(
+        batch, cb.shape[0], "asmk_star", item_image=owner, pooling=pooling, region_norm_floor=rho
+    )
     return ivf, batch
 
 
@@ -268,7 +289,8 @@ class TestRegionalSearch:
         back = InvertedFile.load(ivf.save(tmp_path / "idx"))
         assert back.regional and back.pooling == "avg" and back.n_images == len(images)
         header = json.loads((tmp_path / "idx" / "header.json").read_text())
-        assert header["format_version"] == FORMAT_VERSION_REGIONAL
+        assert header["format_version"] == FORMAT_VERSION_REGIONAL  # rho = 0: plain ASMK
+        assert header["region_norm_floor"] == 0.0
         q = aggregate_many(queries, cb, "asmk_star")
         np.testing.assert_array_equal(back.scores(q), ivf.scores(q))
         (tmp_path / "idx" / "item_image.npy").unlink()
@@ -288,6 +310,117 @@ class TestRegionalSearch:
             InvertedFile.build(batch, 24, "asmk_star", item_image=owner[::-1], pooling="max")
         with pytest.raises(ValueError, match="one image per item"):
             InvertedFile.build(batch, 24, "asmk_star", item_image=owner[1:], pooling="max")
+
+
+def _tiny_regions_world(seed: int) -> tuple[list[list[np.ndarray]], np.ndarray, np.ndarray]:
+    """Images with many small random regions (generic proposals) besides the whole image."""
+    rng = np.random.default_rng(seed)
+    d = 32
+    cb = rng.standard_normal((48, d)).astype(np.float32)
+    base = rng.standard_normal((50, d)).astype(np.float32)
+    images = []
+    for i in range(10):
+        x = rng.standard_normal((int(rng.integers(40, 200)), d)).astype(np.float32)
+        if i % 2 == 0:
+            x = np.concatenate([x, base[:20] + 0.2 * rng.standard_normal((20, d))])
+        x = x.astype(np.float32)
+        n = x.shape[0]
+        cuts = [np.sort(rng.integers(0, n, 2)) for _ in range(int(rng.integers(0, 8)))]
+        images.append([x] + [x[a : a + max(b - a, 1)] for a, b in cuts])
+    images[3] = [images[3][0][:0], images[3][0][:5]]  # whole image (region 0) without words
+    q = (base[:30] + 0.1 * rng.standard_normal((30, d))).astype(np.float32)
+    return images, cb, q
+
+
+class TestRegionNormFloor:
+    """``score = sum sigma / sqrt(|W_q| max(|W_item|, rho |W_image|))`` for regional items."""
+
+    @pytest.mark.parametrize("rho", [0.0, 0.1, REGION_NORM_FLOOR, 1.0])
+    @pytest.mark.parametrize("pooling", ["max", "avg"])
+    def test_matches_reference(self, rho: float, pooling: str) -> None:
+        images, cb, q = _tiny_regions_world(rho > 0.2)
+        queries = [q, q[:7], q[:0]]
+        ivf, _ = _d2r_index(images, cb, pooling, rho)
+        qb = aggregate_many(queries, cb, "asmk_star")
+        want = brute_pool(images, queries, cb, pooling, rho)
+        np.testing.assert_allclose(ivf.scores(qb), want, rtol=1e-12, atol=1e-12)
+        a, b = ivf.item_scores(qb, backend="numba"), ivf.item_scores(qb, backend="numpy")
+        np.testing.assert_array_equal(a, b)  # bit for bit
+        if rho == 0.0:  # the floor off is exactly the old scoring
+            plain = InvertedFile(
+                **{k: getattr(ivf, k) for k in ("offsets", "image_ids", "data", "words_per_image")},
+                dim=ivf.dim,
+                kernel=ivf.kernel,
+                item_image=ivf.item_image,
+                pooling=pooling,
+            )
+            np.testing.assert_array_equal(plain.scores(qb), ivf.scores(qb))
+
+    def test_floor_limits_small_regions(self) -> None:
+        """A 3-word region sharing its words with the query beats its image without the floor
+        and is scored like a 0.25-of-the-image region with it; the whole image never changes."""
+        images, cb, q = _tiny_regions_world(0)
+        qb = aggregate_many([q], cb, "asmk_star")
+        plain = _d2r_index(images, cb, "max", 0.0)[0]
+        floored = _d2r_index(images, cb, "max", REGION_NORM_FLOOR)[0]
+        p, f = plain.item_scores(qb), floored.item_scores(qb)
+        words = np.asarray(plain.words_per_image, np.float64)
+        ii = np.asarray(plain.item_image, np.int64)
+        first = np.searchsorted(ii, ii)  # each item's region 0
+        whole = first == np.arange(ii.size)
+        np.testing.assert_array_equal(p[:, whole], f[:, whole])
+        small = words < REGION_NORM_FLOOR * words[first]
+        assert small.any()
+        has = p > 0
+        floor = np.maximum(words, REGION_NORM_FLOOR * words[first])
+        ratio = np.sqrt(np.divide(words, floor, out=np.ones_like(words), where=floor > 0))
+        np.testing.assert_allclose(f[has], (p * ratio[None, :])[has], rtol=1e-12)
+        assert np.all(f[:, small & has[0]] < p[:, small & has[0]])
+
+    def test_default_header_and_old_versions(self, tmp_path: Path) -> None:
+        images, cb, q = _tiny_regions_world(1)
+        flat = [r for regs in images for r in regs]
+        owner = np.repeat(np.arange(len(images)), [len(r) for r in images])
+        batch = aggregate_many(flat, cb, "asmk_star")
+        ivf = InvertedFile.build(batch, cb.shape[0], "asmk_star", item_image=owner, pooling="max")
+        assert ivf.region_norm_floor == REGION_NORM_FLOOR  # the build default
+        single = InvertedFile.build(batch, cb.shape[0], "asmk_star")
+        assert single.region_norm_floor == 0.0
+        back = InvertedFile.load(ivf.save(tmp_path / "idx"))
+        header = json.loads((tmp_path / "idx" / "header.json").read_text())
+        assert header["format_version"] == FORMAT_VERSION_REGIONAL_FLOOR
+        assert header["region_norm_floor"] == REGION_NORM_FLOOR
+        assert back.region_norm_floor == REGION_NORM_FLOOR
+        qb = aggregate_many([q], cb, "asmk_star")
+        np.testing.assert_array_equal(back.scores(qb), ivf.scores(qb))
+        # an index written before the floor (version 2, no key) loads with plain ASMK scoring
+        header["format_version"] = FORMAT_VERSION_REGIONAL
+        del header["region_norm_floor"]
+        (tmp_path / "idx" / "header.json").write_text(json.dumps(header))
+        old = InvertedFile.load(tmp_path / "idx")
+        assert old.region_norm_floor == 0.0
+        np.testing.assert_array_equal(
+            old.scores(qb), _d2r_index(images, cb, "max", 0.0)[0].scores(qb)
+        )
+
+    def test_exception(self) -> None:
+        images, cb, _ = _tiny_regions_world(2)
+        flat = [r for regs in images for r in regs]
+        owner = np.repeat(np.arange(len(images)), [len(r) for r in images])
+        batch = aggregate_many(flat, cb, "asmk_star")
+        for bad in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="region_norm_floor"):
+                InvertedFile.build(
+                    batch, 48, "asmk_star", item_image=owner, pooling="max", region_norm_floor=bad
+                )
+        ivf = InvertedFile.build(batch, 48, "asmk_star")
+        with pytest.raises(ValueError, match="regional search only"):
+            InvertedFile(
+                **{k: getattr(ivf, k) for k in ("offsets", "image_ids", "data", "words_per_image")},
+                dim=ivf.dim,
+                kernel=ivf.kernel,
+                region_norm_floor=0.5,
+            )
 
 
 # --------------------------------------------------------------------------- engine + CLI

@@ -12,6 +12,7 @@ import pytest
 from gldboxes.boxes import Box, write_boxes_csv
 from retrieval.datasets import save_gnd
 from retrieval.regions import (
+    SS_MIN_SIZE,
     WHOLE_IMAGE,
     assign_features_to_regions,
     compute_regions,
@@ -23,6 +24,7 @@ from retrieval.regions import (
     regional_descriptors,
     rmac_boxes,
     rmac_grid,
+    select_regions,
     selective_search_boxes,
 )
 
@@ -247,6 +249,88 @@ class TestComputeRegions:
             compute_regions(confs["ss-1"])
         with pytest.raises(ValueError, match="unknown region source"):
             compute_regions({"source": "edgeboxes"})
+
+
+class TestSelectRegions:
+    """The cap (``max_regions``) and size filter (``min_size``) every source goes through."""
+
+    @staticmethod
+    def _reference(boxes: list[Box], min_size: float, cap: int | None) -> list[Box]:
+        """Obviously correct: filter one by one, then repeatedly take the first best box."""
+        left = [b for b in boxes if min(b.xmax - b.xmin, b.ymax - b.ymin) >= min_size - 1e-9]
+        out = []
+        while left and (cap is None or len(out) < cap):
+            best = max(b.score if b.score is not None else 1.0 for b in left)
+            first = next(b for b in left if (b.score if b.score is not None else 1.0) == best)
+            out.append(first)
+            left.remove(first)
+        return out
+
+    def test_matches_reference(self) -> None:
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            n = int(rng.integers(0, 12))
+            c = rng.uniform(0, 1, (n, 4))
+            scores = rng.choice([0.2, 0.5, 0.9, None], n)  # ties and missing scores
+            boxes = [
+                Box(min(a, b), min(x, y), max(a, b), max(x, y), s)
+                for (a, x, b, y), s in zip(c, scores, strict=True)
+            ]
+            for min_size in (0.0, 0.1, 0.3):
+                for cap in (None, 0, 1, 3):
+                    got = select_regions(boxes, min_size=min_size, max_regions=cap)
+                    assert got == self._reference(boxes, min_size, cap)
+
+    def test_every_source(self) -> None:
+        """Region 0 stays; the filter and the cap apply to detector, gt, rmac, selective search."""
+        det = [
+            Box(0.0, 0.0, 0.9, 0.15, 0.95),  # a sliver: 0.15 wide
+            Box(0.1, 0.1, 0.6, 0.6, 0.5),
+            Box(0.2, 0.2, 0.9, 0.9, 0.8),
+        ]
+        extra = {"min_size": 0.2, "max_regions": 1}
+        regs = compute_regions({**confs["d2r-0.1"], **extra}, boxes=det)
+        assert regs == [WHOLE_IMAGE, det[2]]  # the sliver is dropped, then the best one
+        regs = compute_regions({**confs["gt"], **extra}, boxes=det)
+        assert len(regs) == 2 and regs[1].to_string() == det[1].to_string()  # file order
+        assert compute_regions({**confs["gt"], "max_regions": 0}, boxes=det) == [WHOLE_IMAGE]
+        grid = compute_regions(confs["rmacb-L3"], width=640, height=480)
+        capped = compute_regions({**confs["rmacb-L3"], "max_regions": 4}, width=640, height=480)
+        assert capped == grid[:5]  # equal scores: the grid's coarse-to-fine order
+        assert compute_regions({**confs["rmacb-L3"], "min_size": 0.6}, width=640, height=480) == [
+            WHOLE_IMAGE,
+            *grid[1:3],
+        ]  # only level 1 (2 squares of 480/640 = 0.75 x 1.0) spans 0.6 of both sides
+        img = _scene()
+        ss = compute_regions({**confs["ss-10"], "max_regions": 3}, image=img)
+        assert len(ss) == 4 and ss[0] == WHOLE_IMAGE
+        assert [b.score for b in ss[1:]] == sorted([b.score for b in ss[1:]], reverse=True)
+
+    def test_selective_search_filters_before_top_n(self) -> None:
+        img = _scene()
+        boxes = selective_search_boxes(img, top_n=5, max_side=160, seed=0, min_size=0.3)
+        assert len(boxes) == 5  # still top_n: the filter runs before the cut
+        assert all(min(b.xmax - b.xmin, b.ymax - b.ymin) >= 0.3 - 1e-9 for b in boxes)
+        assert [b.score for b in boxes] == pytest.approx([1 / (1 + r) for r in range(5)])
+        raw = selective_search_boxes(img, top_n=200, max_side=160, seed=0)
+        assert any(min(b.xmax - b.xmin, b.ymax - b.ymin) < 0.3 for b in raw)
+
+    def test_preset_names(self) -> None:
+        """Presets whose output changed are renamed (stale CSVs never match); others keep it."""
+        assert confs["ss-5"]["output"] == f"regions-ss-5-s{SS_MIN_SIZE:g}"
+        assert confs["ss-5"]["min_size"] == SS_MIN_SIZE > 0
+        for name in ("rmacb-L1", "rmacb-L2", "rmacb-L3", "gt", "d2r-0.3"):
+            assert confs[name]["output"] == f"regions-{name}"
+            assert confs[name]["min_size"] == 0.0 and confs[name]["max_regions"] is None
+        for name, conf in confs.items():
+            if name != "whole":
+                assert {"min_size", "max_regions"} <= set(conf), name
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="min_size"):
+            select_regions([], min_size=1.5)
+        with pytest.raises(ValueError, match="max_regions"):
+            select_regions([], max_regions=-1)
 
 
 class TestCropAndAssign:
