@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
+import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +24,14 @@ from PIL import Image
 import retrieval.features as F
 from retrieval.features import (
     ImageItem,
+    check_features,
     confs,
     extract_image,
     failures,
     load_image,
     main,
     read_datum,
+    read_descriptors,
     read_features,
     rootsift,
 )
@@ -221,6 +230,297 @@ class TestMain:
         c = copy.deepcopy(confs["delf"])
         with pytest.raises(ValueError, match=r"model\.path"):
             F.make_extractor(c)
+
+
+# ---------------------------------------------------------------------------- kill safety
+def _contents(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(file attributes, {id: (datasets, attributes)}) of every finished image of a file."""
+    images: dict[str, Any] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Group) and "done" in obj.attrs:
+            data = {k: v[()] for k, v in obj.items() if isinstance(v, h5py.Dataset)}
+            images[name] = (data, dict(obj.attrs))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+        return dict(f.attrs), images
+
+
+def assert_same_features(a: Path, b: Path) -> None:
+    """Two features files hold the same images, arrays (values and dtypes) and attributes."""
+    root_a, ia = _contents(a)
+    root_b, ib = _contents(b)
+    np.testing.assert_equal(root_a, root_b)
+    assert sorted(ia) == sorted(ib)
+    for name, (data, attrs) in ia.items():
+        data_b, attrs_b = ib[name]
+        assert sorted(data) == sorted(data_b) == ["descriptors", "keypoints", "scales", "scores"]
+        for k, v in data.items():
+            assert v.dtype == data_b[k].dtype, (name, k)
+            np.testing.assert_array_equal(v, data_b[k], err_msg=f"{name}/{k}")
+        np.testing.assert_equal(attrs, attrs_b)
+
+
+def _items(tmp_path: Path, n: int, h: int = 90, w: int = 120) -> list[ImageItem]:
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    return [ImageItem(f"im{i}", save(folder / f"{i}.png", texture(h, w, seed=i))) for i in range(n)]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, crash_at: int | None = None) -> list[str]:
+    """Record the images ``main`` extracts; raise _Crash once, on call ``crash_at`` (1-based)."""
+    calls: list[str] = []
+    seen = [0]
+    real = F.extract_image
+
+    def counting(ex: Any, item: ImageItem, c: Any) -> Any:
+        seen[0] += 1
+        if seen[0] == crash_at:
+            raise _Crash("simulated crash")
+        calls.append(item.name)
+        return real(ex, item, c)
+
+    monkeypatch.setattr(F, "extract_image", counting)
+    return calls
+
+
+class TestKillSafety:
+    @pytest.mark.slow
+    def test_kill9_resumes_and_equals_clean_run(self, tmp_path: Path) -> None:
+        """A real ``kill -9`` of ``gldboxes retrieval extract`` once chunks are committed: the
+        rerun extracts only the images of no committed chunk, and the final file equals a clean
+        run's, image by image."""
+        from retrieval.engine import extract_folder, resolve_conf
+
+        n = 40
+        imgs = tmp_path / "imgs"
+        imgs.mkdir()
+        for i in range(n):
+            save(imgs / f"im{i:02d}.png", texture(420, 560, seed=i))
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        cmd = [sys.executable, "-m", "gldboxes", "retrieval", "extract"]
+        cmd += ["--images", str(imgs), "--out", str(tmp_path / "run")]
+        feats_dir = tmp_path / "run" / "features" / "rootsift-n1000"
+        with open(tmp_path / "killed.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            deadline = time.monotonic() + 120
+            try:
+                while not list(feats_dir.glob("*.h5.partial.d/chunk-*.h5")):
+                    assert proc.poll() is None, "extraction ended before any chunk was committed"
+                    assert time.monotonic() < deadline, "no chunk committed within 120 s"
+                    time.sleep(0.005)
+            finally:
+                proc.send_signal(signal.SIGKILL)  # kill -9 (nothing if it has ended)
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert not list(feats_dir.glob("*.h5")), "killed too late: the run had finished"
+        (partial,) = feats_dir.glob("*.h5.partial.d")
+        committed = set()
+        for chunk in partial.glob("chunk-*.h5"):
+            committed |= set(_contents(chunk)[1])
+        assert 0 < len(committed) < n
+
+        rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        left = n - len(committed)
+        assert f"resuming, {left} of {n} images left" in rerun.stderr
+        assert f"{left} images extracted, {len(committed)} kept" in rerun.stderr
+        out = Path(rerun.stdout.split(": ", 1)[1].strip())
+        assert out.parent == feats_dir and out.exists() and not partial.exists()
+
+        clean, _ = extract_folder(resolve_conf(), imgs, tmp_path / "clean")
+        assert clean.name == out.name
+        assert_same_features(out, clean)
+        assert len(_contents(out)[1]) == n
+
+    def test_interrupted_run_keeps_committed_chunks(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        items = _items(tmp_path, 7)
+        ref = main(conf(), items, tmp_path / "ref.h5")
+        monkeypatch.setattr(F, "_COMMIT_IMAGES", 2, raising=False)
+        monkeypatch.setattr(F, "_COMMIT_SECONDS", 1e9, raising=False)
+        calls = _counting(monkeypatch, crash_at=6)
+        out = tmp_path / "f.h5"
+        with pytest.raises(_Crash):
+            main(conf(), items, out)
+        partial = tmp_path / "f.h5.partial.d"
+        # im0..im3 in two full chunks, im4 committed on the way out; nothing else left
+        assert sorted(p.name for p in partial.iterdir()) == [
+            "chunk-000000.h5",
+            "chunk-000001.h5",
+            "chunk-000002.h5",
+        ]
+        assert not out.exists()
+        shutil.copytree(partial, tmp_path / "saved")
+        calls.clear()
+        main(conf(), items, out)
+        assert calls == ["im5", "im6"]
+        assert not partial.exists()
+        assert_same_features(out, ref)
+        # killed after the merge, before the folder was removed: nothing is redone or re-merged
+        shutil.copytree(tmp_path / "saved", partial)
+        mtime = out.stat().st_mtime_ns
+        calls.clear()
+        main(conf(), items, out)
+        assert calls == [] and not partial.exists() and out.stat().st_mtime_ns == mtime
+
+    def test_torn_chunks_discarded(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        items = _items(tmp_path, 6)
+        ref = main(conf(), items, tmp_path / "ref.h5")
+        monkeypatch.setattr(F, "_COMMIT_IMAGES", 2, raising=False)
+        monkeypatch.setattr(F, "_COMMIT_SECONDS", 1e9, raising=False)
+        calls = _counting(monkeypatch, crash_at=5)
+        out = tmp_path / "f.h5"
+        with pytest.raises(_Crash):
+            main(conf(), items, out)
+        partial = tmp_path / "f.h5.partial.d"
+        # a committed chunk damaged on disk, and a chunk a kill tore while it was written
+        torn = partial / "chunk-000001.h5"
+        torn.write_bytes(torn.read_bytes()[:1000])
+        (partial / ".chunk-000002.h5.tmp").write_bytes(os.urandom(3000))
+        calls.clear()
+        with caplog.at_level(logging.INFO, logger="retrieval.features"):
+            main(conf(), items, out)
+        assert calls == ["im2", "im3", "im4", "im5"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and str(torn) in warnings[0] and "damaged" in warnings[0]
+        assert not partial.exists()
+        assert_same_features(out, ref)
+
+    def test_truncated_output_named_and_redone(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        items = _items(tmp_path, 6)
+        ref = main(conf(), items, tmp_path / "ref.h5")
+        out = main(conf(), items[:3], tmp_path / "f.h5")
+        # an interrupted later run committed im3 before the output got damaged on disk
+        monkeypatch.setattr(F, "_COMMIT_IMAGES", 1, raising=False)
+        calls = _counting(monkeypatch, crash_at=2)
+        with pytest.raises(_Crash):
+            main(conf(), items, out)
+        assert calls == ["im3"]
+        out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+        with pytest.raises(ValueError, match=re.escape(f"{out}: damaged features file")):
+            read_features(out, "im0")
+        calls.clear()
+        with caplog.at_level(logging.WARNING, logger="retrieval.features"):
+            main(conf(), items, out)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith(f"{out}: damaged features file")
+        assert calls == ["im0", "im1", "im2", "im4", "im5"]  # im3 kept from its chunk
+        assert_same_features(out, ref)
+        # a complete file whose image lost a dataset: that image is redone
+        with h5py.File(out, "a") as f:
+            del f["im1"]["scores"]
+        calls.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="retrieval.features"):
+            main(conf(), items, out)
+        assert calls == ["im1"]
+        assert "'im1'" in caplog.records[0].getMessage() and str(out) in caplog.text
+        assert_same_features(out, ref)
+
+
+# ---------------------------------------------------------------------------- validation
+def _feature_file(path: Path, name: str, kp: Any, desc: Any) -> Path:
+    n = len(kp)
+    with h5py.File(path, "w") as f:
+        g = f.create_group(name)
+        g.create_dataset("keypoints", data=kp)
+        g.create_dataset("descriptors", data=desc)
+        g.create_dataset("scales", data=np.ones(n, np.float32))
+        g.create_dataset("scores", data=np.ones(n, np.float32))
+        g.attrs["done"] = True
+    return path
+
+
+_RNG = np.random.default_rng(0)
+_KP = _RNG.uniform(0, 50, (5, 2)).astype(np.float32)
+_DESC = _RNG.random((5, 8)).astype(np.float32)
+_NAN = _DESC.copy()
+_NAN[2, 3] = np.nan
+_INF_KP = _KP.copy()
+_INF_KP[1, 0] = np.inf
+# (keypoints, descriptors, message, read_descriptors detects it: keypoint values are not read)
+BAD_FEATURES = {
+    "keypoints_3_columns": (np.zeros((5, 3), np.float32), _DESC, r"keypoints must be \(N, 2\)", 1),
+    "keypoints_flat": (np.zeros(10, np.float32), _DESC, r"keypoints must be \(N, 2\)", 1),
+    "keypoints_int": (_KP.astype(np.int32), _DESC, "keypoints must be a float", 1),
+    "descriptors_bytes": (_KP, np.full((5, 8), b"0.5"), "descriptors must be a float", 1),
+    "descriptors_int_strings": (
+        _KP,
+        np.array([str(i) for i in range(5)], dtype=h5py.string_dtype()),
+        "descriptors must be a float",
+        1,
+    ),
+    "descriptors_int": (_KP, (_DESC * 100).astype(np.int64), "descriptors must be a float", 1),
+    "descriptors_flat": (_KP, _DESC.ravel(), r"descriptors must be \(N, D\)", 1),
+    "count_mismatch": (_KP, _DESC[:4], "5 keypoints but 4 descriptors", 1),
+    "descriptors_nan": (_KP, _NAN, "descriptors hold NaN or inf", 1),
+    "keypoints_inf": (_INF_KP, _DESC, "keypoints hold NaN or inf", 0),
+}
+
+
+class TestReadValidation:
+    def test_smoke(self, tmp_path: Path) -> None:
+        p = _feature_file(tmp_path / "ok.h5", "a/region_1", _KP, _DESC.astype(np.float64))
+        feats = read_features(p, "a/region_1")
+        np.testing.assert_array_equal(feats.keypoints, _KP)
+        (d,) = read_descriptors(p, ["a/region_1"])
+        assert d.dtype == np.float32 and d.shape == (5, 8)
+        check_features(p, "x", np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
+        # descriptors-only files (codebook training sets) read without keypoints
+        with h5py.File(tmp_path / "d.h5", "w") as f:
+            f.create_dataset("b/descriptors", data=_DESC)
+        assert read_descriptors(tmp_path / "d.h5", ["b"])[0].shape == (5, 8)
+
+    @pytest.mark.parametrize("case", list(BAD_FEATURES))
+    def test_exception(self, tmp_path: Path, case: str) -> None:
+        kp, desc, msg, in_descriptors = BAD_FEATURES[case]
+        p = _feature_file(tmp_path / f"{case}.h5", "img/7", kp, desc)
+        with pytest.raises(ValueError, match=re.escape(f"{p}: image 'img/7': ") + msg):
+            read_features(p, "img/7")
+        if in_descriptors:
+            with pytest.raises(ValueError, match=re.escape(f"{p}: image 'img/7': ") + msg):
+                read_descriptors(p, ["img/7"])
+        with pytest.raises(ValueError, match=re.escape(f"{p}: image 'img/7': ") + msg):
+            check_features(p, "img/7", np.asarray(kp), np.asarray(desc))
+
+    def test_missing_and_damaged_files(self, tmp_path: Path) -> None:
+        p = _feature_file(tmp_path / "f.h5", "a", _KP, _DESC)
+        with h5py.File(p, "a") as f:
+            f.create_dataset("b/keypoints", data=_KP)  # no descriptors
+        no_desc = re.escape(f"{p}: image 'b' has no 'descriptors' dataset")
+        with pytest.raises(ValueError, match=no_desc):
+            read_features(p, "b")
+        with pytest.raises(ValueError, match=no_desc):
+            read_descriptors(p, ["a", "b"])
+        with pytest.raises(ValueError, match=re.escape(f"{p}: no features for image 'zz'")):
+            read_features(p, "zz")
+        with pytest.raises(FileNotFoundError, match=r"nope\.h5"):
+            read_features(tmp_path / "nope.h5", "a")
+        with pytest.raises(FileNotFoundError, match=r"nope\.h5"):
+            read_descriptors(tmp_path / "nope.h5", ["a"])
+        p.write_bytes(p.read_bytes()[:3000])  # truncated
+        for read in (
+            lambda: read_features(p, "a"),
+            lambda: read_descriptors(p, ["a"]),
+            lambda: failures(p),
+        ):
+            with pytest.raises(ValueError, match=re.escape(f"{p}: damaged features file")) as err:
+                read()
+            assert "\n" not in str(err.value)
+        (tmp_path / "text.h5").write_text("not HDF5\n")
+        with pytest.raises(ValueError, match=r"text\.h5: damaged features file"):
+            read_descriptors(tmp_path / "text.h5", ["a"])
 
 
 # ---------------------------------------------------------------------------- DELF

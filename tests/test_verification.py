@@ -541,3 +541,81 @@ def test_real_case_landmark_photos_preset(shared_data: Path) -> None:
     other = [verify_pair(x, y, conf).num_inliers for x, y in ((a, t), (b, t), (a, p), (t, p))]
     assert min(same) >= conf.min_inliers
     assert max(other) < conf.min_inliers
+
+
+class TestReadFeaturesH5Validation:
+    """read_features_h5 refuses malformed or damaged features with one ValueError naming the
+    file and the id."""
+
+    @staticmethod
+    def _write(path: Path, kp: np.ndarray, desc: np.ndarray) -> Path:
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            f.create_dataset("ok/keypoints", data=np.zeros((2, 2), np.float32))
+            f.create_dataset("ok/descriptors", data=np.ones((2, 8), np.float32))
+            f.create_dataset("img/3/keypoints", data=kp)
+            f.create_dataset("img/3/descriptors", data=desc)
+        return path
+
+    @pytest.mark.parametrize(
+        ("case", "msg"),
+        [
+            ("kp_3_columns", r"keypoints must be \(N, 2\)"),
+            ("kp_int", "keypoints must be a float"),
+            ("kp_nan", "keypoints hold NaN or inf"),
+            ("desc_bytes", "descriptors must be a float"),
+            ("desc_int_strings", "descriptors must be a float"),
+            ("desc_int", "descriptors must be a float"),
+            ("desc_flat", r"descriptors must be \(N, D\)"),
+            ("desc_inf", "descriptors hold NaN or inf"),
+            ("count_mismatch", "5 keypoints but 4 descriptors"),
+        ],
+    )
+    def test_exception(self, tmp_path: Path, case: str, msg: str) -> None:
+        import re
+
+        import h5py
+
+        rng = np.random.default_rng(0)
+        kp = rng.uniform(0, 50, (5, 2)).astype(np.float32)
+        desc = rng.random((5, 8)).astype(np.float32)
+        if case == "kp_3_columns":
+            kp = np.zeros((5, 3), np.float32)
+        elif case == "kp_int":
+            kp = kp.astype(np.int32)
+        elif case == "kp_nan":
+            kp[0, 1] = np.nan
+        elif case == "desc_bytes":
+            desc = np.full((5, 8), b"0.25")
+        elif case == "desc_int_strings":
+            desc = np.array([str(i) for i in range(5)], dtype=h5py.string_dtype())
+        elif case == "desc_int":
+            desc = (desc * 255).astype(np.uint8)
+        elif case == "desc_flat":
+            desc = desc.ravel()
+        elif case == "desc_inf":
+            desc[4, 7] = -np.inf
+        elif case == "count_mismatch":
+            desc = desc[:4]
+        path = self._write(tmp_path / f"{case}.h5", kp, desc)
+        assert list(read_features_h5(path, ["ok"])) == ["ok"]
+        with pytest.raises(ValueError, match=re.escape(f"{path}: image 'img/3': ") + msg):
+            read_features_h5(path, ["ok", "img/3"])
+
+    def test_damaged_and_missing_files(self, tmp_path: Path) -> None:
+        import re
+
+        rng = np.random.default_rng(1)
+        path = self._write(
+            tmp_path / "f.h5",
+            rng.random((5, 2)).astype(np.float32),
+            rng.random((5, 8)).astype(np.float32),
+        )
+        assert read_features_h5(path, ["img/3"])["img/3"].descriptors.shape == (5, 8)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(ValueError, match=re.escape(f"{path}: damaged features file")) as err:
+            read_features_h5(path, ["img/3"])
+        assert "\n" not in str(err.value)
+        with pytest.raises(FileNotFoundError, match=r"nope\.h5"):
+            read_features_h5(tmp_path / "nope.h5", ["a"])
