@@ -29,6 +29,11 @@ Executors:
   connects to an existing cluster instead, where the inputs and ``OUT_DIR`` must be on storage
   every node sees (a shared filesystem).
 
+A stage function raises :class:`NonRetryableError` for a failure that another attempt cannot fix
+(a dead URL, a file failing its checksum after the stage's own retries, an unsafe archive): both
+executors then record the shard as failed at once, without retrying it (on Ray the task returns
+the failure instead of raising, so Ray's ``retry_exceptions`` does not apply).
+
 Both show a tqdm bar over shards and return a :class:`StageReport`. Global steps (k-means on a
 sample gathered from shards, merging index parts, metrics) run on the driver, outside this
 module. Ray is imported lazily, only by :class:`RayExecutor`.
@@ -47,6 +52,7 @@ import logging
 import os
 import platform
 import shutil
+import tarfile
 import tempfile
 import time
 import uuid
@@ -65,6 +71,7 @@ __all__ = [
     "ENGINES",
     "FORMAT_VERSION",
     "Executor",
+    "NonRetryableError",
     "RayExecutor",
     "Resources",
     "SerialExecutor",
@@ -256,6 +263,10 @@ class Stage:
             raise ValueError(
                 f"stage {self.name!r}, shard {shard.name}: items must be JSON-able ({exc})"
             ) from exc
+
+
+class NonRetryableError(RuntimeError):
+    """Raised by a stage function when retrying the shard cannot help; executors do not retry it."""
 
 
 class ShardFailedError(RuntimeError):
@@ -475,7 +486,8 @@ def _clean_tmp(out: Path) -> None:
 
 
 class SerialExecutor(Executor):
-    """Shards one after the other in this process, each retried ``stage.retries`` times."""
+    """Shards one after the other in this process, each retried ``stage.retries`` times (not
+    after a :class:`NonRetryableError`)."""
 
     engine = "serial"
 
@@ -484,19 +496,21 @@ class SerialExecutor(Executor):
     ) -> Iterator[tuple[Shard, dict[str, Any] | None, str | None]]:
         for shard in shards:
             error: str | None = None
+            done: dict[str, Any] | None = None
             for attempt in range(stage.retries + 1):
                 try:
                     done = run_shard(stage, shard, out_dir)
+                except NonRetryableError as exc:  # another attempt cannot fix it
+                    error = f"{type(exc).__name__}: {exc}"
+                    break
                 except Exception as exc:  # a shard's failure must not stop the others
                     error = f"{type(exc).__name__}: {exc}"
                     logger.warning(
                         "%s: %s attempt %d failed: %s", stage.name, shard.name, attempt + 1, error
                     )
                     continue
-                yield shard, done, None
                 break
-            else:
-                yield shard, None, error
+            yield (shard, done, None) if done is not None else (shard, None, error)
 
 
 class RayExecutor(Executor):
@@ -571,10 +585,22 @@ class RayExecutor(Executor):
             kwargs["num_cpus"] = self.num_cpus
             kwargs["num_gpus"] = self.num_gpus
             kwargs["_temp_dir"] = str(self.temp_dir())
+            # Loopback only: Ray binds its GCS, raylet, agents and workers to the node IP
+            # when that is 127.0.0.1 and to every interface otherwise, and on Linux ray.init
+            # swaps "127.0.0.1" for the external IP unless ENABLE_RAY_CLUSTER is off (as on
+            # macOS/Windows, $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Off for this call only.
+            kwargs["_node_ip_address"] = "127.0.0.1"
             logger.info("starting a local Ray (%s CPUs) in %s", self.num_cpus, kwargs["_temp_dir"])
         else:
             logger.info("connecting to the Ray cluster at %s", addr)
-        ray.init(**kwargs)
+        import ray._private.ray_constants as ray_constants
+
+        multi_node = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node and addr is not None
+        try:
+            ray.init(**kwargs)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
         self._owned = True
         return self
 
@@ -594,7 +620,7 @@ class RayExecutor(Executor):
             return
         self.start()
         res = self.resources or stage.resources
-        task = ray.remote(run_shard).options(
+        task = ray.remote(_run_shard_task).options(
             **res.ray_options(),
             max_retries=stage.retries,
             retry_exceptions=True,
@@ -612,7 +638,22 @@ class RayExecutor(Executor):
                 except Exception as exc:  # RayTaskError, WorkerCrashedError, ...
                     yield shard, None, f"{type(exc).__name__}: {_first_line(exc)}"
                 else:
-                    yield shard, done, None
+                    if _NOT_RETRIED in done:
+                        yield shard, None, str(done[_NOT_RETRIED])
+                    else:
+                        yield shard, done, None
+
+
+_NOT_RETRIED = "non_retryable_error"
+
+
+def _run_shard_task(stage: Stage, shard: Shard, out_dir: str) -> dict[str, Any]:
+    """:func:`run_shard` as a Ray task: a :class:`NonRetryableError` is returned as
+    ``{"non_retryable_error": message}`` instead of raised, so Ray does not retry the task."""
+    try:
+        return run_shard(stage, shard, out_dir)
+    except NonRetryableError as exc:
+        return {_NOT_RETRIED: f"{type(exc).__name__}: {exc}"}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -685,55 +726,44 @@ def executor_from_args(args: argparse.Namespace, work_dir: str | os.PathLike[str
 # ---------------------------------------------------------------------- GLD download stages
 def _tar_members(tar: Path) -> list[str]:
     """The regular-file members of a tar (``./`` stripped); seeks over the data when it can."""
-    import tarfile
-
     with tarfile.open(tar, "r:*") as tf:
         return [m.name[2:] if m.name.startswith("./") else m.name for m in tf if m.isfile()]
 
 
 def _gldv2_shard(shard: Shard, out: Path, model: Any, *, conf: Mapping[str, Any]) -> dict[str, int]:
     """Download, verify and extract the GLDv2 tar shards listed in ``shard.items``."""
-    from gldboxes.gld import extract_shard, parse_md5_file, shard_name
-    from gldboxes.http import download_file, new_session
+    from gldboxes.gld import download_shard_tar, extract_shard, fetch_shard_md5, shard_name
+    from gldboxes.http import DownloadError, new_session
 
     base, split, root = str(conf["base_url"]), str(conf["split"]), Path(conf["root"])
-    retries, backoff, timeout = int(conf["retries"]), float(conf["backoff"]), float(conf["timeout"])
+    policy: dict[str, Any] = {
+        "retries": int(conf["retries"]),
+        "backoff": float(conf["backoff"]),
+        "timeout": float(conf["timeout"]),
+    }
     n_images = n_bytes = 0
     listing: list[str] = []
     session = new_session(2)
     try:
         for index in shard.items:
             name = shard_name(int(index))
-            stem = name[: -len(".tar")]
-            md5_path = download_file(
-                f"{base}md5sum/{split}/md5.{stem}.txt",
-                root / "md5" / f"md5.{stem}.txt",
-                session=session,
-                retries=retries,
-                backoff=backoff,
-                timeout=timeout,
-            )
             try:
-                md5 = parse_md5_file(
-                    md5_path.read_text("utf-8", "replace"), name, source=str(md5_path)
-                )
-            except ValueError:
-                md5_path.unlink(missing_ok=True)  # fetch it again on the next attempt
+                md5 = fetch_shard_md5(base, split, name, root, session=session, **policy)
+                # The tar (and its resumable .part) live outside the shard folder, so a retried
+                # attempt resumes the transfer with an HTTP Range request.
+                tar, _ = download_shard_tar(base, split, name, root, md5, session=session, **policy)
+            except DownloadError as exc:
+                if exc.permanent:  # 404/403/410 or a bad md5 after refetching the list
+                    raise NonRetryableError(str(exc)) from exc
                 raise
-            # The tar (and its resumable .part) live outside the shard folder, so a retried
-            # attempt resumes the transfer with an HTTP Range request.
-            tar = download_file(
-                f"{base}{split}/{name}",
-                root / "tars" / name,
-                md5=md5,
-                session=session,
-                retries=retries,
-                backoff=backoff,
-                timeout=timeout,
-            )
             n_bytes += tar.stat().st_size
-            listing.extend(_tar_members(tar))
-            n_images += extract_shard(tar, root / "images")
+            try:
+                listing.extend(_tar_members(tar))
+                n_images += extract_shard(tar, root / "images")
+            except ValueError as exc:  # unsafe member or corrupt tar: md5-verified, stays bad
+                raise NonRetryableError(str(exc)) from exc
+            except tarfile.TarError as exc:
+                raise NonRetryableError(f"{tar}: not a readable tar ({exc})") from exc
             if not bool(conf["keep_tars"]):
                 tar.unlink()
     finally:
@@ -811,18 +841,19 @@ def url_list_shards(
 ) -> list[Shard]:
     """Shards of ``[id, url]`` rows of a GLDv1-style CSV (header with ``id`` and ``url``).
 
-    ``limit``: only the first ``limit`` rows (smoke runs).
+    ``limit``: only the first ``limit`` rows (smoke runs). Rows repeating an earlier id are left
+    out (the first row wins; :func:`gldboxes.gld.download_url_list_sharded` reports them).
     """
-    path = Path(csv_path)
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = [c.strip().lower() for c in next(reader, [])]
-        if "id" not in header or "url" not in header:
-            raise ValueError(f"{path}: expected a header with 'id' and 'url', got {header}")
-        i_id, i_url = header.index("id"), header.index("url")
-        rows = [[r[i_id].strip(), r[i_url].strip()] for r in reader if r]
-    if limit is not None:
-        rows = rows[: max(limit, 0)]
+    from gldboxes.gld import _iter_url_rows
+
+    rows: list[list[str]] = []
+    seen: set[str] = set()
+    for n, (image_id, url, _) in enumerate(_iter_url_rows(Path(csv_path))):
+        if limit is not None and n >= limit:
+            break
+        if image_id not in seen:
+            seen.add(image_id)
+            rows.append([image_id, url])
     return make_shards(rows, rows_per_shard, prefix="urls")
 
 
@@ -833,7 +864,14 @@ def _url_list_shard(
     from gldboxes.gld import download_url_list, image_relpath
 
     images = Path(conf["images_dir"])
-    todo = [(i, u) for i, u in shard.items if not (images / image_relpath(i)).exists()]
+
+    def present(image_id: str) -> bool:
+        try:
+            return (images / image_relpath(image_id)).exists()
+        except ValueError:  # a bad id: download_url_list lists it in failures.csv
+            return False
+
+    todo = [(i, u) for i, u in shard.items if not present(i)]
     sub = out / "urls.csv"
     with open(sub, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")

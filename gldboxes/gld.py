@@ -16,12 +16,15 @@ GLDv2 (https://github.com/cvdfoundation/google-landmark) is served as::
 
 A shard counts as done only once its md5 matched and (by default) its images were moved into
 place; a killed run resumes from the manifest without re-downloading verified shards, and a
-partial ``.part`` file is resumed with an HTTP Range request. Shards that fail are reported,
-never extracted, and the command exits non-zero naming them.
+partial ``.part`` file is resumed with an HTTP Range request. A shard failing its md5 check
+makes the md5 list be fetched again once (a mirror may have fixed it since we cached it) before
+the shard counts as bad. Shards that fail are reported, never extracted, and the command exits
+non-zero naming them.
 
 :func:`download_url_list` fetches a GLDv1-style ``id,url[,landmark_id]`` CSV image by image
-into ``OUT/images/a/b/c/<id>.jpg`` (re-encoded JPEG, optional maximum size), records dead URLs in
-``OUT/failures.csv`` (not fatal) and skips images already present on a re-run.
+into ``OUT/images/a/b/c/<id>.jpg`` (re-encoded JPEG, optional maximum size), records dead URLs,
+bad rows and repeated ids in ``OUT/failures.csv`` (not fatal) and skips images already present
+on a re-run.
 
 :func:`download_gldv2_sharded` and :func:`download_url_list_sharded` do the same work task by
 task on an executor (``gldboxes download ... --engine serial|ray``, :mod:`gldboxes.executor`):
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import os
 import re
@@ -62,9 +66,11 @@ __all__ = [
     "UrlListReport",
     "download_gldv2",
     "download_gldv2_sharded",
+    "download_shard_tar",
     "download_url_list",
     "download_url_list_sharded",
     "extract_shard",
+    "fetch_shard_md5",
     "image_relpath",
     "parse_md5_file",
     "parse_shard_spec",
@@ -97,6 +103,7 @@ GLDV2_METADATA: dict[str, tuple[str, ...]] = {
     ),
 }
 MANIFEST_VERSION = 1
+DUPLICATE_ID = "duplicate id"  # failures.csv reason of a row repeating an earlier id
 _MEMBER_RE = re.compile(r"^[0-9a-zA-Z]/[0-9a-zA-Z]/[0-9a-zA-Z]/[^/]+\.jpg$")
 
 
@@ -217,6 +224,102 @@ def extract_shard(tar_path: str | os.PathLike[str], images_dir: str | os.PathLik
         os.replace(stage / name, final)
     shutil.rmtree(stage, ignore_errors=True)
     return len(names)
+
+
+def fetch_shard_md5(
+    base: str,
+    split: str,
+    name: str,
+    root: Path,
+    *,
+    session: Any,
+    refresh: bool = False,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+) -> str:
+    """The md5 of tar ``name`` from its md5 list, cached as ``root/md5/md5.images_XXX.txt``.
+
+    The cached list is used when present; ``refresh`` fetches it again and replaces the cached
+    copy (atomically, and only with a list that names a valid md5 for ``name``).
+
+    Raises:
+        DownloadError: the list could not be fetched; ValueError: it holds no md5 for ``name``
+            (a cached copy is then deleted, so the next run fetches it again).
+    """
+    stem = name[: -len(".tar")]
+    url = f"{base}md5sum/{split}/md5.{stem}.txt"
+    path = root / "md5" / f"md5.{stem}.txt"
+    policy: dict[str, Any] = {"retries": retries, "backoff": backoff, "timeout": timeout}
+    if refresh:
+        text = fetch_bytes(url, session=session, max_bytes=1 << 20, **policy).decode(
+            "utf-8", "replace"
+        )
+        md5 = parse_md5_file(text, name, source=url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as fh:
+            fh.write(text)
+        return md5
+    download_file(url, path, session=session, **policy)
+    try:
+        return parse_md5_file(path.read_text("utf-8", "replace"), name, source=str(path))
+    except ValueError:
+        path.unlink(missing_ok=True)  # fetch it again next time
+        raise
+
+
+def download_shard_tar(
+    base: str,
+    split: str,
+    name: str,
+    root: Path,
+    md5: str,
+    *,
+    session: Any,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[Path, str]:
+    """Download tar ``name`` to ``root/tars/`` and check it against ``md5``.
+
+    On the first md5 mismatch the md5 list is fetched again (a mirror may have fixed a wrong
+    list that we cached): when the tar matches the fresh md5 it is kept as is, else the
+    download is retried against the fresh md5.
+
+    Returns:
+        ``(tar path, the md5 it matched)``.
+
+    Raises:
+        DownloadError: see :func:`gldboxes.http.download_file`; ``permanent`` is set for a
+            404/403/410 and for an md5 mismatch that outlived the refreshed list and retries.
+    """
+    policy: dict[str, Any] = {"retries": retries, "backoff": backoff, "timeout": timeout}
+    current = [md5]
+
+    def refresh() -> str:
+        try:
+            fresh = fetch_shard_md5(
+                base, split, name, root, session=session, refresh=True, **policy
+            )
+        except (DownloadError, ValueError) as exc:
+            logger.warning("%s: could not refetch its md5 list (%s)", name, exc)
+            return current[0]
+        if fresh != current[0]:
+            logger.warning("%s: the mirror's md5 list changed (%s -> %s)", name, current[0], fresh)
+        current[0] = fresh
+        return fresh
+
+    tar = download_file(
+        f"{base}{split}/{name}",
+        root / "tars" / name,
+        md5=md5,
+        session=session,
+        on_bytes=on_bytes,
+        refresh_md5=refresh,
+        **policy,
+    )
+    return tar, current[0]
 
 
 # -------------------------------------------------------------------------------- manifest
@@ -542,27 +645,14 @@ def _process_shard(
     on_bytes: Callable[[int], None],
 ) -> int:
     """Download, verify and extract one shard; returns the number of images extracted."""
-    stem = name[: -len(".tar")]
-    md5_path = download_file(
-        f"{base}md5sum/{split}/md5.{stem}.txt",
-        root / "md5" / f"md5.{stem}.txt",
-        session=session,
-        **policy,
-    )
-    try:
-        md5 = parse_md5_file(
-            md5_path.read_text(encoding="utf-8", errors="replace"), name, source=str(md5_path)
-        )
-    except ValueError:
-        md5_path.unlink(missing_ok=True)  # fetch it again next time
-        raise
+    md5 = fetch_shard_md5(base, split, name, root, session=session, **policy)
     tar = root / "tars" / name
     entry = manifest.get(name) or {}
     if not (entry.get("verified") and entry.get("md5") == md5 and tar.exists()):
         # download_file only renames the file into place after the md5 matched (it re-fetches
         # from scratch on a mismatch, and resumes a partial .part with Range).
-        download_file(
-            f"{base}{split}/{name}", tar, md5=md5, session=session, on_bytes=on_bytes, **policy
+        tar, md5 = download_shard_tar(
+            base, split, name, root, md5, session=session, on_bytes=on_bytes, **policy
         )
         manifest.update(
             name,
@@ -587,6 +677,10 @@ def _process_shard(
 class UrlListReport:
     """What :func:`download_url_list` did (counts) and where the failures are listed.
 
+    ``failed`` counts rows that produced no image (dead URL, undecodable body, an id that cannot
+    be a file name, a row without enough fields); ``duplicates`` counts later rows repeating an
+    earlier id (skipped: the first row wins; listed in ``failures.csv`` as ``duplicate id``).
+
     :func:`download_url_list_sharded` also fills ``shards_done`` / ``shards_skipped`` (task
     folders finished in this run / before it) and ``failed_shards`` (``{task: error}``).
     """
@@ -597,6 +691,7 @@ class UrlListReport:
     present: int = 0
     failed: int = 0
     skipped_failed: int = 0
+    duplicates: int = 0
     seconds: float = 0.0
     shards_done: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)
@@ -623,8 +718,11 @@ def download_url_list(
     Images are decoded and re-encoded as RGB JPEG (``quality``), downscaled so the longer side
     is at most ``max_size`` when given; pixels are kept as stored (no EXIF rotation). Each image
     is written atomically, so an image on disk is complete and a re-run skips it. Dead URLs,
-    HTTP errors and undecodable bodies go to ``out_dir/failures.csv`` (``id,url,reason``) and
-    are not fatal.
+    HTTP errors, undecodable bodies, ids that cannot be laid out as ``a/b/c/<id>.jpg`` and rows
+    with missing fields go to ``out_dir/failures.csv`` (``id,url,reason``) and are not fatal;
+    so do later rows repeating an id (reason ``duplicate id``; the first row wins). 16-bit
+    grayscale images are scaled to 8 bits; a UTF-8 byte-order mark before the header is
+    accepted.
 
     Args:
         workers: parallel transfers; at most ``4 * workers`` rows are in flight at once, so a
@@ -645,6 +743,9 @@ def download_url_list(
     images_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_failures(failures_csv)
     failures: dict[str, tuple[str, str]] = dict(previous)  # cleared per id on success
+    duplicates: list[tuple[str, str]] = []  # (id, url) of rows repeating an earlier id
+    repeated = _repeated_id_hashes(csv_path, limit)
+    seen: set[str] = set()  # only the ids whose hash occurs more than once
     report = UrlListReport(images_dir=images_dir, failures_csv=failures_csv)
     t0 = time.perf_counter()
     session = new_session(workers)
@@ -685,10 +786,25 @@ def download_url_list(
                                 failures[image_id] = (url, _reason(exc))
                         bar.update(1)
 
-            for n_rows, (image_id, url) in enumerate(_iter_url_rows(csv_path)):
+            for n_rows, (image_id, url, problem) in enumerate(_iter_url_rows(csv_path)):
                 if limit is not None and n_rows >= limit:
                     break
-                dest = images_dir / image_relpath(image_id)
+                if hash(image_id) in repeated:
+                    if image_id in seen:
+                        duplicates.append((image_id, url))
+                        bar.update(1)
+                        continue
+                    seen.add(image_id)
+                if problem is None:
+                    try:
+                        dest = images_dir / image_relpath(image_id)
+                    except ValueError as exc:
+                        problem = str(exc)
+                if problem is not None:
+                    report.failed += 1
+                    failures[image_id] = (url, problem)
+                    bar.update(1)
+                    continue
                 if dest.exists():
                     report.present += 1
                     failures.pop(image_id, None)
@@ -709,8 +825,10 @@ def download_url_list(
     finally:
         bar.close()
         session.close()
-        _write_failures(failures_csv, failures)
+        _write_failures(failures_csv, failures, duplicates)
+        report.duplicates = len(duplicates)
         report.seconds = time.perf_counter() - t0
+    _warn_duplicates(csv_path, duplicates, failures_csv)
     logger.info(
         "%s: %d downloaded, %d already present, %d failed (%s)",
         csv_path.name,
@@ -778,6 +896,7 @@ def download_url_list_sharded(
     report.shards_done, report.shards_skipped = list(rep.done), list(rep.skipped)
     report.failed_shards = dict(rep.failed)
     failures: dict[str, tuple[str, str]] = {}
+    duplicates = _url_list_duplicates(Path(csv_path), limit)  # dropped from the tasks' rows
     for task in tasks:
         if task.name in rep.failed:
             continue
@@ -788,8 +907,10 @@ def download_url_list_sharded(
         else:
             report.present += int(counts.get("rows", 0)) - int(counts.get("failed", 0))
         failures.update(_read_failures(work / task.name / "failures.csv"))
-    _write_failures(report.failures_csv, failures)
+    _write_failures(report.failures_csv, failures, duplicates)
     report.failed = len(failures)
+    report.duplicates = len(duplicates)
+    _warn_duplicates(Path(csv_path), duplicates, report.failures_csv)
     report.seconds = time.perf_counter() - t0
     logger.info(
         "%s: %d downloaded, %d already present, %d failed (%s); %d task(s) run, %d skipped",
@@ -804,8 +925,16 @@ def download_url_list_sharded(
     return report
 
 
-def _iter_url_rows(path: Path) -> Iterator[tuple[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
+def _iter_url_rows(path: Path) -> Iterator[tuple[str, str, str | None]]:
+    """``(id, url, problem)`` of each row of an ``id,url[,...]`` CSV (a UTF-8 BOM is accepted).
+
+    ``problem`` names what is wrong with a row too short to hold both fields (else ``None``);
+    ids are not checked here (:func:`image_relpath` does).
+
+    Raises:
+        ValueError: the header lacks ``id`` or ``url`` (naming the file).
+    """
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         cols = [c.strip().lower() for c in header or []]
@@ -815,9 +944,55 @@ def _iter_url_rows(path: Path) -> Iterator[tuple[str, str]]:
         for line, row in enumerate(reader, start=2):
             if not row:
                 continue
+            image_id = row[i_id].strip() if len(row) > i_id else ""
+            url = row[i_url].strip() if len(row) > i_url else ""
+            problem = None
             if len(row) <= max(i_id, i_url):
-                raise ValueError(f"{path}:{line}: expected {len(cols)} fields, got {row}")
-            yield row[i_id].strip(), row[i_url].strip()
+                problem = f"line {line}: expected {len(cols)} fields, got {len(row)}"
+            yield image_id, url, problem
+
+
+def _repeated_id_hashes(path: Path, limit: int | None) -> set[int]:
+    """``hash(id)`` of the ids that occur more than once in the first ``limit`` rows.
+
+    A first pass keeps only an int64 per row (40 MB for 5 million rows, where a set of the ids
+    would take ~0.5 GB); the rare hash collision only makes the caller remember one more id.
+    """
+    import numpy as np
+
+    rows = _iter_url_rows(path)
+    ids = (row[0] for row in (rows if limit is None else itertools.islice(rows, max(limit, 0))))
+    hashes = np.fromiter((hash(i) for i in ids), np.int64)
+    hashes.sort()
+    return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+
+
+def _url_list_duplicates(path: Path, limit: int | None) -> list[tuple[str, str]]:
+    """``(id, url)`` of the rows (among the first ``limit``) repeating an earlier row's id."""
+    repeated = _repeated_id_hashes(path, limit)
+    if not repeated:
+        return []
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    rows = _iter_url_rows(path)
+    for image_id, url, _ in rows if limit is None else itertools.islice(rows, max(limit, 0)):
+        if hash(image_id) in repeated:
+            if image_id in seen:
+                out.append((image_id, url))
+            seen.add(image_id)
+    return out
+
+
+def _warn_duplicates(path: Path, duplicates: list[tuple[str, str]], failures_csv: Path) -> None:
+    if duplicates:
+        logger.warning(
+            "%s: %d row(s) repeat an earlier id and were skipped (the first row wins; listed "
+            "in %s as %r)",
+            path,
+            len(duplicates),
+            failures_csv,
+            DUPLICATE_ID,
+        )
 
 
 def _reencode(data: bytes, max_size: int | None, quality: int) -> bytes:
@@ -828,7 +1003,7 @@ def _reencode(data: bytes, max_size: int | None, quality: int) -> bytes:
             if max_size is not None and img.format == "JPEG":
                 img.draft("RGB", (max_size, max_size))  # decode at reduced scale: much faster
             img.load()
-            rgb = img.convert("RGB")
+            rgb = _to_8bit(img).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     if max_size is not None and max(rgb.size) > max_size:
@@ -838,12 +1013,38 @@ def _reencode(data: bytes, max_size: int | None, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _to_8bit(img: Any) -> Any:
+    """``img`` unchanged, or as 8-bit ``L`` when it is a 16/32-bit integer or float image.
+
+    ``convert("RGB")`` would clip those at 255 (a 16-bit photo turns white). Integer images
+    whose values fit 16 bits are scaled by the 16-bit range (65535 -> 255), wider or float
+    ones by their maximum, as :func:`retrieval.features.load_image` does.
+    """
+    from PIL import Image
+
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return img
+    import numpy as np
+
+    wide = np.asarray(img, dtype=np.float64)
+    top = float(wide.max()) if wide.size else 0.0
+    if img.mode != "F" and top <= 255:
+        scale = 1.0
+    elif img.mode != "F" and top <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / (top or 1.0)
+    return Image.fromarray(np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8), "L")
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).replace("\n", " ")
     return text[:300]
 
 
 def _read_failures(path: Path) -> dict[str, tuple[str, str]]:
+    """``{id: (url, reason)}`` of a ``failures.csv`` (its ``duplicate id`` rows left out: they
+    are found again from the CSV on every run)."""
     if not path.exists():
         return {}
     out: dict[str, tuple[str, str]] = {}
@@ -852,14 +1053,21 @@ def _read_failures(path: Path) -> dict[str, tuple[str, str]]:
         if not reader.fieldnames or "id" not in reader.fieldnames:
             raise ValueError(f"{path}: expected header 'id,url,reason', got {reader.fieldnames}")
         for row in reader:
-            out[row["id"]] = (row.get("url") or "", row.get("reason") or "")
+            if row.get("reason") != DUPLICATE_ID:
+                out[row["id"]] = (row.get("url") or "", row.get("reason") or "")
     return out
 
 
-def _write_failures(path: Path, failures: dict[str, tuple[str, str]]) -> None:
+def _write_failures(
+    path: Path,
+    failures: dict[str, tuple[str, str]],
+    duplicates: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Write ``id,url,reason`` sorted by id; a duplicate row follows its id's failure row."""
+    rows = [(i, *failures[i]) for i in failures]
+    rows += [(i, url, DUPLICATE_ID) for i, url in duplicates]
+    rows.sort(key=lambda r: (r[0], r[2] == DUPLICATE_ID))  # stable: duplicates in CSV order
     with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["id", "url", "reason"])
-        for image_id in sorted(failures):
-            url, reason = failures[image_id]
-            writer.writerow([image_id, url, reason])
+        writer.writerows(rows)

@@ -5,17 +5,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import requests
 
-__all__ = ["DownloadError", "download_file", "fetch_bytes", "md5sum", "new_session"]
+__all__ = [
+    "PERMANENT_STATUS",
+    "DownloadError",
+    "download_file",
+    "fetch_bytes",
+    "md5sum",
+    "new_session",
+]
 
 logger = logging.getLogger("gldboxes.http")
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Answers that say the file is not there for us (gone, forbidden): asking again cannot help.
+PERMANENT_STATUS = frozenset({403, 404, 410})
 
 
 class DownloadError(RuntimeError):
@@ -23,11 +33,19 @@ class DownloadError(RuntimeError):
 
     Attributes:
         status: the HTTP status of a permanent failure (404, 403, ...), else ``None``.
+        checksum: ``True`` when the last attempt downloaded the whole file and its md5 did not
+            match (after the expected md5 was refreshed, when a refresher was given).
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, checksum: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.checksum = checksum
+
+    @property
+    def permanent(self) -> bool:
+        """``True`` when retrying the same request cannot succeed (404/403/410, bad md5)."""
+        return self.checksum or self.status in PERMANENT_STATUS
 
 
 def new_session(pool_size: int = 8) -> requests.Session:
@@ -60,6 +78,7 @@ def download_file(
     timeout: float = 30.0,
     chunk_size: int = 1 << 16,
     on_bytes: Callable[[int], None] | None = None,
+    refresh_md5: Callable[[], str] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming a partial ``dest.part`` with an HTTP Range request.
 
@@ -75,9 +94,14 @@ def download_file(
         retries: attempts after the first on connection errors, 5xx/429 and md5 mismatch.
         backoff: first wait in seconds, doubled after each failure.
         on_bytes: called with the number of bytes received, for progress bars.
+        refresh_md5: called once, on the first md5 mismatch, to ask again for the expected md5
+            (e.g. refetch a cached checksum list that the mirror may have fixed); when it
+            returns another hash, that one is expected from then on, and a file that matches it
+            is kept without being fetched again.
 
     Raises:
-        DownloadError: the transfer failed after all retries, or a 4xx other than 408/429.
+        DownloadError: the transfer failed after all retries, or a 4xx other than 408/429
+            (``checksum`` is set when the last attempt failed the md5 check).
     """
     dest = Path(dest)
     if dest.exists() and (md5 is None or md5sum(dest) == md5):
@@ -88,24 +112,32 @@ def download_file(
     sess = session or new_session(1)
     wait = backoff
     last_error = "no attempt made"
+    checksum = False
     try:
         for attempt in range(retries + 1):
             if attempt:
                 logger.debug("retry %d for %s in %.1fs (%s)", attempt, url, wait, last_error)
                 time.sleep(wait)
                 wait *= 2
+            checksum = False
             try:
                 _fetch_into(sess, url, part, timeout, chunk_size, on_bytes)
             except _Retryable as exc:
                 last_error = str(exc)
                 continue
             except requests.RequestException as exc:  # connection reset, timeout, ...
-                last_error = f"{type(exc).__name__}: {exc}"
+                last_error = _describe(exc)
                 continue
             if md5 is not None:
                 got = md5sum(part)
+                if got != md5 and refresh_md5 is not None:
+                    fresh, refresh_md5 = refresh_md5(), None  # once per download
+                    if fresh != md5:
+                        logger.warning("%s: expected md5 changed from %s to %s", url, md5, fresh)
+                        md5 = fresh
                 if got != md5:
                     last_error = f"md5 mismatch (expected {md5}, got {got})"
+                    checksum = True
                     logger.warning("%s: %s; fetching again", url, last_error)
                     part.unlink(missing_ok=True)
                     continue
@@ -114,11 +146,22 @@ def download_file(
     finally:
         if own_session:
             sess.close()
-    raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last_error})")
+    raise DownloadError(
+        f"{url}: failed after {retries + 1} attempts ({last_error})", checksum=checksum
+    )
 
 
 class _Retryable(Exception):
     pass
+
+
+def _describe(exc: requests.RequestException) -> str:
+    """``ConnectionError: [Errno 111] Connection refused`` instead of urllib3's nested reprs."""
+    text = f"{type(exc).__name__}: {exc}"
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]*", text)
+    if isinstance(exc, requests.ConnectionError) and errno:
+        return f"{type(exc).__name__}: {errno.group(0).strip()}"
+    return text
 
 
 def _fetch_into(
@@ -234,7 +277,7 @@ def fetch_bytes(
                         chunks.append(block)
                     return b"".join(chunks)
             except requests.RequestException as exc:  # reset, timeout, truncated body, ...
-                last_error = f"{type(exc).__name__}: {exc}"
+                last_error = _describe(exc)
                 continue
     finally:
         if own_session:

@@ -12,21 +12,27 @@ both.
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
+import lzma
+import os
 import pickle
+import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gldboxes.http import download_file, new_session
+from gldboxes.http import DownloadError, download_file, new_session
 from gldboxes.io import atomic_write, read_json, write_json
 
 __all__ = [
     "DATASETS",
+    "DatasetDownloadError",
     "RevisitedDataset",
     "UnsafePickleError",
     "download_revisited",
@@ -72,8 +78,18 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle that references something other than builtins and numpy arrays."""
+class DatasetDownloadError(ValueError):
+    """A dataset file could not be fetched or was unreadable; the message says what to do.
+
+    A ``ValueError``, so the command line prints it as one line and exits with status 2.
+    """
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle that references something other than builtins and numpy arrays.
+
+    Also a ``ValueError`` (bad input): the CLI reports it in one line, without a traceback.
+    """
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -86,7 +102,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise UnsafePickleError(
             f"{self._source}: refusing to load {module}.{name}; ground-truth pickles may only "
-            "hold builtin containers and numpy arrays"
+            "hold builtin containers and numpy arrays (use the official gnd_<name>.pkl or a "
+            ".json ground truth)"
         )
 
 
@@ -249,13 +266,19 @@ def download_revisited(
     Resumable: finished files are kept, partial transfers resume with HTTP Range requests, and
     tarballs are extracted (images only, flattened into ``jpg/``) once fully downloaded. The
     download counts as verified when the tarballs are valid archives and every image named by the
-    ground truth is present.
+    ground truth is present. A tarball is extracted into a staging folder and its images moved
+    into ``jpg/`` only once the whole archive was read; a truncated or corrupt tarball is deleted
+    with its staging folder, so the next run fetches it again.
 
     Args:
         name: ``roxford5k`` or ``rparis6k``.
         out: the data root.
         base_urls: optional replacement of the hosts (for mirrors and tests), mapping ``"gnd"``
             and ``"images"`` to a base URL; file names are kept.
+
+    Raises:
+        DatasetDownloadError: a file could not be fetched (offline, dead URL) or an archive was
+            truncated or corrupt (then deleted); the message names the URL and what to do.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
@@ -268,19 +291,32 @@ def download_revisited(
             return base_urls[kind].rstrip("/") + "/" + url.rsplit("/", 1)[1]
         return url
 
+    def _fetch(url: str, dest: Path) -> Path:
+        try:
+            return download_file(url, dest, session=session, retries=retries)
+        except DownloadError as exc:
+            raise DatasetDownloadError(
+                f"cannot download {url}: {_short(exc, url)}; check the network connection (or "
+                "give a reachable mirror: --gnd-base-url / --images-base-url), then rerun: "
+                "finished files are kept"
+            ) from exc
+
     session = new_session(2)
-    gnd_url = _url("gnd", spec["gnd_url"])
-    download_file(gnd_url, root / gnd_url.rsplit("/", 1)[1], session=session, retries=retries)
-    archives = root / "archives"
-    for url in spec["image_urls"]:
-        url = _url("images", url)
-        fname = url.rsplit("/", 1)[1]
-        done = archives / (fname + ".extracted")
-        if done.exists():
-            continue
-        tgz = download_file(url, archives / fname, session=session, retries=retries)
-        _extract_images(tgz, root / "jpg")
-        done.write_text("ok\n")
+    try:
+        gnd_url = _url("gnd", spec["gnd_url"])
+        _fetch(gnd_url, root / gnd_url.rsplit("/", 1)[1])
+        archives = root / "archives"
+        for url in spec["image_urls"]:
+            url = _url("images", url)
+            fname = url.rsplit("/", 1)[1]
+            done = archives / (fname + ".extracted")
+            if done.exists():
+                continue
+            tgz = _fetch(url, archives / fname)
+            _extract_images(tgz, root / "jpg", url)
+            done.write_text("ok\n")
+    finally:
+        session.close()
     ds = RevisitedDataset.load(root, name)
     missing = ds.missing_images()
     if missing:
@@ -292,21 +328,47 @@ def download_revisited(
     return ds
 
 
-def _extract_images(tgz: Path, jpg_dir: Path) -> None:
-    """Extract the ``.jpg`` members of a tarball flat into ``jpg_dir`` (no path traversal)."""
+def _short(exc: DownloadError, url: str) -> str:
+    """The reason of a :class:`DownloadError` without the URL it starts with."""
+    text = str(exc)
+    return text[len(url) + 2 :] if text.startswith(url + ": ") else text
+
+
+# What reading a truncated or corrupt .tgz / .tar.xz / .tar.bz2 can raise.
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+
+
+def _extract_images(tgz: Path, jpg_dir: Path, url: str = "") -> None:
+    """Extract the ``.jpg`` members of a tarball flat into ``jpg_dir`` (no path traversal).
+
+    Members go to a staging folder beside ``jpg_dir`` and are moved into it only once the whole
+    archive was read. A truncated or corrupt archive is deleted with the staging folder.
+
+    Raises:
+        DatasetDownloadError: the archive is truncated or corrupt (it was deleted).
+    """
+    stage = jpg_dir.parent / f".extract-{tgz.name}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
     try:
-        with tarfile.open(tgz, "r:*") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.lower().endswith(".jpg"):
-                    continue
-                fh = tar.extractfile(member)
-                if fh is None:
-                    continue
-                target = jpg_dir / Path(member.name).name
-                with atomic_write(target, "wb") as out:
-                    out.write(fh.read())
-    except tarfile.TarError as exc:
-        tgz.unlink(missing_ok=True)
-        raise ValueError(
-            f"{tgz}: not a valid image archive ({exc}); deleted, rerun to refetch"
-        ) from exc
+        try:
+            with tarfile.open(tgz, "r:*") as tar:
+                for member in tar:
+                    if not member.isfile() or not member.name.lower().endswith(".jpg"):
+                        continue
+                    fh = tar.extractfile(member)
+                    if fh is None:
+                        continue
+                    with open(stage / Path(member.name).name, "wb") as out:
+                        shutil.copyfileobj(fh, out, 1 << 20)
+        except _ARCHIVE_ERRORS as exc:
+            tgz.unlink(missing_ok=True)
+            raise DatasetDownloadError(
+                f"{tgz}: truncated or corrupt archive ({type(exc).__name__}: {exc}); deleted it "
+                f"and its partial extraction, rerun to fetch it again"
+                + (f" from {url}" if url else "")
+            ) from exc
+        for image in sorted(stage.iterdir()):
+            os.replace(image, jpg_dir / image.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

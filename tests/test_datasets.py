@@ -188,3 +188,97 @@ class TestDownloadRevisited:
         handler.files["oxbuild_images-v1.tgz"] = _make_tgz({"x/a.jpg": b"a"})
         with pytest.raises(ValueError, match="1 images of the ground truth are missing"):
             download_revisited("roxford5k", tmp_path, base_urls={"gnd": url, "images": url})
+
+
+def _revisited_files(seed: int = 0) -> dict[str, bytes]:
+    """A roxford5k mirror: ground truth of three images and a tarball holding them (random
+    bytes, so gzip cannot shrink them and a cut archive still holds whole early members)."""
+    rng = np.random.default_rng(seed)
+    names = ["oxford_000001", "oxford_000002", "oxford_000003"]
+    cfg = {
+        "imlist": names,
+        "qimlist": names[:1],
+        "gnd": [{"bbx": [0.0, 0.0, 1.0, 1.0], "easy": [1], "hard": [2], "junk": []}],
+    }
+    members = {f"oxbuild_images/{n}.jpg": b"\xff\xd8" + rng.bytes(40_000) for n in names}
+    return {
+        "gnd_roxford5k.pkl": pickle.dumps(cfg, protocol=3),
+        "oxbuild_images-v1.tgz": _make_tgz(members),
+    }
+
+
+def _download_argv(out: Path, base_url: str) -> list[str]:
+    return [
+        "retrieval",
+        "download",
+        "roxford5k",
+        "--out",
+        str(out),
+        "--gnd-base-url",
+        base_url,
+        "--images-base-url",
+        base_url,
+    ]
+
+
+@pytest.mark.server
+class TestDownloadRevisitedFaults:
+    def test_truncated_tgz_then_full_tgz(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from fault_server import FaultServer
+
+        from gldboxes.cli.main import main as cli_main
+
+        files = _revisited_files()
+        full = files["oxbuild_images-v1.tgz"]
+        cut = full[: int(len(full) * 0.6)]  # what a broken mirror serves: a valid gzip prefix
+        root = tmp_path / "roxford5k"
+        with FaultServer({**files, "oxbuild_images-v1.tgz": cut}) as srv:
+            argv = _download_argv(tmp_path, srv.base_url)
+            for _ in range(2):  # every run fails cleanly, none trusts the cut archive
+                assert cli_main(argv) == 2
+                err = capsys.readouterr().err
+                assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+                assert "oxbuild_images-v1.tgz: truncated or corrupt archive" in err
+                assert "rerun to fetch it again" in err
+                assert not (root / "archives" / "oxbuild_images-v1.tgz").exists()
+                assert list((root / "jpg").iterdir()) == []  # no partial extraction kept
+                assert not list(root.glob(".extract-*"))
+            assert srv.hits("oxbuild_images-v1.tgz") == 2
+            srv.add_file("oxbuild_images-v1.tgz", full)  # the mirror is fixed
+            assert cli_main(argv) == 0
+            assert "roxford5k: 3 database images, 1 queries" in capsys.readouterr().out
+            assert srv.hits("oxbuild_images-v1.tgz") == 3
+        ds = RevisitedDataset.load(root)
+        assert ds.missing_images() == []
+        with tarfile.open(fileobj=io.BytesIO(full)) as tar:
+            member = tar.extractfile("oxbuild_images/oxford_000003.jpg")
+            assert member is not None
+            assert ds.image_path("oxford_000003").read_bytes() == member.read()
+
+    def test_offline_is_one_line(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        import time
+
+        from fault_server import FaultServer
+
+        from gldboxes.cli.main import main as cli_main
+
+        srv = FaultServer().start()
+        base_url = srv.base_url
+        srv.stop()  # nothing listens there now: connection refused
+        waits: list[float] = []
+        monkeypatch.setattr(time, "sleep", waits.append)  # the retries' backoff, not waited
+        assert cli_main(_download_argv(tmp_path, base_url)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert f"cannot download {base_url}gnd_roxford5k.pkl" in lines[0]
+        assert "Connection refused" in lines[0] and "check the network" in lines[0]
+        assert len(waits) == 5  # retried before giving up

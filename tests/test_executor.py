@@ -1,13 +1,16 @@
 """The executor interface (serial engine): shards, done-markers, skips, retries, model cache,
-and the GLD download stages against a local HTTP server. Ray runs in tests/test_sharded.py."""
+and the GLD download stages against a local HTTP server. Ray runs in tests/test_sharded.py
+(here only: a local Ray listens on loopback only)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import io
 import os
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -270,3 +273,48 @@ class TestDownloadStages:
         assert len(list((tmp_path / "u" / "images").rglob("*.jpg"))) == 5
         fails = (rep.out_dir / "urls-00001" / "failures.csv").read_text().splitlines()
         assert fails[0] == "id,url,reason" and fails[1].startswith(ids[5] + ",")
+
+
+# ------------------------------------------------------------------ local Ray on loopback
+def _worker_pid() -> int:
+    return os.getpid()
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, process name) of every TCP socket listening in ``pids``."""
+    import psutil
+
+    names = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            names[pid] = psutil.Process(pid).name()
+    return [
+        (c.laddr.ip, c.laddr.port, c.pid, names[c.pid])
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in names
+    ]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+class TestLocalRayLoopback:
+    def test_real_case_every_listener_on_127_0_0_1(self, tmp_path: Path) -> None:
+        """GCS, raylet, agents, a worker and the driver's core worker listen on loopback only."""
+        import psutil
+        import ray
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        r = ex.RayExecutor(work_dir=tmp_path, num_cpus=1, progress=False)
+        r.start()
+        try:
+            worker = ray.get(ray.remote(_worker_pid).remote())
+            me = psutil.Process()
+            found = _listening({me.pid, worker} | {p.pid for p in me.children(recursive=True)})
+        finally:
+            r.shutdown()
+        # the check saw Ray's servers: GCS, raylet and the task's worker
+        assert {"gcs_server", "raylet"} <= {f[3] for f in found}, found
+        assert worker in {f[2] for f in found}, found
+        exposed = [f for f in found if f[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+        assert not exposed, f"local Ray listens beyond loopback: {exposed}"

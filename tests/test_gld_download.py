@@ -268,6 +268,34 @@ class TestGLDv2:
         assert rep.ok and srv.hits("train/images_002.tar") == 2
         check_images(tmp_path / "train", {k: images[k] for k in images_of_shard(files, "train", 2)})
 
+    def test_md5_list_fixed_on_the_mirror_is_refetched(
+        self, tmp_path: Path, mirror: Mirror, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        srv, files, images = mirror
+        md5_rel = "md5sum/train/md5.images_000.txt"
+        srv.add_file(md5_rel, b"0123456789abcdef0123456789abcdef  images_000.tar\n")  # wrong
+        argv = ["-q", "download", "gldv2", "--split", "train", "--out", str(tmp_path)]
+        argv += ["--shards", "0", "--base-url", srv.base_url, "--no-metadata", "--no-progress"]
+        argv += ["--retries", "1", "--backoff", "0.01"]
+        assert cli_main(argv) == 1
+        assert "images_000.tar: " in capsys.readouterr().out
+        # the list was asked again once, on the first mismatch (still wrong then)
+        assert srv.hits(md5_rel) == 2 and srv.hits("train/images_000.tar") == 2
+        # The mirror fixes its md5 list: the cached wrong copy must not fail the shard forever.
+        srv.add_file(md5_rel, files[md5_rel])
+        assert cli_main(argv) == 0
+        assert "1 shard(s) done now" in capsys.readouterr().out
+        assert srv.hits("train/images_000.tar") == 3  # matched the refetched md5: kept at once
+        assert srv.hits(md5_rel) == 3
+        root = tmp_path / "train"
+        assert (root / "md5" / "md5.images_000.txt").read_bytes() == files[md5_rel]
+        man = read_json(root / "manifest.json")
+        assert (
+            man["shards"]["images_000.tar"]["md5"]
+            == hashlib.md5(files["train/images_000.tar"]).hexdigest()
+        )
+        check_images(root, {k: images[k] for k in images_of_shard(files, "train", 0)})
+
     def test_bad_shard_is_never_extracted_and_named(
         self, tmp_path: Path, mirror: Mirror, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -537,6 +565,98 @@ class TestUrlList:
             assert got is not None and ref is not None and got.shape == ref.shape
             assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3.0
 
+    def test_16bit_png_keeps_its_values(self, tmp_path: Path) -> None:
+        ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+        ok, png = cv2.imencode(".png", ramp)
+        assert ok
+        with FaultServer({"img/deep.png": png.tobytes()}) as srv:
+            path = tmp_path / "l.csv"
+            path.write_text(f"id,url\nabcdef0123456789,{srv.url('img/deep.png')}\n")
+            rep = download_url_list(path, tmp_path / "o", quality=95, progress=False)
+        assert rep.downloaded == 1 and rep.failed == 0
+        got = cv2.imread(
+            str(tmp_path / "o/images/a/b/c/abcdef0123456789.jpg"), cv2.IMREAD_GRAYSCALE
+        )
+        assert got is not None and got.shape == (48, 64)
+        want = np.rint(ramp / 257.0)  # 16-bit range onto 8 bits
+        assert np.abs(got.astype(float) - want).mean() < 2.0  # not white: the ramp survives
+        assert got[0, 0] < 10 and got[-1, -1] > 245
+
+    def test_bad_rows_are_failures_and_the_rest_downloads(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        files = {f"img/{i}.jpg": jpeg(i) for i in range(3)}
+        with FaultServer(files) as srv:
+            path = tmp_path / "l.csv"
+            path.write_text(
+                "id,url,landmark_id\n"
+                f"aaaa000000000000,{srv.url('img/0.jpg')},1\n"
+                f"../../etc/passwd,{srv.url('img/1.jpg')},1\n"  # unsafe id
+                f"ab,{srv.url('img/1.jpg')},1\n"  # too short for a/b/c/<id>.jpg
+                "cccc000000000000\n"  # no url field
+                f"bbbb000000000000,{srv.url('img/2.jpg')},1\n"
+            )
+            argv = ["-q", "download", "urls", "--csv", str(path), "--out", str(tmp_path / "o")]
+            argv += ["--no-progress"]
+            for _ in range(2):  # a rerun does not stop at the bad rows either
+                assert cli_main(argv) == 0
+                assert "3 failed" in capsys.readouterr().out
+                fails = {r["id"]: r for r in csv.DictReader(open(tmp_path / "o/failures.csv"))}
+                assert set(fails) == {"../../etc/passwd", "ab", "cccc000000000000"}
+                assert "cannot be laid out" in fails["ab"]["reason"]
+                assert "cannot be laid out" in fails["../../etc/passwd"]["reason"]
+                assert "line 5: expected 3 fields, got 1" in fails["cccc000000000000"]["reason"]
+                for image_id in ("aaaa000000000000", "bbbb000000000000"):
+                    assert (tmp_path / "o/images" / image_relpath(image_id)).exists()
+            assert srv.hits("img/1.jpg") == 0
+        assert not (tmp_path / "etc").exists() and not (tmp_path / "o/etc").exists()
+
+    def test_utf8_bom_header(self, tmp_path: Path) -> None:
+        with FaultServer({"img/a.jpg": jpeg(1)}) as srv:
+            path = tmp_path / "l.csv"
+            path.write_text(f"id,url\nabcdef0123456789,{srv.url('img/a.jpg')}\n", "utf-8-sig")
+            assert path.read_bytes().startswith(b"\xef\xbb\xbfid,url")
+            rep = download_url_list(path, tmp_path / "o", progress=False)
+        assert rep.downloaded == 1
+        assert (tmp_path / "o/images/a/b/c/abcdef0123456789.jpg").exists()
+
+    def test_duplicate_ids_are_reported(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        files = {f"img/{i}.jpg": jpeg(i) for i in range(4)}
+        with FaultServer(files) as srv:
+            path = tmp_path / "l.csv"
+            path.write_text(
+                "id,url\n"
+                f"aaaa000000000000,{srv.url('img/0.jpg')}\n"
+                f"bbbb000000000000,{srv.url('img/1.jpg')}\n"
+                f"aaaa000000000000,{srv.url('img/2.jpg')}\n"
+                f"aaaa000000000000,{srv.url('img/3.jpg')}\n"
+            )
+            argv = ["download", "urls", "--csv", str(path), "--out", str(tmp_path / "o")]
+            argv += ["--quality", "95"]
+            assert cli_main([*argv, "--no-progress"]) == 0
+            said = capsys.readouterr()
+            assert "2 downloaded, 0 already present, 0 failed" in said.out
+            assert "2 row(s) repeating an earlier id skipped" in said.out
+            assert "2 row(s) repeat an earlier id" in said.err  # the warning
+            assert srv.hits("img/2.jpg") == srv.hits("img/3.jpg") == 0
+            got = (tmp_path / "o/images" / image_relpath("aaaa000000000000")).read_bytes()
+            ref = cv2.imdecode(np.frombuffer(files["img/0.jpg"], np.uint8), cv2.IMREAD_COLOR)
+            img = cv2.imdecode(np.frombuffer(got, np.uint8), cv2.IMREAD_COLOR)
+            assert np.abs(img.astype(int) - ref.astype(int)).mean() < 3.0  # the first row won
+            rows = list(csv.DictReader(open(tmp_path / "o/failures.csv")))
+            want = [
+                {"id": "aaaa000000000000", "url": srv.url(f"img/{i}.jpg"), "reason": "duplicate id"}
+                for i in (2, 3)
+            ]
+            assert rows == want
+            # A rerun lists them once again (not twice) and fetches nothing.
+            hits = srv.hits("img/*")
+            assert cli_main([*argv, "--no-progress"]) == 0
+            assert list(csv.DictReader(open(tmp_path / "o/failures.csv"))) == want
+            assert srv.hits("img/*") == hits
+
     def test_bad_csv(self, tmp_path: Path) -> None:
         path = tmp_path / "x.csv"
         path.write_text("image,link\n")
@@ -699,6 +819,66 @@ class TestEngine:
             assert _tree(tmp_path / "plain") == {
                 k: v for k, v in trees["ray"].items() if not k.startswith("shards/")
             }
+
+    def test_urls_engine_bom_bad_rows_and_duplicates(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        files = {f"img/{i}.jpg": jpeg(i) for i in range(3)}
+        with FaultServer(files) as srv:
+            path = tmp_path / "l.csv"
+            path.write_text(
+                "id,url\n"
+                f"aaaa000000000000,{srv.url('img/0.jpg')}\n"
+                f"../x,{srv.url('img/1.jpg')}\n"
+                f"aaaa000000000000,{srv.url('img/1.jpg')}\n"
+                f"bbbb000000000000,{srv.url('img/2.jpg')}\n",
+                "utf-8-sig",
+            )
+            argv = ["-q", "download", "urls", "--csv", str(path), "--out", str(tmp_path / "o")]
+            argv += ["--engine", "serial", "--shard-size", "2", *ENGINE]
+            assert cli_main(argv) == 0
+            assert "2 downloaded, 0 already present, 1 failed" in capsys.readouterr().out
+            rows = list(csv.DictReader(open(tmp_path / "o/failures.csv")))
+            assert [(r["id"], r["reason"]) for r in rows] == [
+                ("../x", "image id '../x' cannot be laid out as a/b/c/<id>.jpg"),
+                ("aaaa000000000000", "duplicate id"),
+            ]
+            assert srv.hits("img/1.jpg") == 0
+            for image_id in ("aaaa000000000000", "bbbb000000000000"):
+                assert (tmp_path / "o/images" / image_relpath(image_id)).exists()
+
+    @pytest.mark.parametrize("engine", ["serial", "ray"])
+    def test_permanent_failures_are_not_retried_by_the_executor(
+        self,
+        tmp_path: Path,
+        mirror: Mirror,
+        request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str],
+        engine: str,
+    ) -> None:
+        if engine == "ray":
+            request.getfixturevalue("local_ray")
+        srv, files, images = mirror
+        srv.remove_file("train/images_000.tar")  # 404
+        srv.add_fault("train/images_001.tar", Fault(corrupt=True, times=None))  # md5 mismatch
+        evil = make_tar({"a/b/c/abc0.jpg": b"ok", "../escape.jpg": b"x"})  # unsafe member
+        srv.add_file("train/images_003.tar", evil)
+        md5 = hashlib.md5(evil).hexdigest()
+        srv.add_file("md5sum/train/md5.images_003.txt", f"{md5}  images_003.tar\n".encode())
+        argv = ["-q", "download", "gldv2", "--split", "train", "--out", str(tmp_path)]
+        argv += ["--shards", "0-3", "--base-url", srv.base_url, "--engine", engine]
+        argv += ["--no-metadata", *ENGINE, "--retries", "1", "--backoff", "0.01"]
+        assert cli_main(argv) == 1
+        out = capsys.readouterr().out
+        assert "FAILED (3): images_000.tar, images_001.tar, images_003.tar" in out
+        assert "HTTP 404" in out and "md5 mismatch" in out and "unsafe member" in out
+        # One task attempt each: our own retries only (a 404 is not retried at all).
+        assert srv.hits("train/images_000.tar") == 1
+        assert srv.hits("train/images_001.tar") == 2  # --retries 1
+        assert srv.hits("md5sum/train/md5.images_001.txt") == 2  # the list, refetched once
+        assert srv.hits("train/images_003.tar") == 1
+        assert not (tmp_path / "escape.jpg").exists()
+        check_images(tmp_path / "train", {k: images[k] for k in images_of_shard(files, "train", 2)})
 
     def test_no_extract_is_refused(self, tmp_path: Path) -> None:
         argv = ["-q", "download", "gldv2", "--split", "train", "--out", str(tmp_path)]

@@ -151,7 +151,7 @@ def _urls(args: argparse.Namespace) -> int:
             f"{report.downloaded} downloaded, {report.present} already present, "
             f"{report.failed} failed (listed in {report.failures_csv}); "
             f"{len(report.shards_done)} task(s) run, {len(report.shards_skipped)} already done, "
-            f"in {report.seconds:.1f} s"
+            f"in {report.seconds:.1f} s{_duplicates(report.duplicates)}"
         )
         if report.failed_shards:
             print(f"FAILED tasks ({len(report.failed_shards)}), rerun to redo them:")
@@ -175,6 +175,11 @@ def _urls(args: argparse.Namespace) -> int:
     print(
         f"{report.downloaded} downloaded, {report.present} already present, {report.failed} "
         f"failed (listed in {report.failures_csv}), {report.skipped_failed} earlier failures "
-        f"skipped, in {report.seconds:.1f} s"
+        f"skipped, in {report.seconds:.1f} s{_duplicates(report.duplicates)}"
     )
     return 0
+
+
+def _duplicates(n: int) -> str:
+    """``; N rows repeating an earlier id skipped`` when there were any."""
+    return f"; {n} row(s) repeating an earlier id skipped (first row wins)" if n else ""
