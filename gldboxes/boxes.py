@@ -50,6 +50,7 @@ __all__ = [
     "boxes_from_label_studio_results",
     "boxes_to_array",
     "convert_boxes",
+    "image_id_problem",
     "read_boxes_csv",
     "read_gld_boxes_csv",
     "read_official_boxes",
@@ -477,11 +478,26 @@ def boxes_from_label_studio_results(
 
 
 # --------------------------------------------------------------------------------- CSV files
+def image_id_problem(image_id: object) -> str:
+    """What makes ``image_id`` unusable as an image id (it names files: ``<id>.jpg``), or ``""``.
+
+    An id must be a non-empty, printable string without path separators or ``..``.
+    """
+    if not isinstance(image_id, str) or not image_id.strip():
+        return "empty image id"
+    if not image_id.isprintable():
+        return f"image id {image_id!r} holds non-printable characters"
+    if "/" in image_id or "\\" in image_id or ".." in image_id:
+        return f"image id {image_id!r} is not a safe file name (no '/', '\\' or '..')"
+    return ""
+
+
 def read_boxes_csv(path: str | os.PathLike[str]) -> dict[str, list[Box]]:
     """Read a boxes CSV into ``{id: [Box, ...]}`` (ids without a box have no entry).
 
     Raises:
-        ValueError: missing header columns or a malformed row, naming the file and line.
+        ValueError: ``"FILE:LINE: what is wrong"`` for a missing header column, a short row,
+            an empty or unsafe id (see :func:`image_id_problem`) or a malformed box or score.
     """
     path = Path(path)
     out: dict[str, list[Box]] = {}
@@ -489,9 +505,15 @@ def read_boxes_csv(path: str | os.PathLike[str]) -> dict[str, list[Box]]:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         if "id" not in cols or "box" not in cols:
-            raise ValueError(f"{path}: expected header with 'id,box[,score]', got {cols}")
+            raise ValueError(f"{path}:1: expected header with 'id,box[,score]', got {cols}")
         has_score = "score" in cols
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the row's (last) line; blank lines are skipped
+            if row["box"] is None:
+                raise ValueError(f"{path}:{line}: expected fields {cols}, got a shorter row")
+            problem = image_id_problem(row["id"])
+            if problem:
+                raise ValueError(f"{path}:{line}: {problem}")
             try:
                 score = float(row["score"]) if has_score and row.get("score") else None
                 box = Box.from_string(row["box"] or "", score)
@@ -531,8 +553,9 @@ def read_gld_boxes_csv(path: str | os.PathLike[str], *, clip: bool = False) -> d
             if len(row) <= max(i_id, i_box):
                 raise ValueError(f"{path}:{line}: expected {len(cols)} fields, got {row}")
             key, text = row[i_id].strip(), row[i_box]
-            if not key:
-                raise ValueError(f"{path}:{line}: empty id")
+            problem = image_id_problem(key)
+            if problem:
+                raise ValueError(f"{path}:{line}: {problem}")
             parts = text.split()
             if len(parts) % 4:
                 raise ValueError(

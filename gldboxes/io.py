@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write",
     "config_hash",
     "read_json",
+    "read_yaml",
     "write_config",
     "write_json",
 ]
@@ -97,6 +98,28 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file with the safe loader (plain data only; an empty file is ``None``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``"FILE:LINE: ..."`` for a syntax error or a Python-object tag
+            (``!!python/...``), which the safe loader refuses.
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+        what = " ".join(str(problem).split())
+        raise ValueError(f"{where}: not valid YAML for a config ({what})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from exc
 
 
 def write_config(

@@ -27,6 +27,7 @@ hold-out partition), ``stats.json`` (format_version 1) and ``config.yaml``.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gldboxes.boxes import image_id_problem
 from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "hash_keys",
     "long_tail_histogram",
     "main",
+    "output_name_problem",
     "read_exclusions",
     "read_landmark_csv",
     "split_landmarks",
@@ -153,7 +156,7 @@ def split_landmarks(
         raise ValueError(f"n_landmarks must be >= 1 or None, got {n_landmarks}")
     id_s = ids if isinstance(ids, pd.Series) else pd.Series(np.asarray(ids), dtype="str")
     id_s = id_s.reset_index(drop=True)
-    lm = np.asarray(landmarks, dtype=np.int64)
+    lm = _as_landmark_array(landmarks)
     n_rows = len(id_s)
     if lm.shape != (n_rows,):
         raise ValueError(f"ids ({n_rows},) and landmarks {lm.shape} must have the same length")
@@ -186,7 +189,7 @@ def split_landmarks(
     n_val = np.floor(val_fraction * counts + u).astype(np.int64)
     np.minimum(n_val, counts, out=n_val)
     order = np.lexsort((img_key, inv))  # by landmark, then key
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    starts = np.cumsum(counts) - counts  # (also right when nothing is left)
     rank = np.empty(len(kept), dtype=np.int64)
     rank[order] = np.arange(len(kept)) - np.repeat(starts, counts)
     grp_val = n_val[inv]
@@ -225,6 +228,26 @@ def split_landmarks(
     return LandmarkSplit(kept=kept, val_pool=val_pool, train=train, val=val, stats=stats)
 
 
+def _as_landmark_array(landmarks: np.ndarray | pd.Series) -> np.ndarray:
+    """(N,) int64 landmark ids; ``ValueError`` for fractions, negatives or int64 overflow."""
+    arr = np.asarray(landmarks)
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"landmarks: {int(arr.max())} does not fit a 64-bit integer")
+    if arr.dtype.kind == "f":
+        ok = np.isfinite(arr) & (arr == np.round(arr)) & (np.abs(arr) < 2.0**63)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"landmarks: index {i} holds {arr[i]}, not an integer")
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"landmarks: expected integers, got dtype {arr.dtype}")
+    lm = arr.astype(np.int64)
+    neg = lm < 0
+    if neg.any():
+        i = int(np.flatnonzero(neg)[0])
+        raise ValueError(f"landmarks: index {i} holds {int(lm[i])}; ids must be >= 0")
+    return lm
+
+
 def _group(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True, return_counts=True)`` via hashing (faster)."""
     codes, uniq = pd.factorize(values, sort=True)
@@ -256,65 +279,71 @@ def long_tail_histogram(counts: np.ndarray) -> list[dict[str, Any]]:
 def read_landmark_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read ``id,landmark_id`` pairs from a GLD CSV (any of the three layouts, see module doc).
 
+    Every row is checked (vectorised): landmark ids must be non-negative integers that fit in
+    int64, image ids non-empty, printable and safe as file names (no ``/``, ``\\`` or ``..``).
+
     Returns:
         a DataFrame with ``id`` (str) and ``landmark_id`` (int64) columns.
 
     Raises:
-        ValueError: missing columns, a non-integer landmark id or a duplicated image id with
-            two landmarks, naming the file (and the line where it helps).
+        ValueError: ``"FILE:LINE: what is wrong"`` for an empty file, a header without rows,
+            missing columns, a bad landmark or image id, or an image id under two landmarks.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"landmark CSV not found: {path}")
-    header = pd.read_csv(path, nrows=0).columns.str.strip().str.lower().tolist()
-    fallback = True
+    try:
+        header = pd.read_csv(path, nrows=0).columns.str.strip().str.lower().tolist()
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}:1: empty file; expected a header 'id,landmark_id'") from None
+    row_of: np.ndarray | None = None  # data row of each output row when not the identity
     if "images" in header and "landmark_id" in header and "id" not in header:
         raw = pd.read_csv(
             path,
             usecols=lambda c: c.strip().lower() in ("landmark_id", "images"),
-            dtype={"images": "str"},
+            dtype="str",
+            keep_default_na=False,
         )
         raw.columns = raw.columns.str.strip().str.lower()
-        raw["id"] = raw["images"].fillna("").str.split()
-        df = raw.explode("id")[["id", "landmark_id"]].dropna(subset=["id"])
-        df = df[df["id"] != ""].reset_index(drop=True)
+        raw["id"] = raw["images"].str.split()
+        df = raw.explode("id")[["id", "landmark_id"]]  # the index stays the data row
+        df = df[df["id"].notna()]
+        row_of = df.index.to_numpy()
+        df = df.reset_index(drop=True)
     elif "id" in header and "landmark_id" in header:
-        df = _read_fast(path)
-        fallback = df is None
-        if df is None:  # not clean integers: the careful reader finds and names the bad rows
+        fast = _read_fast(path)
+        if fast is None:  # not clean integers: read text, the checks below name the bad row
             df = pd.read_csv(
                 path,
                 usecols=lambda c: c.strip().lower() in ("id", "landmark_id"),
-                dtype={"id": "str"},
+                dtype="str",
                 keep_default_na=False,
-                na_values={"landmark_id": ["", "None", "nan"]},
             )
             df.columns = df.columns.str.strip().str.lower()
+            df["id"] = df["id"].str.strip()
+        else:
+            df = fast
     else:
         raise ValueError(
-            f"{path}: expected columns 'id,landmark_id' (or 'landmark_id,images'), got {header}"
+            f"{path}:1: expected columns 'id,landmark_id' (or 'landmark_id,images'), got {header}"
         )
-    lm = pd.to_numeric(df["landmark_id"], errors="coerce")
-    bad = lm.isna() | (lm != lm.round())
-    if bad.any():
-        first = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ValueError(
-            f"{path}: {int(bad.sum())} row(s) without an integer landmark_id; first "
-            f"is data row {first + 1} (id {df['id'].iloc[first]!r})"
-        )
-    df["landmark_id"] = lm.astype(np.int64)
-    if df["id"].dtype != "str" or fallback:
-        df["id"] = df["id"].astype("str").str.strip()
+    if len(df) == 0:
+        raise ValueError(f"{path}:2: no rows (only a header); expected 'id,landmark_id' rows")
+    df["landmark_id"] = _check_landmark_ids(path, df["landmark_id"], row_of)
+    _check_image_ids(path, df["id"], row_of)
     # duplicates: cheap hash check first, strings only for the suspects
     h = hash_keys(df["id"], 0, 0)
     if len(np.unique(h)) < len(h):
-        dup = df.duplicated(subset=["id"], keep=False)
-        conflicts = df[dup].groupby("id")["landmark_id"].nunique()
-        conflicts = conflicts[conflicts > 1]
-        if len(conflicts):
+        dup = df[df.duplicated(subset=["id"], keep=False)]
+        first_lm = dup.groupby("id")["landmark_id"].transform("first")
+        clash = np.flatnonzero((dup["landmark_id"] != first_lm).to_numpy())
+        if len(clash):
+            row = int(dup.index[clash[0]])
+            n_ids = dup["id"].iloc[clash].nunique()
             raise ValueError(
-                f"{path}: {len(conflicts)} image id(s) listed under two landmarks, "
-                f"e.g. {conflicts.index[0]!r}"
+                f"{path}:{_line(path, row, row_of)}: image id {dup['id'].iloc[clash[0]]!r} "
+                f"listed under two landmarks ({first_lm.iloc[clash[0]]} and "
+                f"{dup['landmark_id'].iloc[clash[0]]}); {n_ids} such id(s) in the file"
             )
         n_dup = int(df.duplicated(subset=["id"]).sum())
         logger.warning("%s: dropping %d repeated row(s)", path, n_dup)
@@ -322,8 +351,136 @@ def read_landmark_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     return df[["id", "landmark_id"]]
 
 
+_INT64_MAX_TEXT = str(np.iinfo(np.int64).max)
+# An image id becomes a file name (``<id>.jpg``): no separators, no parent references, printable.
+# This flags suspects only (any non-ASCII too); ``image_id_problem`` decides.
+_SUSPECT_ID = r"[/\\]|\.\.|^\s*$|[^\x21-\x7e]"
+_SCAN_BYTES = 8 << 20  # bytes of ids scanned per step (temporaries stay under 32 MB)
+
+
+def _check_landmark_ids(path: Path, values: pd.Series, row_of: np.ndarray | None) -> np.ndarray:
+    """(N,) int64 landmark ids, or ``ValueError`` ``FILE:LINE`` at the first bad one.
+
+    ``values`` are int64 (a clean fast read: only the sign is left to check) or text, which must
+    be digits (surrounding spaces allowed) of a value up to ``2**63 - 1``.
+    """
+    if values.dtype == np.int64:
+        lm = values.to_numpy()
+        neg = lm < 0
+        if neg.any():
+            i = int(np.flatnonzero(neg)[0])
+            raise ValueError(
+                f"{path}:{_line(path, i, row_of)}: landmark_id {int(lm[i])} is negative; landmark "
+                f"ids are non-negative integers ({int(neg.sum())} such row(s) in the file)"
+            )
+        return lm
+    text = values.astype("str").fillna("").str.strip()
+    digits = text.str.fullmatch(r"[0-9]+").fillna(False).to_numpy(dtype=bool)
+    body = text.str.lstrip("0")
+    n = body.str.len().to_numpy()
+    big = digits & ((n > 19) | ((n == 19) & (body > _INT64_MAX_TEXT).to_numpy(dtype=bool)))
+    bad = ~digits | big
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        what = (
+            "does not fit a 64-bit integer"
+            if big[i]
+            else "is not a non-negative integer"
+            if text.iloc[i]
+            else "is missing"
+        )
+        raise ValueError(
+            f"{path}:{_line(path, i, row_of)}: landmark_id {text.iloc[i]!r} {what} "
+            f"({int(bad.sum())} bad row(s) in the file)"
+        )
+    return text.astype(np.int64).to_numpy()
+
+
+def _check_image_ids(path: Path, ids: pd.Series, row_of: np.ndarray | None) -> None:
+    """``ValueError`` ``FILE:LINE`` at the first empty, unprintable or path-like image id.
+
+    A vectorised pass flags suspects (see :func:`_suspect_ids`); only those few are judged in
+    Python by :func:`gldboxes.boxes.image_id_problem` (a printable non-ASCII id is fine).
+    """
+    suspect = _suspect_ids(ids)
+    if not suspect.any():
+        return
+    rows = np.flatnonzero(suspect)
+    verdicts = [image_id_problem(v) for v in ids.iloc[rows].tolist()]
+    bad = [(int(r), v) for r, v in zip(rows, verdicts, strict=True) if v]
+    if bad:
+        row, what = bad[0]
+        raise ValueError(
+            f"{path}:{_line(path, row, row_of)}: {what} ({len(bad)} bad row(s) in the file)"
+        )
+
+
+def _suspect_ids(ids: pd.Series) -> np.ndarray:
+    """(N,) bool: ids that may be empty, blank, unprintable or path-like (a superset).
+
+    For Arrow-backed strings this scans the UTF-8 bytes directly, in chunks: any byte outside
+    ``!``..``~``, ``/``, ``\\`` or ``..`` flags its row (a ``..`` across two ids flags the first:
+    it is only a suspect). Other string arrays take a regex.
+    """
+    suspect = ids.isna().to_numpy(dtype=bool, copy=True)
+    chunked = getattr(ids.array, "_pa_array", None)
+    if chunked is None:
+        found = ids.str.contains(_SUSPECT_ID, regex=True).fillna(True)
+        return suspect | found.to_numpy(dtype=bool)
+    import pyarrow as pa
+
+    start = 0
+    for chunk in chunked.chunks:
+        m = len(chunk)
+        if m == 0:
+            continue
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            chunk = chunk.cast(pa.large_string())  # e.g. string_view
+        bufs = chunk.buffers()
+        off_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(bufs[1], dtype=off_type)[chunk.offset : chunk.offset + m + 1]
+        offsets = offsets.astype(np.int64, copy=False)
+        suspect[start : start + m] |= offsets[1:] == offsets[:-1]  # empty ids
+        data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0)
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        for c0 in range(lo, hi, _SCAN_BYTES):
+            c1 = min(hi, c0 + _SCAN_BYTES + 1)  # one byte of overlap for '..'
+            b = data[c0:c1]
+            bad = (b <= 0x20) | (b >= 0x7F) | (b == 0x2F) | (b == 0x5C)
+            dots = b == 0x2E
+            bad[:-1] |= dots[:-1] & dots[1:]
+            pos = np.flatnonzero(bad)
+            if len(pos):
+                rows = np.searchsorted(offsets, pos + c0, side="right") - 1
+                suspect[start + rows] = True
+        start += m
+    return suspect
+
+
+def _line(path: Path, row: int, row_of: np.ndarray | None = None) -> int:
+    """1-based file line where data row ``row`` starts (header and blank lines skipped, quoted
+    newlines followed, as pandas reads them); ``row_of`` maps output rows to data rows first.
+
+    Only called on the error path: it scans the file up to that row.
+    """
+    data_row = int(row_of[row]) if row_of is not None else row
+    seen = -1  # the header is record -1
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        prev = 0
+        for record in reader:
+            start, prev = prev + 1, reader.line_num
+            if not record:
+                continue
+            if seen == data_row:
+                return start
+            seen += 1
+    return data_row + 2
+
+
 def _read_fast(path: Path) -> pd.DataFrame | None:
-    """Multi-threaded pyarrow read of a clean ``id,...,landmark_id`` CSV, or ``None``."""
+    """Multi-threaded pyarrow read of an ``id,...,landmark_id`` CSV whose landmark ids all
+    parse as int64, or ``None`` (then the text reader finds and names the bad rows)."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
@@ -331,15 +488,18 @@ def _read_fast(path: Path) -> pd.DataFrame | None:
     cols = pd.read_csv(path, nrows=0).columns.tolist()
     names = {c.strip().lower(): c for c in cols if c.strip().lower() in ("id", "landmark_id")}
     try:
+        # landmark_id type inferred, not forced: forcing int64 truncates 3.5 and wraps 1e23
         df = pd.read_csv(
             path,
             engine="pyarrow",
             usecols=[names["id"], names["landmark_id"]],
-            dtype={names["id"]: "str", names["landmark_id"]: "int64"},
+            dtype={names["id"]: "str"},
         )
     except Exception:
         return None
     df.columns = pd.Index([c.strip().lower() for c in df.columns])
+    if df["landmark_id"].dtype != np.int64:
+        return None
     return df
 
 
@@ -348,6 +508,9 @@ def read_exclusions(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str],
     column (e.g. images or landmarks overlapping Revisited Oxford/Paris).
 
     A file with a single unnamed column is read as image ids.
+
+    Raises:
+        ValueError: ``"FILE:LINE: ..."`` at a landmark id that is not a non-negative integer.
     """
     ids: list[str] = []
     lms: list[int] = []
@@ -355,21 +518,22 @@ def read_exclusions(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str],
         p = Path(p)
         if not p.exists():
             raise FileNotFoundError(f"exclusion list not found: {p}")
-        df = pd.read_csv(p, dtype="str", keep_default_na=False)
+        try:
+            df = pd.read_csv(p, dtype="str", keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            continue  # an empty list excludes nothing
         cols = [c.strip().lower() for c in df.columns]
         df.columns = pd.Index(cols)
         if "id" not in cols and "landmark_id" not in cols:
             if len(cols) != 1:
-                raise ValueError(f"{p}: expected an 'id' and/or 'landmark_id' column, got {cols}")
+                raise ValueError(f"{p}:1: expected an 'id' and/or 'landmark_id' column, got {cols}")
             df = pd.read_csv(p, dtype="str", header=None, names=["id"], keep_default_na=False)
         if "id" in df.columns:
             ids.extend(v.strip() for v in df["id"] if v.strip())
         if "landmark_id" in df.columns:
-            vals = [v.strip() for v in df["landmark_id"] if v.strip()]
-            try:
-                lms.extend(int(v) for v in vals)
-            except ValueError as exc:
-                raise ValueError(f"{p}: landmark_id column holds a non-integer ({exc})") from exc
+            col = df["landmark_id"].str.strip()
+            rows = np.flatnonzero((col != "").to_numpy(dtype=bool))
+            lms.extend(_check_landmark_ids(p, col.iloc[rows], rows).tolist())
     return ids, lms
 
 
@@ -387,6 +551,9 @@ def main(
     input file (path, size, mtime) and exclusion lists, unless ``overwrite``.
     """
     conf = {**confs["paper"], **conf}
+    problem = output_name_problem(conf["output"])
+    if problem:
+        raise ValueError(f"conf 'output': {problem}")
     csv_path = Path(csv_path)
     ex_paths = [Path(p) for p in exclude]
     folder = Path(out_dir) / f"{conf['output']}-s{int(conf['seed'])}"
@@ -443,6 +610,15 @@ def main(
         folder,
     )
     return folder
+
+
+def output_name_problem(name: object) -> str:
+    """What makes ``name`` unusable as the split's folder name prefix, or ``""``."""
+    if not isinstance(name, str) or not name.strip():
+        return f"folder name {name!r} is empty"
+    if "/" in name or "\\" in name or ".." in name or not name.isprintable():
+        return f"folder name {name!r} must be one printable path component (no '/', '\\', '..')"
+    return ""
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:

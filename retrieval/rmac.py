@@ -247,15 +247,30 @@ def build_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> B
             raise FileNotFoundError(f"backbone weights file not found: {path}")
     keras.utils.set_random_seed(seed)
     shape = (None, None, 3)
-    if name == "resnet50":
-        model = keras.applications.ResNet50(include_top=False, weights=kweights, input_shape=shape)
-        mode = "caffe"
-    elif name == "resnet101":
-        model = keras.applications.ResNet101(include_top=False, weights=kweights, input_shape=shape)
-        mode = "caffe"
-    elif name == "vgg16":
-        full = keras.applications.VGG16(include_top=False, weights=kweights, input_shape=shape)
-        model = keras.Model(full.input, full.get_layer("block5_conv3").output, name="vgg16_conv5")
+    apps = {"resnet50": "ResNet50", "resnet101": "ResNet101", "vgg16": "VGG16"}
+    if name in apps:
+        try:
+            full = getattr(keras.applications, apps[name])(
+                include_top=False, weights=kweights, input_shape=shape
+            )
+        except Exception as exc:  # Keras raises a bare Exception when the download fails
+            if kweights != "imagenet" or not (
+                isinstance(exc, OSError) or "URL fetch failure" in str(exc)
+            ):
+                raise
+            file = f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+            cache = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser() / "models"
+            raise ConnectionError(
+                f"backbone {name}: cannot download its ImageNet weights {file} "
+                f"({' '.join(str(exc).split())}); copy that file into {cache}/ "
+                "or pass --weights FILE (a Keras weights file of this backbone; "
+                "--weights random for a seeded random initialisation)"
+            ) from exc
+        model = (
+            keras.Model(full.input, full.get_layer("block5_conv3").output, name="vgg16_conv5")
+            if name == "vgg16"
+            else full
+        )
         mode = "caffe"
     else:
         model = _tiny_model(keras, seed)

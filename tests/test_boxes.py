@@ -343,3 +343,46 @@ class TestCsvFiles:
         (tmp_path / "boxes_split1.csv").write_text("image,bbox\n")
         with pytest.raises(ValueError, match="expected header 'id,box'"):
             read_gld_boxes_csv(tmp_path / "boxes_split1.csv")
+
+
+class TestBoxesCsvValidation:
+    """``read_boxes_csv`` rejects bad rows as ``FILE:LINE: what is wrong``."""
+
+    @pytest.mark.parametrize(
+        ("row", "message"),
+        [
+            (",0.1 0.1 0.2 0.2", "empty image id"),
+            ("   ,0.1 0.1 0.2 0.2", "empty image id"),
+            ("../../etc/passwd,0.1 0.1 0.2 0.2", "not a safe file name"),
+            ("a\\b,0.1 0.1 0.2 0.2", "not a safe file name"),
+            ("a\x01b,0.1 0.1 0.2 0.2", "non-printable"),
+            ("only-an-id", "shorter row"),
+            ("a,0.1 0.1 0.2", "4 numbers"),
+            ("a,0.1 0.1 0.2 0.2,high", "could not convert"),
+        ],
+    )
+    def test_exception(self, tmp_path: Path, row: str, message: str) -> None:
+        path = tmp_path / "det.csv"
+        path.write_text(f"id,box,score\nok,0.1 0.1 0.2 0.2,0.5\n{row}\n")
+        with pytest.raises(ValueError, match=rf"det\.csv:3: .*{message}"):
+            read_boxes_csv(path)
+
+    def test_line_counts_blank_lines_and_header(self, tmp_path: Path) -> None:
+        path = tmp_path / "det.csv"
+        path.write_text("id,box\nok,0.1 0.1 0.2 0.2\n\n,0.1 0.1 0.2 0.2\n")
+        with pytest.raises(ValueError, match=r"det\.csv:4: empty image id"):
+            read_boxes_csv(path)
+        path.write_text("")
+        with pytest.raises(ValueError, match=r"det\.csv:1: expected header"):
+            read_boxes_csv(path)
+
+    def test_printable_unicode_ids_are_fine(self, tmp_path: Path) -> None:
+        path = tmp_path / "det.csv"
+        path.write_text("id,box\ncafé-1,0.1 0.1 0.2 0.2\n", encoding="utf-8")
+        assert list(read_boxes_csv(path)) == ["café-1"]
+
+    def test_official_reader_rejects_unsafe_ids(self, tmp_path: Path) -> None:
+        path = tmp_path / "boxes_split1.csv"
+        path.write_text("id,box\nok,0.1 0.1 0.2 0.2\n../x,0.1 0.1 0.2 0.2\n")
+        with pytest.raises(ValueError, match=r"boxes_split1\.csv:3: image id '\.\./x' is not a"):
+            read_gld_boxes_csv(path)

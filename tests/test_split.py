@@ -20,6 +20,7 @@ from gldboxes.split import (
     hash_keys,
     long_tail_histogram,
     main,
+    read_exclusions,
     read_landmark_csv,
     split_landmarks,
 )
@@ -226,17 +227,19 @@ class TestFiles:
     def test_csv_errors(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.csv"
         bad.write_text("image,label\nx,1\n")
-        with pytest.raises(ValueError, match=r"bad\.csv: expected columns"):
+        with pytest.raises(ValueError, match=r"bad\.csv:1: expected columns"):
             read_landmark_csv(bad)
         bad.write_text("id,landmark_id\naaa,1\nbbb,None\nccc,2.5\n")
         with pytest.raises(
             ValueError,
-            match=r"2 row\(s\) without an integer landmark_id; first "
-            r"is data row 2 \(id 'bbb'\)",
+            match=r"bad\.csv:3: landmark_id 'None' is not a non-negative integer "
+            r"\(2 bad row\(s\) in the file\)",
         ):
             read_landmark_csv(bad)
         bad.write_text("id,landmark_id\naaa,1\nbbb,2\naaa,3\n")
-        with pytest.raises(ValueError, match=r"listed under two landmarks, e\.g\. 'aaa'"):
+        with pytest.raises(
+            ValueError, match=r"bad\.csv:4: image id 'aaa' listed under two landmarks \(1 and 3\)"
+        ):
             read_landmark_csv(bad)
         bad.write_text("id,landmark_id\naaa,1\nbbb,2\naaa,1\n")
         assert len(read_landmark_csv(bad)) == 2
@@ -330,6 +333,134 @@ class TestFiles:
             seed=0,
         )
         assert set(train["id"]) == ref["train"] and set(val["id"]) == ref["val"]
+
+
+class TestInputValidation:
+    """Every bad row is a ``ValueError`` ``FILE:LINE: what is wrong`` (vectorised checks)."""
+
+    @pytest.mark.parametrize(
+        ("rows", "line", "message"),
+        [
+            ("a,1\nb,3.5\n", 3, "landmark_id '3.5' is not a non-negative integer"),
+            (
+                "a,1\nb,99999999999999999999999\n",
+                3,
+                "landmark_id '99999999999999999999999' does not fit a 64-bit integer",
+            ),
+            ("a,1\nb,9223372036854775808\n", 3, "does not fit a 64-bit integer"),
+            ("a,-7\nb,1\n", 2, "landmark_id -7 is negative"),
+            ("a,1\nb,\n", 3, "landmark_id '' is missing"),
+            ("a,1\nb,x\n", 3, "landmark_id 'x' is not a non-negative integer"),
+            ("a,1\n,2\n", 3, "empty image id"),
+            ("a,1\n   ,2\n", 3, "empty image id"),
+            ("a,1\n../../etc/passwd,2\n", 3, r"image id '\.\./\.\./etc/passwd' is not a safe"),
+            ("a,1\nb\\c,2\n", 3, "is not a safe file name"),
+            ("a,1\nx..y,2\n", 3, "is not a safe file name"),
+            ("a,1\nb\x01,2\n", 3, "holds non-printable characters"),
+        ],
+    )
+    def test_exception(self, tmp_path: Path, rows: str, line: int, message: str) -> None:
+        for header in ("id,landmark_id", "id,url,landmark_id"):
+            body = rows if header == "id,landmark_id" else _with_url(rows)
+            path = tmp_path / "train.csv"
+            path.write_text(f"{header}\n{body}", encoding="utf-8")
+            with pytest.raises(ValueError, match=rf"train\.csv:{line}: .*{message}"):
+                read_landmark_csv(path)
+
+    def test_largest_int64_and_leading_zeros_pass(self, tmp_path: Path) -> None:
+        path = tmp_path / "train.csv"
+        path.write_text("id,landmark_id\na,9223372036854775807\nb,007\nc,0\n")
+        df = read_landmark_csv(path)
+        assert df["landmark_id"].tolist() == [2**63 - 1, 7, 0]
+        path.write_text("id,landmark_id\ncafé,1\nb,1\n", encoding="utf-8")
+        assert read_landmark_csv(path)["id"].tolist() == ["café", "b"]
+
+    def test_no_rows(self, tmp_path: Path) -> None:
+        path = tmp_path / "train.csv"
+        path.write_text("id,landmark_id\n")
+        with pytest.raises(ValueError, match=r"train\.csv:2: no rows"):
+            read_landmark_csv(path)
+        path.write_text("")
+        with pytest.raises(ValueError, match=r"train\.csv:1: empty file"):
+            read_landmark_csv(path)
+        path.write_text("id,url,landmark_id\n")
+        with pytest.raises(ValueError, match=r"train\.csv:2: no rows"):
+            main({"seed": 0}, path, tmp_path / "out")
+
+    def test_lines_follow_blank_lines_and_quoted_newlines(self, tmp_path: Path) -> None:
+        path = tmp_path / "train.csv"
+        path.write_text('id,landmark_id\na,1\n\n"b\nc",2\nd,-3\n')
+        with pytest.raises(ValueError, match=r"train\.csv:6: landmark_id -3 is negative"):
+            read_landmark_csv(path)
+
+    def test_train_clean_layout(self, tmp_path: Path) -> None:
+        path = tmp_path / "train_clean.csv"
+        path.write_text("landmark_id,images\n5,a b\n6,c ../d\n")
+        with pytest.raises(ValueError, match=r"train_clean\.csv:3: image id '\.\./d'"):
+            read_landmark_csv(path)
+        path.write_text("landmark_id,images\n5,a b\n6.5,c\n")
+        with pytest.raises(ValueError, match=r"train_clean\.csv:3: landmark_id '6\.5'"):
+            read_landmark_csv(path)
+
+    def test_exclusion_lists(self, tmp_path: Path) -> None:
+        excl = tmp_path / "overlap.csv"
+        excl.write_text("landmark_id\n5\n\n-2\n")
+        with pytest.raises(ValueError, match=r"overlap\.csv:4: landmark_id '-2'"):
+            read_exclusions([excl])
+
+    def test_split_landmarks_rejects_bad_arrays(self) -> None:
+        ids = np.array(["a", "b"])
+        with pytest.raises(ValueError, match=r"index 1 holds 3\.5"):
+            split_landmarks(ids, np.array([1.0, 3.5]))
+        with pytest.raises(ValueError, match="index 0 holds -7"):
+            split_landmarks(ids, np.array([-7, 1]))
+        with pytest.raises(ValueError, match="does not fit a 64-bit integer"):
+            split_landmarks(ids, np.array([2**64 - 1, 1], dtype=np.uint64))
+        empty = split_landmarks(ids, np.array([1, 2]), exclude_landmarks=[1, 2])
+        assert len(empty.train) == len(empty.val) == 0 and empty.stats["landmarks"] == 0
+
+    def test_cli_options(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        csv_path = tmp_path / "train.csv"
+        csv_path.write_text("id,landmark_id\na,1\nb,1\n")
+        base = ["-q", "split", "--csv", str(csv_path), "--out", str(tmp_path / "out")]
+        for extra, message in (
+            (["--landmarks", "0"], "--landmarks must be >= 1, got 0"),
+            (["--seed", "-1"], "--seed must be >= 0, got -1"),
+            (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1], got 1.5"),
+            (["--output", "../up"], "--output: folder name '../up' must be one printable"),
+        ):
+            assert cli_main([*base, *extra]) == 2
+            assert message in capsys.readouterr().err
+        with pytest.raises(ValueError, match="conf 'output': folder name 'a/b'"):
+            main({"output": "a/b"}, csv_path, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+    def test_suspect_scan_matches_reference(self) -> None:
+        """The byte scan flags every id that the per-id reference rejects (Arrow and object)."""
+        from gldboxes.boxes import image_id_problem
+        from gldboxes.split import _suspect_ids
+
+        rng = np.random.default_rng(3)
+        alphabet = list("ab0./\\ \x01\x7f\u00e9\u2028")
+        vals = ["".join(rng.choice(alphabet, rng.integers(0, 5))) for _ in range(5000)]
+        ref = np.array([bool(image_id_problem(v)) for v in vals])
+        chunked = pd.concat(
+            [pd.Series(vals[:2000], dtype="str"), pd.Series(vals[2000:], dtype="str")],
+            ignore_index=True,
+        )
+        for ser in (pd.Series(vals, dtype="str").iloc[0:], chunked, pd.Series(vals, dtype=object)):
+            sus = _suspect_ids(ser)
+            assert not (ref & ~sus).any()
+            assert sus.sum() < len(vals)  # a real filter, not "everything"
+
+
+def _with_url(rows: str) -> str:
+    """Insert a url column after the id of ``id,landmark_id`` rows."""
+    out = []
+    for row in rows.splitlines():
+        i, lm = row.rsplit(",", 1)
+        out.append(f"{i},http://x/{len(out)}.jpg,{lm}")
+    return "\n".join(out) + "\n"
 
 
 def test_synthetic_world_end_to_end(tmp_path: Path) -> None:

@@ -118,12 +118,15 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import yaml
+    from gldboxes.io import read_yaml
 
     conf = copy.deepcopy(PRESETS["quick" if args.quick else args.preset])
     if args.config:
-        with open(args.config, encoding="utf-8") as fh:
-            extra = yaml.safe_load(fh) or {}
+        extra = read_yaml(args.config) or {}
+        if not isinstance(extra, dict):
+            raise ValueError(
+                f"{args.config}: expected a mapping of pipeline keys, got a {type(extra).__name__}"
+            )
         unknown = set(extra) - set(conf)
         if unknown:
             raise ValueError(f"{args.config}: unknown pipeline keys {sorted(unknown)}")

@@ -55,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         "output": args.output,
     }
     conf.update({k: v for k, v in overrides.items() if v is not None})
+    _check_args(args)
     if args.write_pools:
         conf["write_pools"] = True
     folder = main(conf, args.csv, args.out, exclude=args.exclude, overwrite=args.overwrite)
@@ -73,3 +74,25 @@ def _run(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the option for an out-of-range number or an unsafe folder name."""
+    limits = (
+        ("--seed", args.seed, 0),
+        ("--train-per-landmark", args.train_per_landmark, 0),
+        ("--val-per-landmark", args.val_per_landmark, 0),
+        ("--landmarks", args.landmarks, 1),
+        ("--min-images", args.min_images, 1),
+    )
+    for flag, value, low in limits:
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction <= 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+    if args.output is not None:
+        from gldboxes.split import output_name_problem
+
+        problem = output_name_problem(args.output)
+        if problem:
+            raise ValueError(f"--output: {problem}")
