@@ -15,6 +15,13 @@ Traps handled here (see ``../shared/design/STACK.md``):
 
 The API token is read from the environment (``LABEL_STUDIO_API_KEY``) or, for a server we
 started ourselves, from ``<data dir>/.gldboxes-token`` (mode 0600). It is never logged.
+
+The data dir is owner-only: its SQLite database holds every user's API token. :func:`start`
+and :func:`init_data_dir` make it 0700 and its files 0600 (also those of a data dir copied
+or made earlier) and run Label Studio with umask 077. Its output reaches ``server.log`` /
+``init.log`` (0600) through :mod:`annotation.logpipe`, which masks credential values: Label
+Studio's request log otherwise records the organisation's invite link
+(``/user/signup/?token=...``), with which anyone can join.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -70,6 +78,10 @@ STATE_FILE = "gldboxes-server.json"
 TOKEN_FILE = ".gldboxes-token"
 STATE_FORMAT_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Runs the server with its output redacted into an owner-only log (stdlib-only script).
+LOGPIPE = Path(__file__).resolve().with_name("logpipe.py")
+# umask of the server process: what it creates in the data dir is owner-only.
+SERVER_UMASK = 0o077
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,18 +184,18 @@ def init_data_dir(settings: ServerSettings, *, venv: Path | None = None) -> Path
     Slow on an empty data dir (80-135 s of migrations); a no-op-ish second time.
     """
     exe = ensure_installed(venv)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_private(settings.data_dir)
     log = settings.data_dir / "init.log"
-    with open(log, "ab") as fh:
-        proc = subprocess.run(
-            [str(exe), "init", "--no-browser", "--enable-legacy-api-token", "--quiet"],
-            env=server_env(settings),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            check=False,
-            cwd=settings.data_dir,
-            stdin=subprocess.DEVNULL,
-        )
+    proc = subprocess.run(
+        _logged(log, [str(exe), "init", "--no-browser", "--enable-legacy-api-token", "--quiet"]),
+        env=server_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        cwd=settings.data_dir,
+        stdin=subprocess.DEVNULL,
+        umask=SERVER_UMASK,
+    )
     if proc.returncode != 0:
         raise ValueError(f"{settings.data_dir}: label-studio init failed (see {log})")
     return settings.data_dir
@@ -191,6 +203,25 @@ def init_data_dir(settings: ServerSettings, *, venv: Path | None = None) -> Path
 
 def _db_path(data_dir: Path) -> Path:
     return data_dir / "label_studio.sqlite3"
+
+
+def _make_private(data_dir: Path) -> None:
+    """Create ``data_dir`` 0700 and take group/other bits off it and the files directly in it.
+
+    Existing data dirs (made before this rule, or copied from a template) are fixed on every
+    start; sub-folders (media, exports) are unreachable for others through the 0700 parent.
+    """
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    for entry in data_dir.iterdir():
+        st = entry.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            entry.chmod(stat.S_IMODE(st.st_mode) & ~0o077)
+
+
+def _logged(log: Path, cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped by :mod:`annotation.logpipe`: output redacted into ``log`` (0600)."""
+    return [sys.executable, "-I", str(LOGPIPE), str(log), "--", *cmd]
 
 
 def start(
@@ -202,9 +233,10 @@ def start(
 ) -> dict[str, Any]:
     """Start Label Studio in the background and wait until ``GET /health`` answers.
 
-    Initialises the data dir first when it has no database. The process runs in its own session
-    (it outlives the caller; stop it with :func:`stop`). Its output goes to
-    ``<data_dir>/server.log``.
+    Initialises the data dir first when it has no database and makes it owner-only. The process
+    runs in its own session (it outlives the caller; stop it with :func:`stop`) with umask 077.
+    Its output goes, credentials masked, to ``<data_dir>/server.log`` (0600) through
+    :mod:`annotation.logpipe`, the leader of the server's process group (``pid`` in the state).
 
     Args:
         write_token: also store the token in ``<data_dir>/.gldboxes-token`` (mode 0600) so later
@@ -231,30 +263,29 @@ def start(
             "initialising %s (migrations take 1-2 minutes on first start)", settings.data_dir
         )
         init_data_dir(settings, venv=venv)
+    _make_private(settings.data_dir)
     if write_token:
         _write_token(settings.data_dir, settings.token)
-    log = open(settings.data_dir / "server.log", "ab")
-    try:
-        proc = subprocess.Popen(
-            [
-                str(exe),
-                "start",
-                "--no-browser",
-                "--internal-host",
-                settings.host,
-                "--port",
-                str(settings.port),
-                "--enable-legacy-api-token",
-            ],
-            env=server_env(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=settings.data_dir,
-            start_new_session=True,
-        )
-    finally:
-        log.close()
+    cmd = [
+        str(exe),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--enable-legacy-api-token",
+    ]
+    proc = subprocess.Popen(
+        _logged(settings.data_dir / "server.log", cmd),
+        env=server_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        cwd=settings.data_dir,
+        start_new_session=True,
+        umask=SERVER_UMASK,
+    )
     state = {
         "format_version": STATE_FORMAT_VERSION,
         "pid": proc.pid,
@@ -337,8 +368,8 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
+        if proc_stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
     return True
 

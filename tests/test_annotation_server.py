@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -352,3 +354,39 @@ def test_browser_submits_preannotation(ls: server.ServerSettings, world: Path) -
         [15.0, 20.0, 70.0, 80.0],
         atol=1e-6,
     )
+
+
+def test_data_dir_private_and_logs_redacted(ls: server.ServerSettings) -> None:
+    """The data dir (its database holds every API token) and logs are owner-only, and no
+    invite token or API token reaches a log, though the signup requests are logged."""
+    sess = requests.Session()
+    sess.headers["Authorization"] = f"Token {ls.token}"
+    invite = sess.get(f"{ls.url}/api/invite", timeout=60).json()["token"]
+    rater = campaign.add_rater(ls.url, ls.token, "r3@gldboxes.test", "Rater-Three-pw-3")
+    requests.get(f"{ls.url}/user/signup/?next=/projects/&token={invite}&x=1", timeout=60)
+    log = ls.data_dir / "server.log"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "&x=1" not in log.read_text(errors="replace"):
+        time.sleep(0.2)
+    assert stat.S_IMODE(ls.data_dir.stat().st_mode) == 0o700
+    for name in ("label_studio.sqlite3", "server.log"):
+        assert stat.S_IMODE((ls.data_dir / name).stat().st_mode) == 0o600, name
+    logs = {p.name: p.read_text(errors="replace") for p in ls.data_dir.rglob("*.log")}
+    assert "/user/signup/" in logs["server.log"] and "&x=1" in logs["server.log"]
+    for name, text in logs.items():
+        for secret in (invite, rater.token, ls.token):
+            assert secret not in text, name
+        assert not re.search(r"token=(?!\[REDACTED\])", text), name
+
+
+class TestRedact:
+    def test_real_case(self) -> None:
+        from annotation.logpipe import redact
+
+        line = '[INFO] "GET /user/signup/?next=/projects/&token=QBRW4sCd&x=1 HTTP/1.1" 200 29038'
+        assert redact(line) == line.replace("QBRW4sCd", "[REDACTED]")
+        nested = "GET /user/login/?next=/user/signup/%3Ftoken%3DAbC%2Bd%26x%3D1 HTTP/1.1"
+        assert redact(nested) == nested.replace("AbC%2Bd", "[REDACTED]")
+        assert redact("Authorization: Token 0123456789abcdef") == "Authorization: Token [REDACTED]"
+        for kept in ("GET /api/current-user/token HTTP/1.1", "Tokenizer ready", "?page=2&x=1"):
+            assert redact(kept) == kept

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,3 +290,111 @@ class TestApp:
         assert not _port_open(app_port)
         assert not _port_open(state.port)
         assert not (db_dir / fodb.STATE_FILE).exists()
+
+
+def _view_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_DATABASE_URI")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env["GLDBOXES_DB_DIR"] = str(tmp_path / "unused")
+    return env
+
+
+def _gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` s for ``pids`` to exit; return those still running (zombies: gone)."""
+    import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if running(p)]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+class TestKilledCommand:
+    def test_kill_9_takes_mongod_and_app_along_and_rerun_works(self, tmp_path: Path) -> None:
+        """``kill -9`` of ``view app`` (same serving code as ``--launch``): no orphan stays on
+        its ports, and the same command on the same ports and data folder works again."""
+        import psutil
+
+        port = fodb.free_port()
+        args = ["view", "app", "--db-dir", str(tmp_path / "db"), "--port", str(port)]
+        env = _view_env(tmp_path)
+        first = _Child(args, env)
+        spawned: list[int] = []
+        try:
+            first.wait_for(r"FiftyOne App: http://127\.0\.0\.1:\d+", 180)
+            kids = psutil.Process(first.proc.pid).children(recursive=True)
+            spawned = [p.pid for p in kids]
+            cmds = [" ".join(p.cmdline()) for p in kids]
+            assert any("mongod" in c for c in cmds), cmds
+            assert any("fiftyone.server.main" in c for c in cmds), cmds
+            mongo_port = json.loads((tmp_path / "db" / fodb.STATE_FILE).read_text())["port"]
+
+            first.proc.kill()
+            first.proc.wait(timeout=10)
+            left = _gone(spawned, timeout=15)
+            assert not left, f"still running after kill -9 of their parent: {left} {cmds}"
+            assert not _port_open(port) and not _port_open(mongo_port)
+
+            second = _Child(args, env)
+            try:
+                second.wait_for(r"FiftyOne App: http://127\.0\.0\.1:\d+", 180)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=10) as resp:
+                    assert resp.status == 200
+                second.proc.send_signal(signal.SIGINT)
+                assert second.proc.wait(timeout=60) == 0, second.output()
+            finally:
+                if second.proc.poll() is None:
+                    second.proc.kill()
+                    second.proc.wait(timeout=10)
+        finally:
+            if first.proc.poll() is None:
+                first.proc.kill()
+            for pid in _gone(spawned, timeout=0):  # never leave our servers behind
+                os.kill(pid, signal.SIGKILL)
+
+    def test_orphan_without_death_signal_is_stopped_on_next_start(self, tmp_path: Path) -> None:
+        """A mongod started off the main thread gets no death signal and outlives its command;
+        the next start on its folder stops it (its owner is dead) instead of reusing it."""
+        db = tmp_path / "db"
+        code = (
+            "import sys, threading, time\n"
+            "from gldboxes import fodb\n"
+            "out = []\n"
+            "t = threading.Thread(target=lambda: out.append(fodb.start_mongod(sys.argv[1])))\n"
+            "t.start(); t.join()\n"
+            "print(out[0].process.pid, flush=True)\n"
+            "time.sleep(600)\n"
+        )
+        env = _view_env(tmp_path)
+        owner = subprocess.Popen(
+            [sys.executable, "-c", code, str(db)], cwd=REPO, env=env, stdout=subprocess.PIPE
+        )
+        orphan = 0
+        try:
+            assert owner.stdout is not None
+            orphan = int(owner.stdout.readline())
+            owner.kill()
+            owner.wait(timeout=10)
+            assert _gone([orphan], timeout=1) == [orphan], "off the main thread: no death signal"
+            server = fodb.start_mongod(db)
+            try:
+                assert server.owned and server.process is not None
+                assert server.process.pid != orphan and server.alive()
+                assert not _gone([orphan], timeout=0)
+                state = json.loads((db / fodb.STATE_FILE).read_text())
+                assert (state["pid"], state["owner_pid"]) == (server.process.pid, os.getpid())
+            finally:
+                server.stop()
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+            for pid in _gone([orphan] if orphan else [], timeout=0):
+                os.kill(pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ Each ``view`` command starts (or reuses) the toolkit's own MongoDB in ``--db-dir
 ``$GLDBOXES_DB_DIR`` or ``~/.gldboxes/mongodb``; a ``$FIFTYONE_DATABASE_URI`` already set wins),
 builds or refreshes a persistent dataset, prints its name and figures, and with ``--launch``
 serves the FiftyOne App on 127.0.0.1 until Ctrl-C, then stops the App and the database cleanly.
+Both die with the command even when it is killed (``kill -9``), so a rerun finds its ports free.
 """
 
 from __future__ import annotations
@@ -124,7 +125,12 @@ def _run(args: argparse.Namespace, build: Any) -> int:
 
 
 def _serve(port: int, name: str | None) -> None:
-    """Serve the App until Ctrl-C (SIGINT) or SIGTERM; always stops it."""
+    """Serve the App until Ctrl-C (SIGINT), SIGTERM or SIGHUP; always stops it.
+
+    Should this process be killed outright (SIGKILL), the App and a ``mongod`` we started get
+    SIGTERM from the kernel (Linux, :func:`gldboxes.fodb.die_with_parent`), and the next run
+    stops any that outlived their command (:func:`gldboxes.fodb.stop_orphan`).
+    """
     import signal
     import sys
 
@@ -134,6 +140,7 @@ def _serve(port: int, name: str | None) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _term)
+    previous_hup = signal.signal(signal.SIGHUP, _term)  # terminal closed: stop cleanly too
     app = start_app(port)
     try:
         url = app.dataset_url(name) if name else app.url
@@ -148,6 +155,7 @@ def _serve(port: int, name: str | None) -> None:
     finally:
         app.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
 
 
 def _boxes(args: argparse.Namespace) -> int:
