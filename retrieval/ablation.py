@@ -392,7 +392,8 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             lines.append("")
     gv = any(r.get("gv_medium_map") not in (None, "") for r in rows)
     cols = ["method", "regions", "setting", "features", "E", "M", "H", "items", "bytes"]
-    cols += ["features s", "index s"] + (["GV M", "GV H", "GV s/query"] if gv else [])
+    cols += ["bytes/image", "features s", "index s"]
+    cols += ["GV E", "GV M", "GV H", "GV s/query"] if gv else []
     lines += ["## All runs", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         vals = [
@@ -405,11 +406,13 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{_num(r['hard_map']):.2f}",
             f"{_num(r['items_rel']):.2f}x",
             f"{_num(r['bytes_rel']):.2f}x",
+            f"{_num(r['bytes']) / max(_num(r['images']), 1.0):,.0f}",
             f"{_num(r['region_features_seconds']):.1f}",
             f"{_num(r['aggregate_seconds']):.1f}",
         ]
         if gv:
             vals += [
+                f"{_num(r.get('gv_easy_map')):.2f}",
                 f"{_num(r.get('gv_medium_map')):.2f}",
                 f"{_num(r.get('gv_hard_map')):.2f}",
                 f"{_num(r.get('gv_seconds_per_query')):.3f}",

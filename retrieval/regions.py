@@ -513,6 +513,101 @@ def _regions_of_image(
     return compute_regions(conf, width=width, height=height, image=image, boxes=boxes)
 
 
+#: Selective-search proposals per image kept in the cache the ``ss-N`` presets share: the
+#: proposals are ranked, filtered and then cut, so ``ss-N`` is exactly the first N of them.
+SS_CACHE_TOP_N = 32
+_SS_CACHE_VERSION = 1
+
+
+def _ss_cache(conf: Mapping[str, Any], export_dir: Path) -> Path | None:
+    """The proposals cache of a selective-search conf (None when ``top_n`` exceeds it)."""
+    from gldboxes.io import config_hash
+
+    if int(conf["top_n"]) > SS_CACHE_TOP_N:
+        return None
+    key = {
+        "mode": conf.get("mode", "fast"),
+        "max_side": conf.get("max_side", 256),
+        "min_area": conf.get("min_area", 0.01),
+        "seed": conf.get("seed", 0),
+        "min_size": float(conf.get("min_size") or 0.0),
+        "top_n": SS_CACHE_TOP_N,
+        "version": _SS_CACHE_VERSION,
+    }
+    return export_dir / f"ss-proposals-{config_hash(key, 10)}.npz"
+
+
+def _selective_search_all(
+    conf: Mapping[str, Any], paths: Sequence[tuple[str, Path]], num_workers: int, desc: str
+) -> dict[str, list[Box]]:
+    """Selective-search regions of every image (processes when ``num_workers > 1``)."""
+    if num_workers > 1:
+        # processes, not threads: the seeded C rand() is per process
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            jobs = pool.map(
+                _regions_of_image,
+                [conf] * len(paths),
+                [p for _, p in paths],
+                [None] * len(paths),
+                chunksize=4,
+            )
+            return {
+                name: regs
+                for (name, _), regs in tqdm(
+                    zip(paths, jobs, strict=True), total=len(paths), desc=desc
+                )
+            }
+    return {
+        name: _regions_of_image(conf, path, None)
+        for name, path in tqdm(paths, desc=desc, disable=len(paths) < 50)
+    }
+
+
+def _write_ss_cache(path: Path, regions: Mapping[str, Sequence[Box]]) -> None:
+    """Save proposals (region 0 excluded) as npz: names, offsets, boxes (M, 5) with scores."""
+    from gldboxes.io import atomic_path
+
+    names = list(regions)
+    props = [list(regions[n])[1:] for n in names]
+    offsets = np.r_[0, np.cumsum([len(p) for p in props])].astype(np.int64)
+    rows = [(b.ymin, b.xmin, b.ymax, b.xmax, b.score or 0.0) for p in props for b in p]
+    arr = np.asarray(rows, np.float64).reshape(-1, 5)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            format_version=np.int64(_SS_CACHE_VERSION),
+            names=np.asarray(names, dtype=str),
+            offsets=offsets,
+            boxes=arr,
+        )
+
+
+def _from_ss_cache(
+    conf: Mapping[str, Any], path: Path, names: Sequence[str]
+) -> dict[str, list[Box]]:
+    """The regions of ``names`` under ``conf`` from the proposals cache (a prefix of each)."""
+    with np.load(path, allow_pickle=False) as z:
+        if int(z["format_version"]) != _SS_CACHE_VERSION:
+            raise ValueError(f"{path}: unsupported proposals cache version")
+        cached = [str(n) for n in z["names"]]
+        offsets, arr = z["offsets"], z["boxes"]
+    if cached != list(names):
+        raise ValueError(f"{path}: proposals cache is for other images; delete it to recompute")
+    top_n = int(conf["top_n"])
+    min_size = float(conf.get("min_size") or 0.0)
+    out: dict[str, list[Box]] = {}
+    for i, name in enumerate(names):
+        rows = arr[offsets[i] : offsets[i + 1]][:top_n]
+        found = [Box(*map(float, r)) for r in rows]
+        out[name] = [
+            WHOLE_IMAGE,
+            *select_regions(found, min_size=min_size, max_regions=conf.get("max_regions")),
+        ]
+    return out
+
+
 def main(
     conf: Mapping[str, Any],
     dataset: str | Path,
@@ -566,7 +661,16 @@ def main(
     paths = [(name, ds.image_path(name)) for name in ds.imlist]
     desc = f"regions {conf['output']}"
     regions: dict[str, list[Box]] = {}
-    if source == "selective_search" and num_workers > 1:
+    cache = _ss_cache(conf, Path(export_dir)) if source == "selective_search" else None
+    if cache is not None and cache.exists() and not overwrite:
+        regions = _from_ss_cache(conf, cache, [n for n, _ in paths])
+    elif cache is not None:
+        # compute SS_CACHE_TOP_N proposals once; every ss-N preset (N <= it) takes a prefix
+        wide = {**conf, "top_n": SS_CACHE_TOP_N, "max_regions": None}
+        proposals = _selective_search_all(wide, paths, num_workers, desc)
+        _write_ss_cache(cache, proposals)
+        regions = _from_ss_cache(conf, cache, [n for n, _ in paths])
+    elif source == "selective_search" and num_workers > 1:
         # processes, not threads: the seeded C rand() is per process
         from concurrent.futures import ProcessPoolExecutor
 

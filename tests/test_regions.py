@@ -474,3 +474,36 @@ class TestMain:
         write_boxes_csv(bad, {"x": [Box(0.1, 0.1, 0.5, 0.5, 0.9)]})
         with pytest.raises(ValueError, match="not the whole"):
             read_regions_csv(bad)
+
+
+class TestSelectiveSearchCache:
+    def test_presets_share_one_proposals_cache(self, tmp_path: Path) -> None:
+        """ss-N presets read the first N of one cached proposal list: the same regions as
+        computing each preset directly, computed once (serial and processes agree)."""
+        import cv2
+
+        from retrieval.datasets import RevisitedDataset
+        from retrieval.regions import compute_regions
+
+        ds = tmp_path / "tiny"
+        _tiny_dataset(ds)
+        out = tmp_path / "regions"
+        two = read_regions_csv(main(confs["ss-2"], ds, out))
+        caches = sorted(out.glob("ss-proposals-*.npz"))
+        assert len(caches) == 1
+        stamp = caches[0].stat().st_mtime_ns
+        one = read_regions_csv(main(confs["ss-1"], ds, out))
+        assert caches[0].stat().st_mtime_ns == stamp  # reused, not recomputed
+        rds = RevisitedDataset.load(ds)
+        for name in rds.imlist:
+            img = cv2.imread(str(rds.image_path(name)), cv2.IMREAD_COLOR)
+            for conf, got in ((confs["ss-1"], one), (confs["ss-2"], two)):
+                direct = compute_regions(conf, image=img)
+                assert len(got[name]) == len(direct)
+                for g, d in zip(got[name], direct, strict=True):
+                    assert (g.ymin, g.xmin, g.ymax, g.xmax, g.score) == pytest.approx(
+                        (d.ymin, d.xmin, d.ymax, d.xmax, d.score)
+                    )
+        caches[0].unlink()
+        par = main({**confs["ss-2"], "output": "ss-par"}, ds, out, num_workers=2)
+        assert read_regions_csv(par) == two
