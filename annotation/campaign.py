@@ -196,12 +196,21 @@ def create_campaign(
         overlap_cohort_percentage=100,
         show_collab_predictions=True,
     )
-    client.import_storage.local.create(
-        project=project.id,
-        path=str(image_dir),
-        title="campaign images",
-        use_blob_urls=False,
-    )
+    try:
+        client.import_storage.local.create(
+            project=project.id,
+            path=str(image_dir),
+            title="campaign images",
+            use_blob_urls=False,
+        )
+    except Exception as exc:  # the SDK's ApiError: remove the project, say what to do
+        client.projects.delete(id=project.id)
+        detail = " ".join(str(getattr(exc, "body", None) or exc).split())[:200]
+        raise ValueError(
+            f"Label Studio refused local-files storage for {image_dir} ({detail}); start the "
+            "server with --document-root set to a folder holding the images "
+            "(gldboxes annotate server start --document-root DIR); no project was left behind"
+        ) from exc
     logger.info("created project %d %r over %s", project.id, title, image_dir)
     return int(project.id)
 

@@ -172,6 +172,29 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_document_root(args: argparse.Namespace, image_dir: Any) -> None:
+    """Before creating anything: the server of ``--data-dir`` must serve ``image_dir``."""
+    from pathlib import Path
+
+    from annotation.server import read_state
+
+    state = read_state(Path(args.data_dir)) if getattr(args, "data_dir", None) else None
+    if state is None:
+        return  # a server given by --url: Label Studio itself checks (create_campaign)
+    root = state.get("document_root")
+    if not root:
+        raise ValueError(
+            f"the Label Studio server of {args.data_dir} was started without --document-root, "
+            "so it cannot serve local images: restart it with "
+            f"'gldboxes annotate server start --data-dir {args.data_dir} --document-root DIR'"
+        )
+    if not Path(image_dir).resolve().is_relative_to(Path(root)):
+        raise ValueError(
+            f"--image-dir {image_dir} is not under the server's document root {root}: "
+            "restart the server with a --document-root that holds it"
+        )
+
+
 def _create(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -179,6 +202,7 @@ def _create(args: argparse.Namespace) -> int:
     from annotation.config import DEFAULT_INSTRUCTIONS
 
     url, token = _endpoint(args)
+    _check_document_root(args, Path(args.image_dir))
     text = (
         Path(args.instructions).read_text(encoding="utf-8")
         if args.instructions

@@ -390,3 +390,46 @@ class TestRedact:
         assert redact("Authorization: Token 0123456789abcdef") == "Authorization: Token [REDACTED]"
         for kept in ("GET /api/current-user/token HTTP/1.1", "Tokenizer ready", "?page=2&x=1"):
             assert redact(kept) == kept
+
+
+def test_create_outside_document_root_leaves_no_project(
+    ls: server.ServerSettings, tmp_path: Path
+) -> None:
+    """Label Studio refuses storage outside its document root: a one-line error saying what to
+    do, and no empty project left behind (it used to leave one on every try)."""
+    client = campaign.connect(ls.url, ls.token)
+    before = {p.id for p in client.projects.list()}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(ValueError, match="--document-root") as err:
+        campaign.create_campaign(client, title="outside root", image_dir=outside)
+    assert "\n" not in str(err.value)
+    assert {p.id for p in client.projects.list()} == before
+
+
+def test_cli_create_checks_the_document_root_first(tmp_path: Path) -> None:
+    """`annotate create` against a server started without --document-root stops before
+    creating anything, with one line naming the fix (exit 2, no traceback)."""
+    import sys
+
+    data = tmp_path / "ls"
+    data.mkdir()
+    (data / server.STATE_FILE).write_text(
+        json.dumps(
+            {"format_version": 1, "pid": 1, "url": "http://127.0.0.1:9", "document_root": None}
+        )
+    )
+    (data / server.TOKEN_FILE).write_text("x")
+    images = tmp_path / "images"
+    images.mkdir()
+    args = ["annotate", "create", "--data-dir", str(data), "--title", "t1 t2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gldboxes", *args, "--image-dir", str(images)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "--document-root" in err and str(data) in err
