@@ -65,6 +65,12 @@ __all__ = [
 
 logger = logging.getLogger("gldboxes.fodb")
 
+
+class ServerStartError(RuntimeError):
+    """A server we start (mongod, the FiftyOne App) exited or did not answer in time; the
+    message names it, its port or data dir and the tail of its log."""
+
+
 # Where ``gldboxes view`` keeps its datasets unless ``--db-dir`` / ``$GLDBOXES_DB_DIR`` says
 # otherwise. Persistent, so datasets survive between commands.
 DEFAULT_DB_DIR = Path("~/.gldboxes/mongodb")
@@ -395,7 +401,7 @@ def start_mongod(
     while True:
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(
+            raise ServerStartError(
                 f"mongod exited with code {proc.returncode} (data dir {dbpath}): "
                 f"{err.strip()} {_log_tail(log_path)}"
             )
@@ -403,7 +409,7 @@ def start_mongod(
             break
         if time.monotonic() > deadline:
             server.stop(timeout=5)
-            raise RuntimeError(
+            raise ServerStartError(
                 f"mongod on port {port} did not answer within {timeout:.0f} s; "
                 f"{_log_tail(log_path)}"
             )

@@ -1089,7 +1089,13 @@ def start_app(
     import urllib.error
     import urllib.request
 
-    from gldboxes.fodb import die_with_parent, free_port, owner_record, stop_orphan
+    from gldboxes.fodb import (
+        ServerStartError,
+        die_with_parent,
+        free_port,
+        owner_record,
+        stop_orphan,
+    )
 
     if not os.environ.get("FIFTYONE_DATABASE_URI"):
         raise RuntimeError(
@@ -1137,7 +1143,7 @@ def start_app(
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(
+            raise ServerStartError(
                 f"FiftyOne App exited with code {proc.returncode}; {_tail(log_path)}"
             )
         try:
@@ -1148,7 +1154,7 @@ def start_app(
             pass
         if time.monotonic() > deadline:
             app.stop()
-            raise RuntimeError(
+            raise ServerStartError(
                 f"FiftyOne App did not answer on {app.url} within "
                 f"{timeout:.0f} s; {_tail(log_path)}"
             )

@@ -184,6 +184,18 @@ class TestErrorKinds:
         gone = DownloadError("http://x/y.tar: HTTP 404", status=404)
         assert expected_error(gone) == "http://x/y.tar: HTTP 404"
 
+    def test_failed_shards_and_servers_are_one_line(self) -> None:
+        """A stage whose shards failed after retries, or a server that did not start, is an
+        expected failure the message explains: one line, no traceback; bugs keep theirs."""
+        from gldboxes.executor import ShardFailedError
+        from gldboxes.fodb import ServerStartError
+
+        shards = expected_error(ShardFailedError("download", {"tar-00003": "HTTP 404"}))
+        assert shards is not None and "rerun to redo only them" in shards
+        server = ServerStartError("mongod exited with code 100 (data dir /x): bad\nlog tail")
+        assert expected_error(server) == "mongod exited with code 100 (data dir /x): bad log tail"
+        assert expected_error(RuntimeError("a bug")) is None
+
     def test_unreachable_server_is_named(self) -> None:
         import httpx
         import requests

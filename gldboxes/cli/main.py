@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gldboxes.cli.synth",
     "gldboxes.cli.download",
     "gldboxes.cli.split",
+    "gldboxes.cli.boxes",
     "gldboxes.cli.view",
     "detection.cli",
     "retrieval.cli",
@@ -90,8 +91,10 @@ def expected_error(exc: BaseException) -> str | None:
 
     Expected: ``ValueError`` (bad input, including unsafe files), ``OSError`` (missing or
     unreadable files, full disks; ``ConnectionError``, ``URLError``, timeouts and ``requests``
-    errors are ``OSError`` too), a failed download (:class:`gldboxes.http.DownloadError`) and
-    transport errors of ``httpx`` (Label Studio SDK) and ``pymongo`` (FiftyOne's database).
+    errors are ``OSError`` too), a failed download (:class:`gldboxes.http.DownloadError`),
+    transport errors of ``httpx`` (Label Studio SDK) and ``pymongo`` (FiftyOne's database),
+    shards that failed after their retries (``ShardFailedError``) and a server that did not
+    start (``gldboxes.fodb.ServerStartError``).
     """
     text = " ".join(str(exc).split()) or type(exc).__name__
     if _is_network_error(exc):
@@ -106,6 +109,15 @@ def expected_error(exc: BaseException) -> str | None:
         return text
     if isinstance(exc, ValueError):
         return text
+    # failures the message already explains: shards that failed after retries (a rerun redoes
+    # only them) and servers we start that did not come up (their log tail is in the message)
+    for module, name in (
+        ("gldboxes.executor", "ShardFailedError"),
+        ("gldboxes.fodb", "ServerStartError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return text
     return None
 
 
