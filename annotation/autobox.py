@@ -30,11 +30,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from annotation.quality import iou
 from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.io import config_hash, write_config, write_json
+from gldboxes.progress import tqdm
 
 __all__ = [
     "FORMAT_VERSION",

@@ -281,7 +281,7 @@ def main(
     det_fn = detector if detector is not None else load_detector(model_dir)
     load_seconds = time.perf_counter() - t_load
 
-    from tqdm import tqdm
+    from gldboxes.progress import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
     new_journal = not journal.is_file()

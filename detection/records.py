@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from detection.images import encode_jpeg, needs_reencoding, read_image_rgb, resolve_image_path
 from detection.tfcompat import import_tf
 from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.io import atomic_dir, read_json, write_config, write_json
+from gldboxes.progress import tqdm
 
 __all__ = [
     "FORMAT_VERSION",

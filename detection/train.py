@@ -77,7 +77,7 @@ class _Progress:
     """An Orbit train action: a tqdm bar over steps with the latest total loss."""
 
     def __init__(self, global_step: Any, total: int) -> None:
-        from tqdm import tqdm
+        from gldboxes.progress import tqdm
 
         self._step = global_step
         start = int(global_step.numpy())

@@ -61,10 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from gldboxes import __version__
 from gldboxes.io import config_hash, read_json, write_config, write_json
+from gldboxes.progress import tqdm
 
 __all__ = [
     "DONE_NAME",

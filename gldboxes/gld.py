@@ -49,10 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
 from gldboxes.http import DownloadError, download_file, fetch_bytes, new_session
 from gldboxes.io import atomic_path, atomic_write, read_json, write_json
+from gldboxes.progress import tqdm
 
 if TYPE_CHECKING:
     from gldboxes.executor import Executor, Shard

@@ -44,10 +44,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from gldboxes.boxes import Box, write_boxes_csv
 from gldboxes.io import atomic_write, read_json, write_json
+from gldboxes.progress import tqdm
 
 __all__ = ["FORMAT_VERSION", "WORLD_KIND", "SynthConf", "confs", "generate_world", "main"]
 

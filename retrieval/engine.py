@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
+from gldboxes.progress import tqdm
 from retrieval import codebook as codebook_stage
 from retrieval import features as features_stage
 from retrieval import regions as regions_stage

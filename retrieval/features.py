@@ -61,9 +61,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from gldboxes.io import write_config
+from gldboxes.progress import tqdm
 
 __all__ = [
     "FORMAT_VERSION",

@@ -50,10 +50,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm
 
 from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.io import write_config
+from gldboxes.progress import tqdm
 
 __all__ = [
     "SOURCES",

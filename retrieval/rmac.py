@@ -52,9 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
+from gldboxes.progress import tqdm
 from retrieval.regions import rmac_grid
 
 __all__ = [
