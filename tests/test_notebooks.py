@@ -37,3 +37,14 @@ def test_notebook_runs(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
     client.execute(env=dict(os.environ))
+    # no progress-bar floods (notebook 04 once stored 137 output chunks): bars off a terminal
+    # redraw every 10 s at most (gldboxes.progress)
+    chunks = sum(len(c.get("outputs", [])) for c in nb.cells if c.cell_type == "code")
+    stderr = sum(
+        1
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("name") == "stderr"
+    )
+    assert stderr <= 3 * len(nb.cells), (path.name, stderr, chunks)
