@@ -254,6 +254,12 @@ def _region_options(p: argparse.ArgumentParser) -> None:
         choices=["max", "avg"],
         help="D2R regional search: index every region, pool scores per image",
     )
+    p.add_argument(
+        "--region-norm-floor",
+        type=float,
+        help="regional search: a region's ASMK normalisation counts at least this fraction of "
+        "its image's words (default 0.1; 0: plain ASMK)",
+    )
     _verify_options(p)
 
 
@@ -264,6 +270,7 @@ def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
         "region_threshold": getattr(args, "region_threshold", None),
         "region_features": getattr(args, "region_features", "assign"),
         "regional_search": getattr(args, "regional_search", None),
+        "region_norm_floor": getattr(args, "region_norm_floor", None),
         "verification": _verification_conf(args),
     }
 
