@@ -521,6 +521,8 @@ class RayExecutor(Executor):
         num_cpus: CPUs of a local Ray (``None``: all); ignored on a cluster.
         num_gpus: GPUs of a local Ray (``None``: detected); ignored on a cluster.
         address: a cluster address; default ``RAY_ADDRESS`` from the environment, else local.
+            A token-auth cluster gets ``$RAY_AUTH_TOKEN``/``$RAY_AUTH_TOKEN_PATH`` when set, or
+            ``~/.ray/auth_token`` when the head runs on this machine (:func:`_use_ray_token_for`).
         resources: per-task resources overriding each stage's defaults.
         runtime_env: Ray runtime environment (e.g. ``{"env_vars": {...}}``) for the workers.
         progress: show the tqdm bar over shards.
@@ -592,12 +594,18 @@ class RayExecutor(Executor):
             logger.info("starting a local Ray (%s CPUs) in %s", self.num_cpus, kwargs["_temp_dir"])
         else:
             logger.info("connecting to the Ray cluster at %s", addr)
+            _use_ray_token_for(addr)
         import ray._private.ray_constants as ray_constants
 
         multi_node = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = multi_node and addr is not None
         try:
             ray.init(**kwargs)
+        except Exception as exc:
+            if addr is not None and _is_auth_failure(exc):
+                source = "--ray-address" if self.address else "RAY_ADDRESS"
+                raise ValueError(_auth_help(addr, source)) from None
+            raise
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
         self._owned = True
@@ -641,6 +649,90 @@ class RayExecutor(Executor):
                         yield shard, None, str(done[_NOT_RETRIED])
                     else:
                         yield shard, done, None
+
+
+# Ray's token authentication: `ray start --head` turns it on when RAY_AUTH_MODE is unset and a
+# token exists ($RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, which any
+# local ray.init() or `ray get-auth-token --generate` writes); a driver given an explicit address
+# stays in mode "disabled" unless RAY_AUTH_MODE=token is exported.
+_RAY_DEFAULT_TOKEN = Path("~/.ray/auth_token")
+
+
+def _is_this_machine(addr: str) -> bool:
+    """Whether the host of a Ray address (``host:port``) is a loopback or local interface."""
+    import ipaddress
+    import socket
+
+    host = addr.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    for family, _, _, _, sockaddr in infos:
+        ip = str(sockaddr[0]).split("%")[0]
+        if ipaddress.ip_address(ip).is_loopback:
+            return True
+        try:  # only an address of one of this machine's interfaces can be bound
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.bind((ip, 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _use_ray_token_for(addr: str) -> None:
+    """Connect to ``addr`` with Ray's token authentication when a token is meant for it.
+
+    An explicit ``RAY_AUTH_MODE`` is left as it is. Otherwise token mode is turned on when the
+    user exported ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``, or when the head runs on this
+    machine and ``~/.ray/auth_token`` (the token ``ray start --head`` used) exists; a token is
+    never sent to another machine's cluster unasked. Ray's C++ side caches the mode and the
+    token, so both are reread here (Ray is not initialised in this process yet).
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    env = os.environ
+    if env.get("RAY_AUTH_MODE") is None and (
+        env.get("RAY_AUTH_TOKEN")
+        or env.get("RAY_AUTH_TOKEN_PATH")
+        or (_RAY_DEFAULT_TOKEN.expanduser().is_file() and _is_this_machine(addr))
+    ):
+        logger.info("using Ray token authentication for %s (RAY_AUTH_MODE=token)", addr)
+        env["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """Whether ``ray.init`` failed because the cluster rejected (or we lacked) the auth token."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _auth_help(addr: str, source: str) -> str:
+    """One line saying what to set when the cluster at ``addr`` refused this driver."""
+    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+    if mode != "token":
+        sent = f"no token was sent (RAY_AUTH_MODE={mode})"
+    elif os.environ.get("RAY_AUTH_TOKEN"):
+        sent = "the token in $RAY_AUTH_TOKEN was rejected"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = os.environ["RAY_AUTH_TOKEN_PATH"]
+        sent = f"the token in $RAY_AUTH_TOKEN_PATH ({path}) was rejected"
+    else:
+        sent = f"the token in {_RAY_DEFAULT_TOKEN} was rejected or is missing"
+    return (
+        f"{source}={addr}: the Ray cluster uses token authentication and {sent}; export "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<output of `ray get-auth-token` on the head> "
+        "(or RAY_AUTH_TOKEN_PATH=<a copy of the head's ~/.ray/auth_token>)"
+    )
 
 
 _NOT_RETRIED = "non_retryable_error"

@@ -10,8 +10,14 @@ import functools
 import hashlib
 import io
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +324,135 @@ class TestLocalRayLoopback:
         assert worker in {f[2] for f in found}, found
         exposed = [f for f in found if f[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
         assert not exposed, f"local Ray listens beyond loopback: {exposed}"
+
+
+# ------------------------------------------------- Ray cluster with token authentication
+_RAY = Path(sys.executable).with_name("ray")
+_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="class")
+def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``ray start --head`` on 127.0.0.1 with token auth, as the README's recipe starts it.
+
+    Its HOME holds ``.ray/auth_token`` and RAY_AUTH_MODE is unset, so the head turns token auth
+    on by itself. ``ray stop`` kills every Ray process of the machine (by name), so the head
+    runs in its own process group and only that group is stopped.
+
+    Returns:
+        ``(address, home)``: ``127.0.0.1:PORT`` and the HOME whose ``.ray/auth_token`` it uses.
+    """
+    from gldboxes.fodb import free_port
+
+    home = tmp_path_factory.mktemp("rayhome")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("a" * 32)
+    temp_dir = tempfile.mkdtemp(prefix="gldrh-")  # short: Ray's socket paths hang off it
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in _AUTH_VARS and k != "RAY_ADDRESS"}
+    # Keep 127.0.0.1 (Linux Ray otherwise swaps it for the external IP and listens there).
+    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    args = [str(_RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port)]
+    args += ["--dashboard-host", "127.0.0.1", "--include-dashboard=false", "--num-cpus", "1"]
+    args += ["--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]
+    args += ["--temp-dir", temp_dir, "--disable-usage-stats"]
+    proc = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        log = proc.communicate(timeout=90)[0].decode(errors="replace")
+        assert proc.returncode == 0, log[-2000:]
+        assert "Token authentication is enabled" in log, log[-2000:]
+        yield f"127.0.0.1:{port}", home
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + wait
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_auth_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """A monkeypatch with the Ray auth variables cleared; Ray's cached mode and token are reread
+    after it restored them, so later tests see this process's own settings again."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    assert not ray.is_initialized()
+    with monkeypatch.context() as mp:
+        for var in (*_AUTH_VARS, "RAY_ADDRESS"):
+            mp.delenv(var, raising=False)
+        # the driver side of the loopback head: keep 127.0.0.1 as given
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        yield mp
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+class TestRayTokenAuth:
+    def test_real_case_readme_recipe(
+        self, token_head: tuple[str, Path], ray_auth_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """Only RAY_ADDRESS, as the README says: the head's ~/.ray/auth_token is used."""
+        import ray.cloudpickle
+
+        address, home = token_head
+        ray_auth_env.setenv("HOME", str(home))
+        ray_auth_env.setenv("RAY_ADDRESS", address)
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        log = tmp_path / "calls.txt"
+        stage = Stage("square", functools.partial(_square_stage, log=str(log)), conf={"v": 1})
+        shards = make_shards(list(range(7)), 3)
+        with ex.RayExecutor(work_dir=tmp_path / "w", progress=False) as r:
+            assert r.cluster_address == address
+            rep = r.run(stage, shards, tmp_path / "out")
+            assert ray.cluster_resources().get("CPU") == 1.0  # the head's 1 CPU, not a local Ray
+        assert rep.ok and rep.done == [s.name for s in shards] and rep.counts == {"items": 7}
+        got = np.concatenate([np.load(tmp_path / "out" / s.name / "squares.npy") for s in shards])
+        np.testing.assert_array_equal(got, np.arange(7) ** 2)
+        pids = {(read_done(tmp_path / "out" / s.name) or {}).get("pid") for s in shards}
+        assert os.getpid() not in pids and None not in pids  # ran in the head's workers
+        assert not (tmp_path / "w" / "ray").exists()  # no local Ray was started
+
+    def test_exception_wrong_or_missing_token(
+        self, token_head: tuple[str, Path], ray_auth_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A wrong token and no token at all: one line naming RAY_ADDRESS and what to set."""
+        address, _ = token_head
+        ray_auth_env.setenv("RAY_ADDRESS", address)
+        ray_auth_env.setenv("RAY_gcs_server_port_wait_time_s", "2")  # Ray retries 20 s by default
+        empty_home = tmp_path / "home"
+        empty_home.mkdir()
+        ray_auth_env.setenv("HOME", str(empty_home))
+        cases = {
+            "no token was sent (RAY_AUTH_MODE=disabled)": {},
+            "the token in $RAY_AUTH_TOKEN was rejected": {"RAY_AUTH_TOKEN": "b" * 32},
+        }
+        for said, env in cases.items():
+            with ray_auth_env.context() as mp:
+                for k, v in env.items():
+                    mp.setenv(k, v)
+                r = ex.RayExecutor(work_dir=tmp_path / "w", progress=False)
+                with pytest.raises(ValueError) as info:
+                    r.start()
+            msg = str(info.value)
+            assert "\n" not in msg, msg
+            assert msg.startswith(f"RAY_ADDRESS={address}: "), msg
+            assert said in msg and "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=" in msg, msg
+            assert "RAY_AUTH_TOKEN_PATH=" in msg, msg
