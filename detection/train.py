@@ -94,7 +94,7 @@ class _Progress:
                 if getattr(v, "shape", ()) == () or not hasattr(v, "shape")
             }
             if "total_loss" in self.last:
-                self._bar.set_postfix(loss=f"{self.last['total_loss']:.3f}")
+                self._bar.set_postfix(loss=f"{self.last['total_loss']:.3f}", refresh=False)
 
     def close(self) -> None:
         self._bar.close()

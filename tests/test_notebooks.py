@@ -38,7 +38,7 @@ def test_notebook_runs(
     )
     client.execute(env=dict(os.environ))
     # no progress-bar floods (notebook 04 once stored 137 output chunks): bars off a terminal
-    # redraw every 10 s at most (gldboxes.progress)
+    # redraw every 10 s at most (gldboxes.progress); a handful of lines per bar remain
     chunks = sum(len(c.get("outputs", [])) for c in nb.cells if c.cell_type == "code")
     stderr = sum(
         1
@@ -47,4 +47,4 @@ def test_notebook_runs(
         for o in c.get("outputs", [])
         if o.get("name") == "stderr"
     )
-    assert stderr <= 3 * len(nb.cells), (path.name, stderr, chunks)
+    assert stderr <= 30, (path.name, stderr, chunks)
