@@ -10,8 +10,14 @@ Three builders, each making a persistent ``fo.Dataset`` from the files the pipel
   with an IoU sweep 0.50:0.95, leaving per-sample TP/FP/FN counts and per-box ``tp/fp/fn`` tags.
 * :func:`build_retrieval_dataset` — one sample per query (with its box and AP under each
   Revisited protocol) and one sample per (query, rank) for its top-k results (rank, score,
-  positive/junk/negative under each protocol, the regions indexed for that database image);
-  a saved dynamic-group view ``by_query`` shows each query followed by its ranked results.
+  positive/junk/negative under each protocol, the Revisited class, the regions indexed for that
+  database image); a saved dynamic-group view ``by_query`` shows each query followed by its
+  ranked results, and one saved view per query (``query-<index>-<name>``, up to
+  ``max_query_views``) shows the query first, then its results in rank order.
+
+Every dataset carries image metadata (``metadata.width``, ``height``, ``size_bytes``,
+``mime_type``, ``num_channels``), read from each distinct file's header once
+(:func:`image_metadata`).
 
 Boxes travel as Google Landmark Boxes CSVs (``ymin xmin ymax xmax`` in [0, 1], see
 :mod:`gldboxes.boxes`); FiftyOne wants relative ``[x, y, w, h]`` (:func:`boxes_to_xywh`).
@@ -52,29 +58,45 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "COCO_IOU_SWEEP",
+    "DEFAULT_MAX_QUERY_VIEWS",
+    "DEFAULT_MIN_SCORE",
     "FORMAT_VERSION",
     "PROTOCOLS",
+    "REVISITED_CLASSES",
     "AppServer",
     "boxes_to_xywh",
     "build_box_dataset",
     "build_detection_dataset",
     "build_retrieval_dataset",
     "dataset_summary",
+    "image_metadata",
+    "protocol_chip",
     "protocol_labels",
     "query_view",
+    "query_view_name",
     "read_annotation_metadata",
     "read_id_csv",
     "resolve_image_path",
+    "revisited_chip",
+    "revisited_classes",
     "slug",
     "start_app",
 ]
 
 logger = logging.getLogger("gldboxes.views")
 
-FORMAT_VERSION = 1
+# 2: image metadata on every sample; retrieval chips name their protocol, per-query views.
+FORMAT_VERSION = 2
 # COCO's IoU sweep 0.50:0.05:0.95 (the paper reports AP at 0.5, the first entry).
 COCO_IOU_SWEEP: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
+# Revisited ground-truth class of a database image for a query (codes of revisited_classes).
+REVISITED_CLASSES: tuple[str, ...] = ("negative", "easy", "hard", "junk")
+# Detector boxes below this confidence are left out of the detection view by default: at 0 a
+# detector keeping its top-20 boxes draws 20 boxes on every image.
+DEFAULT_MIN_SCORE = 0.3
+# One saved view per query up to this many queries (R-Oxford and R-Paris have 70 each).
+DEFAULT_MAX_QUERY_VIEWS = 100
 LANDMARK_LABEL = "landmark"
 Missing = Literal["error", "skip"]
 
@@ -130,6 +152,28 @@ def resolve_image_path(root: str | os.PathLike[str], image_id: str, url: str | N
         if c.is_file():
             return c.resolve()
     return cands[0].resolve()
+
+
+def image_metadata(paths: Sequence[str | os.PathLike[str]]) -> dict[str, fo.ImageMetadata]:
+    """``fo.ImageMetadata`` (width, height, size, MIME type, channels) of each distinct file.
+
+    Reads only each file's header, once per distinct path (a retrieval dataset lists a database
+    image under many queries), on a few threads. What ``dataset.compute_metadata()`` stores.
+
+    Returns:
+        ``{str(path): fo.ImageMetadata}``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fiftyone as fo
+
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    if not unique:
+        return {}
+    workers = max(1, min(8, os.cpu_count() or 1, len(unique) // 64 + 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        metas = list(pool.map(fo.ImageMetadata.build_for, unique))
+    return dict(zip(unique, metas, strict=True))
 
 
 def read_id_csv(
@@ -385,6 +429,7 @@ def build_box_dataset(
         overwrite: rebuild even when the stored dataset is up to date.
 
     Sample fields: ``gld_id`` (str), ``landmark_id`` (int), ``split`` (str, also a tag),
+    ``metadata`` (``fo.ImageMetadata``: width, height, ...),
     ``ground_truth`` (``fo.Detections`` labelled ``landmark``), ``n_boxes`` (int),
     ``no_landmark`` (bool, also tag ``no_landmark``), ``no_landmark_reason`` (str | None),
     ``rater`` (str | None), ``agreement`` (float | None), ``pre_annotation_kept``
@@ -444,6 +489,7 @@ def build_box_dataset(
     ids, paths = _image_paths(ids, root, urls, missing, str(train_csv))
 
     extra_cols = sorted({c for m in meta.values() for c in m} - set(_ANNOTATION_FIELDS))
+    img_meta = image_metadata(paths)
     samples = []
     for i, path in zip(ids, paths, strict=True):
         bs = boxes.get(i, [])
@@ -465,7 +511,9 @@ def build_box_dataset(
         for c in extra_cols:
             fields[f"annotation_{c}"] = m.get(c)
         tags = [sp] + (["no_landmark"] if flagged else [])
-        samples.append(fo.Sample(filepath=str(path), tags=tags, **fields))
+        samples.append(
+            fo.Sample(filepath=str(path), tags=tags, metadata=img_meta[str(path)], **fields)
+        )
 
     ds = _new_building(name)
     try:
@@ -506,7 +554,7 @@ def build_detection_dataset(
     name: str | None = None,
     iou: float = 0.5,
     iou_sweep: Sequence[float] = COCO_IOU_SWEEP,
-    min_score: float = 0.0,
+    min_score: float = DEFAULT_MIN_SCORE,
     missing: Missing = "error",
     overwrite: bool = False,
 ) -> fo.Dataset:
@@ -521,16 +569,20 @@ def build_detection_dataset(
         name: dataset name; default ``gldboxes-detections-<predictions file>``.
         iou: IoU threshold of the TP/FP/FN matching (0.5 as in the paper).
         iou_sweep: IoU thresholds of the COCO sweep (``iou`` must be one of them).
-        min_score: predictions below this confidence are left out.
+        min_score: predictions below this confidence are left out of the dataset and of the
+            evaluation (default :data:`DEFAULT_MIN_SCORE` = 0.3, so the view shows the boxes a
+            detector is confident about; pass 0 for every box and the detector's full AP).
         missing: ``"error"`` or ``"skip"`` images that are not found.
         overwrite: rebuild even when up to date.
 
-    Sample fields: ``gld_id``, ``ground_truth`` and ``predictions`` (``fo.Detections``;
-    predictions carry ``confidence``), and from ``evaluate_detections(eval_key="eval")``:
-    ``eval_tp``, ``eval_fp``, ``eval_fn`` (ints per sample) and per-box ``eval`` = ``tp|fp|fn``
-    with ``eval_iou``. ``dataset.info["gldboxes"]["summary"]`` holds ``ap``
-    (AP at ``iou``), ``ap_per_iou`` (over the sweep), ``map_sweep`` (their mean, COCO mAP) and
-    the TP/FP/FN totals. Saved views: ``false_positives``, ``missed``.
+    Sample fields: ``gld_id``, ``metadata`` (``fo.ImageMetadata``), ``ground_truth`` and
+    ``predictions`` (``fo.Detections``; predictions carry ``confidence``), and from
+    ``evaluate_detections(eval_key="eval")``: ``eval_tp``, ``eval_fp``, ``eval_fn`` (ints per
+    sample) and per-box ``eval`` = ``tp|fp|fn`` with ``eval_iou``.
+    ``dataset.info["gldboxes"]["summary"]`` holds ``ap`` (AP at ``iou``), ``ap_per_iou`` (over
+    the sweep), ``map_sweep`` (their mean, COCO mAP) and the TP/FP/FN totals, with
+    ``min_score`` and ``n_pred_below_min_score`` (predictions left out). Saved views:
+    ``false_positives``, ``missed``.
     """
     import fiftyone as fo
     from fiftyone import ViewField as F
@@ -541,6 +593,8 @@ def build_detection_dataset(
         raise ValueError(f"iou_sweep {sweep} must contain the matching IoU {iou}")
     if not 0.0 < iou < 1.0:
         raise ValueError(f"iou must be in (0, 1), got {iou}")
+    if not np.isfinite(min_score):
+        raise ValueError(f"min_score must be a finite number, got {min_score}")
     if name is None:
         name = f"gldboxes-detections-{slug(pred_csv.resolve().parent.name)}-{slug(pred_csv.stem)}"
     files = {"gt_csv": gt_csv, "pred_csv": pred_csv, "ids_csv": ids_csv}
@@ -563,14 +617,17 @@ def build_detection_dataset(
             f"{pred_csv}: predictions need a score column with a value on every "
             f"row (first id without: {unscored[0]})"
         )
+    n_pred_all = sum(len(bs) for bs in preds.values())
     preds = {i: [b for b in bs if (b.score or 0.0) >= min_score] for i, bs in preds.items()}
     extra = [r["id"] for r in read_id_csv(ids_csv)] if ids_csv is not None else []
     ids = sorted(set(gt) | set(preds) | set(extra))
     ids, paths = _image_paths(ids, root, None, missing, str(gt_csv))
+    img_meta = image_metadata(paths)
 
     samples = [
         fo.Sample(
             filepath=str(p),
+            metadata=img_meta[str(p)],
             gld_id=i,
             ground_truth=_detections(gt.get(i, [])),
             predictions=_detections(preds.get(i, [])),
@@ -611,6 +668,8 @@ def build_detection_dataset(
             "n_samples": len(ds),
             "n_gt": int(sum(len(v) for v in gt.values())),
             "n_pred": int(sum(len(v) for v in preds.values())),
+            "min_score": float(min_score),
+            "n_pred_below_min_score": int(n_pred_all - sum(len(v) for v in preds.values())),
             "iou": iou,
             "ap": ap_per_iou[f"{float(results.iou_threshs[k50]):.2f}"],
             "ap_per_iou": ap_per_iou,
@@ -634,9 +693,12 @@ def build_detection_dataset(
 # --------------------------------------------------------------------------- bulk insertion
 
 
-def _classification_doc(label: str, new_id: Callable[[], Any]) -> dict[str, Any]:
-    """An ``fo.Classification`` in FiftyOne's stored form (``new_id``: ``bson.ObjectId``)."""
-    return {"_id": new_id(), "_cls": "Classification", "label": label, "tags": []}
+def _classification_doc(label: str, new_id: Callable[[], Any], **attrs: Any) -> dict[str, Any]:
+    """An ``fo.Classification`` in FiftyOne's stored form (``new_id``: ``bson.ObjectId``).
+
+    ``attrs`` become dynamic attributes of the label (declared by the public insertion path).
+    """
+    return {"_id": new_id(), "_cls": "Classification", "label": label, "tags": [], **attrs}
 
 
 def _detections_doc(
@@ -713,11 +775,57 @@ def protocol_labels(
         (k, n_q) int8: 1 positive, 2 junk, 0 negative (a positive listed as junk too counts
         as positive).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    c = _gnd_bits(gnd, ids)
+    pos_bits, junk_bits = {"easy": (1, 4 | 2), "medium": (1 | 2, 4), "hard": (2, 4 | 1)}[protocol]
+    out = np.zeros(c.shape, dtype=np.int8)
+    out[(c & junk_bits) != 0] = 2
+    out[(c & pos_bits) != 0] = 1
+    return out
+
+
+def revisited_classes(gnd: Sequence[Mapping[str, Any]], ids: npt.ArrayLike) -> np.ndarray:
+    """Revisited ground-truth class of each ranked database image, vectorised.
+
+    Args:
+        gnd: per-query ``{"easy", "hard", "junk"}`` lists of database ids (n_q entries).
+        ids: database ids, shape (k, n_q).
+
+    Returns:
+        (k, n_q) int8 indexing :data:`REVISITED_CLASSES`: 0 negative, 1 easy, 2 hard, 3 junk
+        (an id in several lists takes the first of easy, hard, junk).
+    """
+    c = _gnd_bits(gnd, ids)
+    out = np.zeros(c.shape, dtype=np.int8)
+    for bit, code in ((4, 3), (2, 2), (1, 1)):  # later assignments win: easy > hard > junk
+        out[(c & bit) != 0] = code
+    return out
+
+
+def protocol_chip(protocol: str, outcome: str) -> str:
+    """Chip text of a result under a Revisited protocol: ``"positive (Easy)"``, ``"junk (Hard)"``.
+
+    The word is the outcome (positive/junk/negative), the bracket the protocol, capitalised as
+    in the paper's ROxf (E)/(M)/(H).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    return f"{outcome} ({protocol.capitalize()})"
+
+
+def revisited_chip(cls: str) -> str:
+    """Chip text of a result's Revisited ground-truth class: ``"easy (Revisited)"``, ..."""
+    if cls not in REVISITED_CLASSES:
+        raise ValueError(f"unknown Revisited class {cls!r}; expected one of {REVISITED_CLASSES}")
+    return f"{cls} (Revisited)"
+
+
+def _gnd_bits(gnd: Sequence[Mapping[str, Any]], ids: npt.ArrayLike) -> np.ndarray:
+    """(k, n_q) int8 bit set of each ranked id: 1 easy, 2 hard, 4 junk for its query."""
     r = np.asarray(ids, dtype=np.int64)
     if r.ndim != 2 or r.shape[1] != len(gnd):
         raise ValueError(f"ids must have shape (k, {len(gnd)}), got {r.shape}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     nq = len(gnd)
     lists = {
         key: [np.asarray(g.get(key, []), dtype=np.int64).ravel() for g in gnd]
@@ -733,15 +841,17 @@ def protocol_labels(
         q = np.repeat(np.arange(nq), [a.size for a in arrs])
         if q.size:
             code[q, np.concatenate(arrs)] |= bit
-    c = code[np.arange(nq)[None, :], r]  # (k, n_q)
-    pos_bits, junk_bits = {"easy": (1, 4 | 2), "medium": (1 | 2, 4), "hard": (2, 4 | 1)}[protocol]
-    out = np.zeros(r.shape, dtype=np.int8)
-    out[(c & junk_bits) != 0] = 2
-    out[(c & pos_bits) != 0] = 1
-    return out
+    return np.asarray(code[np.arange(nq)[None, :], r])  # (k, n_q)
 
 
 _LABEL_NAMES = np.array(["negative", "positive", "junk"], dtype=object)
+_CHIPS = {p: np.array([protocol_chip(p, o) for o in _LABEL_NAMES], dtype=object) for p in PROTOCOLS}
+_REVISITED_CHIPS = np.array([revisited_chip(c) for c in REVISITED_CLASSES], dtype=object)
+
+
+def query_view_name(index: int, name: str) -> str:
+    """Name of the saved view of query ``index`` called ``name``: ``query-<index>-<slug>``."""
+    return f"query-{index}-{slug(name)}"
 
 
 def _positive_ranks(inv: np.ndarray, gnd: Sequence[Mapping[str, Any]], key: str) -> list[list[int]]:
@@ -783,6 +893,7 @@ def build_retrieval_dataset(
     source: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     fast: bool = True,
+    max_query_views: int = DEFAULT_MAX_QUERY_VIEWS,
 ) -> fo.Dataset:
     """Retrieval results: each query and its top-k database images, one sample per (query, rank).
 
@@ -805,14 +916,21 @@ def build_retrieval_dataset(
         fast: insert all but the first query's samples as documents in bulk (70 queries x
             top-100 in seconds); ``False`` sends every sample through ``add_samples`` (the
             slow reference the tests compare against).
+        max_query_views: save a view per query for the first this many queries (0: none).
 
     Samples: queries have ``kind="query"``, ``rank=0``, ``query_box`` (``fo.Detections``),
     ``ap_<protocol>``, ``n_<easy|hard|junk>``, ``<easy|hard>_positive_ranks`` (1-based ranks
     in the full ranking; 0 = not ranked). Results have ``kind="result"``, ``rank`` (1-based),
-    ``db_index``, ``db_name``, ``score``, ``label_<protocol>`` (``fo.Classification``:
-    ``positive``/``junk``/``negative``) and ``regions`` (``fo.Detections``). Both carry
-    ``query_name`` and ``query_index``. Saved views: ``queries`` and ``by_query`` (dynamic
-    groups by query, the query first then its results by rank).
+    ``db_index``, ``db_name``, ``score``, ``label_<protocol>`` (``fo.Classification`` whose
+    chip names the protocol: ``positive (Easy)``, ``junk (Medium)``, ``negative (Hard)``, see
+    :func:`protocol_chip`; the bare outcome is its ``outcome`` attribute), ``revisited``
+    (``fo.Classification``: the Revisited ground-truth class ``easy (Revisited)``, ``hard
+    (Revisited)``, ``junk (Revisited)`` or ``negative (Revisited)``; bare class in ``cls``) and
+    ``regions`` (``fo.Detections``). Both carry ``query_name``, ``query_index`` and
+    ``metadata`` (``fo.ImageMetadata``). Saved views: ``queries``, ``by_query`` (dynamic groups
+    by query, the query first then its results by rank) and, for the first ``max_query_views``
+    queries, ``query-<index>-<name>`` (:func:`query_view_name`): that query, then its results
+    in rank order (:func:`query_view`).
     """
     import fiftyone as fo
     from fiftyone import ViewField as F
@@ -831,6 +949,8 @@ def build_retrieval_dataset(
     r = r.astype(np.int64)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if max_query_views < 0:
+        raise ValueError(f"max_query_views must be >= 0, got {max_query_views}")
     k = min(top_k, r.shape[0])
     top = r[:k]
     s = None
@@ -862,6 +982,7 @@ def build_retrieval_dataset(
         "n_db": n_db,
         "n_q": nq,
         "regions": regions is not None,
+        "max_query_views": max_query_views,
     }
     if regions is not None:
         arrays["regions"] = np.array(
@@ -884,7 +1005,10 @@ def build_retrieval_dataset(
         return ds
 
     # Vectorised labels (k, n_q) per protocol and the inverse ranking (n_q, n_db).
-    labels = {p: _LABEL_NAMES[protocol_labels(qgnd, top, p)] for p in PROTOCOLS}
+    codes = {p: protocol_labels(qgnd, top, p) for p in PROTOCOLS}
+    labels = {p: _LABEL_NAMES[c] for p, c in codes.items()}
+    chips = {p: _CHIPS[p][c] for p, c in codes.items()}
+    rev_codes = revisited_classes(qgnd, top)
     inv = np.full((nq, n_db), -1, dtype=np.int64)
     inv[np.arange(nq)[None, :], r] = np.arange(r.shape[0])[:, None]
     pos_ranks = {key: _positive_ranks(inv, qgnd, key) for key in ("easy", "hard")}
@@ -895,6 +1019,16 @@ def build_retrieval_dataset(
         raise ValueError(
             f"{root}: {len(missing)} ranked database images not found (first: {missing[0]})"
         )
+    qpaths = [root / "jpg" / f"{qname}.jpg" for qname in qimlist]
+    for qpath in qpaths:
+        if not qpath.is_file():
+            raise ValueError(f"{root}: query image not found: {qpath}")
+    metas = {
+        p: m.to_dict()
+        for p, m in image_metadata(
+            [*map(str, qpaths), *(db_paths[i] for i in np.unique(top).tolist())]
+        ).items()
+    }
     # Region boxes once per database image in a top-k list (labels get fresh ids per sample).
     region_boxes: dict[int, Sequence[Box]] = {}
     if regions is not None:
@@ -912,13 +1046,12 @@ def build_retrieval_dataset(
 
     docs: list[dict[str, Any]] = []
     for q, qname in enumerate(qimlist):  # loop over queries; results below are per (q, rank)
-        qpath = root / "jpg" / f"{qname}.jpg"
-        if not qpath.is_file():
-            raise ValueError(f"{root}: query image not found: {qpath}")
+        qpath = qpaths[q]
         g = qgnd[q]
         box = _query_box(qpath, g.get("bbx"))
         qdoc: dict[str, Any] = {
             "filepath": str(qpath),
+            "metadata": dict(metas[str(qpath)]),
             "tags": ["query"],
             "kind": "query",
             "query_name": qname,
@@ -938,9 +1071,12 @@ def build_retrieval_dataset(
         col = top[:, q].tolist()
         sc = s[:, q].tolist() if s is not None else None
         lab = {p: labels[p][:, q].tolist() for p in PROTOCOLS}
+        chip = {p: chips[p][:, q].tolist() for p in PROTOCOLS}
+        rev = rev_codes[:, q].tolist()
         for rank0, dbi in enumerate(col):
             rdoc: dict[str, Any] = {
                 "filepath": db_paths[dbi],
+                "metadata": dict(metas[db_paths[dbi]]),
                 "tags": [],
                 "kind": "result",
                 "query_name": qname,
@@ -952,7 +1088,10 @@ def build_retrieval_dataset(
             if sc is not None:
                 rdoc["score"] = sc[rank0]
             for p in PROTOCOLS:
-                rdoc[f"label_{p}"] = _classification_doc(lab[p][rank0], oid)
+                rdoc[f"label_{p}"] = _classification_doc(chip[p][rank0], oid, outcome=lab[p][rank0])
+            rdoc["revisited"] = _classification_doc(
+                str(_REVISITED_CHIPS[rev[rank0]]), oid, cls=REVISITED_CLASSES[rev[rank0]]
+            )
             if regions is not None:
                 rdoc["regions"] = _detections_doc(*region_docs[dbi], "region", oid)
             docs.append(rdoc)
@@ -963,10 +1102,19 @@ def build_retrieval_dataset(
         for p in PROTOCOLS:
             ds.add_sample_field(f"ap_{p}", fo.FloatField)
         _add_docs(ds, docs, fast=fast, n_public=k + 1)
+        ds.add_dynamic_sample_fields()  # the chips' ``outcome``/``cls`` attributes
         ds.save_view("queries", ds.match(F("kind") == "query"), overwrite=True)
         ds.save_view("by_query", ds.group_by("query_name", order_by="rank"), overwrite=True)
+        _save_query_views(ds, qimlist[:max_query_views])
+        if nq > max_query_views:
+            logger.info(
+                "saved views for the first %d of %d queries (max_query_views)",
+                max_query_views,
+                nq,
+            )
         summary: dict[str, Any] = {
             "n_queries": nq,
+            "n_query_views": min(nq, max_query_views),
             "top_k": k,
             "n_samples": len(docs),
             "n_db": n_db,
@@ -980,6 +1128,20 @@ def build_retrieval_dataset(
     except BaseException:
         ds.delete()
         raise
+
+
+def _save_query_views(ds: fo.Dataset, qnames: Sequence[str]) -> None:
+    """Save :func:`query_view` of each of ``qnames`` (queries 0, 1, ...) on ``ds``."""
+    from fiftyone import ViewField as F
+
+    for q, qname in enumerate(qnames):  # loop over queries (tens), one small document each
+        view = ds.match(F("query_index") == q).sort_by("rank")
+        ds.save_view(
+            query_view_name(q, qname),
+            view,
+            description=f"query {q} ({qname}), then its results in rank order",
+            overwrite=True,
+        )
 
 
 def query_view(ds: fo.Dataset, query: str | int) -> Any:

@@ -25,13 +25,20 @@ from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.synth import confs, generate_world
 from gldboxes.views import (
     COCO_IOU_SWEEP,
+    DEFAULT_MAX_QUERY_VIEWS,
+    DEFAULT_MIN_SCORE,
+    REVISITED_CLASSES,
     boxes_to_xywh,
     build_box_dataset,
     build_detection_dataset,
     build_retrieval_dataset,
+    protocol_chip,
     protocol_labels,
+    query_view_name,
     read_annotation_metadata,
     resolve_image_path,
+    revisited_chip,
+    revisited_classes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +202,46 @@ print(json.dumps(out))
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def _run_cli(argv: list[str]) -> int:
+    """``gldboxes <argv>`` in this process, restoring the loggers ``main()`` configures."""
+    import logging
+
+    from gldboxes.cli.main import main
+
+    saved = {
+        n: (list(lg.handlers), lg.propagate, lg.level)
+        for n in ("gldboxes", "retrieval", "detection", "annotation")
+        if (lg := logging.getLogger(n))
+    }
+    try:
+        return main(argv)
+    finally:  # main() adds stderr handlers; pytest closes that stream after the test
+        for n, (hs, prop, level) in saved.items():
+            lg = logging.getLogger(n)
+            lg.handlers[:], lg.propagate = hs, prop
+            lg.setLevel(level)
+
+
+def _assert_metadata(ds: Any) -> None:
+    """Every sample carries the width/height PIL reads from its file (and its size in bytes)."""
+    from PIL import Image
+
+    sizes: dict[str, tuple[int, int]] = {}
+    for path, w, h, nbytes in zip(
+        ds.values("filepath"),
+        ds.values("metadata.width"),
+        ds.values("metadata.height"),
+        ds.values("metadata.size_bytes"),
+        strict=True,
+    ):
+        if path not in sizes:
+            with Image.open(path) as im:
+                sizes[path] = im.size
+        assert (w, h) == sizes[path], path
+        assert nbytes == Path(path).stat().st_size
+    assert len(sizes) > 0
+
+
 def _jitter_predictions(gt: dict[str, list[Box]], seed: int) -> dict[str, list[Box]]:
     """Detector-like output: jittered true boxes (some off by a lot) plus false positives."""
     rng = np.random.default_rng(seed)
@@ -261,6 +308,67 @@ class TestHelpers:
                 want = [1 if d in ok else 2 if d in junk else 0 for d in ids[:, q]]
                 assert got[:, q].tolist() == want
         assert (protocol_labels(gnd, ids, "medium") == 1).sum() > 0
+
+    def test_revisited_classes_match_reference(self) -> None:
+        rng = np.random.default_rng(2)
+        n_db, nq, k = 50, 5, 30
+        gnd = []
+        for _ in range(nq):
+            perm = rng.permutation(n_db)
+            gnd.append(
+                {"easy": perm[:5].tolist(), "hard": perm[5:8].tolist(), "junk": perm[8:14].tolist()}
+            )
+        ids = np.stack([rng.permutation(n_db)[:k] for _ in range(nq)], axis=1)
+        got = revisited_classes(gnd, ids)
+        for q in range(nq):
+            g = gnd[q]
+            want = [
+                "easy"
+                if d in g["easy"]
+                else "hard"
+                if d in g["hard"]
+                else "junk"
+                if d in g["junk"]
+                else "negative"
+                for d in ids[:, q]
+            ]
+            assert [REVISITED_CLASSES[c] for c in got[:, q]] == want
+        assert set(got.ravel().tolist()) == {0, 1, 2, 3}
+
+    def test_chips_name_their_scheme(self) -> None:
+        chips = {protocol_chip(p, o) for p in PROTOCOLS for o in ("positive", "junk", "negative")}
+        assert len(chips) == 9 and "positive (Easy)" in chips and "junk (Hard)" in chips
+        assert [revisited_chip(c) for c in REVISITED_CLASSES] == [
+            "negative (Revisited)",
+            "easy (Revisited)",
+            "hard (Revisited)",
+            "junk (Revisited)",
+        ]
+        with pytest.raises(ValueError, match="unknown protocol"):
+            protocol_chip("medium-hard", "positive")
+        with pytest.raises(ValueError, match="Revisited class"):
+            revisited_chip("positive")
+        assert query_view_name(3, "all_souls_000013") == "query-3-all-souls-000013"
+
+    def test_cli_defaults_match_library(self) -> None:
+        import argparse
+
+        from gldboxes.cli import view
+
+        assert view.DEFAULT_MIN_SCORE == DEFAULT_MIN_SCORE == 0.3
+        assert view.DEFAULT_MAX_QUERY_VIEWS == DEFAULT_MAX_QUERY_VIEWS
+        parser = argparse.ArgumentParser()
+        view.register(parser.add_subparsers())
+        args = parser.parse_args(
+            ["view", "detections", "--gt", "g", "--pred", "p", "--images", "i"]
+        )
+        assert args.min_score == DEFAULT_MIN_SCORE
+        args = parser.parse_args(
+            ["view", "detections", "--gt", "g", "--pred", "p", "--images", "i", "--min-score", "0"]
+        )
+        assert args.min_score == 0.0
+        args = parser.parse_args(["view", "retrieval", "--dataset", "d", "--ranks", "r"])
+        assert args.query_views == DEFAULT_MAX_QUERY_VIEWS
 
     def test_protocol_labels_exceptions(self) -> None:
         gnd = [{"easy": [0], "hard": [], "junk": []}]
@@ -399,6 +507,7 @@ class TestDatasets:
         assert by_id[ids[5]]["rater"] is None
         summary = ds.info["gldboxes"]["summary"]
         assert summary["n_no_landmark"] == len(no_lm) and summary["n_annotated"] == 2
+        _assert_metadata(ds)
 
         # Same inputs: skipped (same dataset). Changed inputs: rebuilt.
         again = build_box_dataset(
@@ -447,8 +556,10 @@ class TestDatasets:
             pred_csv=tmp_path / "pred.csv",
             images_root=rdir,
             name="test-detections",
+            min_score=0.0,  # every box: the detector's full AP, compared with pycocotools
         )
         assert len(ds) == len(set(gt) | set(pred))
+        _assert_metadata(ds)
         # Per-sample TP/FP/FN against a plain greedy IoU >= 0.5 matching.
         tot = np.zeros(3, dtype=np.int64)
         for s in ds:
@@ -467,6 +578,7 @@ class TestDatasets:
         assert summary["map_sweep"] == pytest.approx(ref.mean(), abs=1e-9)
         assert (summary["tp"], summary["fp"], summary["fn"]) == tuple(int(v) for v in tot)
         assert 0.2 < summary["ap"] < 1.0 and summary["map_sweep"] < summary["ap"]
+        assert summary["min_score"] == 0.0 and summary["n_pred_below_min_score"] == 0
         fps = ds.load_saved_view("false_positives")
         assert fps.count("predictions.detections") == tot[1]
         self.built["test-detections"] = {
@@ -477,6 +589,41 @@ class TestDatasets:
             "ap": summary["ap"],
         }
 
+    def test_detection_default_min_score_via_cli(
+        self,
+        mongo: fodb.MongoServer,
+        world: Path,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Without --min-score the view keeps the boxes scoring >= 0.3, evaluated as such."""
+        import fiftyone as fo
+
+        rdir = world / "retrieval"
+        gt = read_boxes_csv(rdir / "boxes_gt.csv")
+        pred = _jitter_predictions(gt, seed=3)
+        write_boxes_csv(tmp_path / "pred.csv", pred, with_score=True)
+        argv = ["view", "detections", "--gt", str(rdir / "boxes_gt.csv")]
+        argv += ["--pred", str(tmp_path / "pred.csv"), "--images", str(rdir)]
+        assert _run_cli([*argv, "--name", "test-detections-default"]) == 0
+        assert "min_score=0.3" in capsys.readouterr().out
+        kept = {i: [b for b in bs if (b.score or 0.0) >= 0.3] for i, bs in pred.items()}
+        n_all, n_kept = (sum(len(v) for v in d.values()) for d in (pred, kept))
+        assert 0 < n_kept < n_all  # the data has boxes on both sides of the threshold
+        ds = fo.load_dataset("test-detections-default")
+        confs_ = ds.values("predictions.detections.confidence", unwind=True)
+        assert len(confs_) == n_kept and min(confs_) >= 0.3
+        summary = ds.info["gldboxes"]["summary"]
+        assert summary["min_score"] == 0.3 and summary["n_pred_below_min_score"] == n_all - n_kept
+        assert summary["ap"] == pytest.approx(_pycocotools_ap(gt, kept)[0], abs=1e-9)
+        _assert_metadata(ds)
+        # 0 stays possible explicitly: every box.
+        assert _run_cli([*argv, "--min-score", "0", "--name", "test-detections-all"]) == 0
+        everything = fo.load_dataset("test-detections-all")
+        assert everything.count("predictions.detections") == n_all
+        for d in (ds, everything):
+            d.delete()
+
     def test_retrieval_dataset_via_cli(
         self,
         mongo: fodb.MongoServer,
@@ -484,7 +631,6 @@ class TestDatasets:
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        from gldboxes.cli.main import main
         from retrieval.datasets import RevisitedDataset
 
         data = RevisitedDataset.load(world / "retrieval")
@@ -508,41 +654,29 @@ class TestDatasets:
         }
         write_boxes_csv(tmp_path / "regions.csv", regions, with_score=True)
         top_k = 20
-        import logging
-
-        saved = {
-            n: (list(lg.handlers), lg.propagate, lg.level)
-            for n in ("gldboxes", "retrieval", "detection", "annotation")
-            if (lg := logging.getLogger(n))
-        }
-        try:
-            rc = main(
-                [
-                    "view",
-                    "retrieval",
-                    "--dataset",
-                    str(data.root),
-                    "--ranks",
-                    str(tmp_path / "ranks.npy"),
-                    "--scores",
-                    str(tmp_path / "scores.npy"),
-                    "--regions",
-                    str(tmp_path / "regions.csv"),
-                    "--region-min-score",
-                    "0.1",
-                    "--top-k",
-                    str(top_k),
-                    "--name",
-                    "test-retrieval",
-                ]
-            )
-        finally:  # main() adds stderr handlers; pytest closes that stream after the test
-            for n, (hs, prop, level) in saved.items():
-                lg = logging.getLogger(n)
-                lg.handlers[:], lg.propagate = hs, prop
-                lg.setLevel(level)
+        rc = _run_cli(
+            [
+                "view",
+                "retrieval",
+                "--dataset",
+                str(data.root),
+                "--ranks",
+                str(tmp_path / "ranks.npy"),
+                "--scores",
+                str(tmp_path / "scores.npy"),
+                "--regions",
+                str(tmp_path / "regions.csv"),
+                "--region-min-score",
+                "0.1",
+                "--top-k",
+                str(top_k),
+                "--name",
+                "test-retrieval",
+            ]
+        )
         assert rc == 0
-        assert "test-retrieval" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "test-retrieval" in out and query_view_name(0, data.qimlist[0]) in out
         import fiftyone as fo
 
         ds = fo.load_dataset("test-retrieval")
@@ -585,7 +719,13 @@ class TestDatasets:
                 for p in PROTOCOLS:
                     ok, junk = {"easy": (e, j | h), "medium": (e | h, j), "hard": (h, j | e)}[p]
                     want_l = "positive" if d in ok else "junk" if d in junk else "negative"
-                    assert s[f"label_{p}"].label == want_l
+                    assert s[f"label_{p}"].label == f"{want_l} ({p.capitalize()})"
+                    assert s[f"label_{p}"]["outcome"] == want_l
+                want_c = (
+                    "easy" if d in e else "hard" if d in h else "junk" if d in j else "negative"
+                )
+                assert s["revisited"].label == f"{want_c} (Revisited)"
+                assert s["revisited"]["cls"] == want_c
                 reg = regions.get(data.imlist[d], [])
                 kept = [b for b in reg if (b.score or 0) >= 0.1]
                 assert len(s["regions"].detections) == len(kept)
@@ -594,7 +734,33 @@ class TestDatasets:
             assert summary[f"map_{p}"] == pytest.approx(np.mean(list(aps[p].values())))
         assert len(ds.load_saved_view("by_query")) == nq
         labels = ds.count_values("label_medium.label")
-        assert labels["positive"] > 0 and labels["negative"] > 0
+        assert labels["positive (Medium)"] > 0 and labels["negative (Medium)"] > 0
+        results_view = ds.match(fo.ViewField("kind") == "result")
+        outcomes = results_view.count_values("label_medium.outcome")
+        assert set(outcomes) <= {"positive", "junk", "negative"}
+        assert outcomes["positive"] == labels["positive (Medium)"]
+        assert ds.count_values("revisited.cls")["easy"] > 0
+        # One saved view per query: the query first, then its results in rank order.
+        want_views = [query_view_name(q, n) for q, n in enumerate(data.qimlist)]
+        assert set(want_views) <= set(ds.list_saved_views())
+        for q, vname in enumerate(want_views):
+            view = ds.load_saved_view(vname)
+            first = view.first()
+            assert first["kind"] == "query" and first["query_name"] == data.qimlist[q]
+            assert view.values("rank") == list(range(top_k + 1))
+            assert view.values("db_index")[1:] == ranks[:top_k, q].tolist()
+            g = data.gnd[q]
+            ok_m = set(g["easy"]) | set(g["hard"])
+            want_chips = [
+                "positive (Medium)"
+                if d in ok_m
+                else "junk (Medium)"
+                if d in g["junk"]
+                else "negative (Medium)"
+                for d in ranks[:top_k, q]
+            ]
+            assert view.values("label_medium.label")[1:] == want_chips
+        _assert_metadata(ds)
         self.built["test-retrieval"] = {
             "n": len(ds),
             "ap_medium": aps["medium"],
@@ -622,6 +788,7 @@ class TestDatasets:
             aps=aps,
             regions=regions,
             top_k=7,
+            max_query_views=2,
         )
         fast = build_retrieval_dataset(name="test-bulk-fast", fast=True, **kw)
         slow = build_retrieval_dataset(name="test-bulk-slow", fast=False, **kw)
@@ -645,6 +812,10 @@ class TestDatasets:
         rands = [d["_rand"] for d in fast._sample_collection.find({}, {"_rand": 1})]
         assert len(rands) == len(a) and min(rands) >= 0.999  # FiftyOne's convention
         assert fast.count("regions.detections") == slow.count("regions.detections") > 0
+        names = [query_view_name(q, n) for q, n in enumerate(gnd["qimlist"][:2])]
+        assert sorted(fast.list_saved_views()) == sorted(["queries", "by_query", *names])
+        assert fast.load_saved_view(names[1]).values("rank") == list(range(8))
+        assert fast.count("metadata.width") == len(a)
         for ds in (fast, slow):
             ds.delete()
 
@@ -667,6 +838,7 @@ class TestDatasets:
         } <= set(b["fields"])
         assert b["summary"] == self.built["test-boxes"]["summary"]
         assert set(b["saved_views"]) == {"no_landmark", "with_boxes"}
+        assert {"metadata", "ground_truth"} <= set(b["fields"])
         d = got["test-detections"]
         ref = self.built["test-detections"]
         assert (d["n"], d["tp"], d["fp"], d["fn"]) == (ref["n"], ref["tp"], ref["fp"], ref["fn"])
@@ -676,6 +848,7 @@ class TestDatasets:
         assert r["n"] == self.built["test-retrieval"]["n"]
         assert r["ap_medium"] == pytest.approx(self.built["test-retrieval"]["ap_medium"])
         assert r["groups"] == len(r["ap_medium"])
+        assert sum(v.startswith("query-") for v in r["saved_views"]) == len(r["ap_medium"])
         assert {
             "rank",
             "score",

@@ -2,9 +2,14 @@
 
 Each ``view`` command starts (or reuses) the toolkit's own MongoDB in ``--db-dir`` (default
 ``$GLDBOXES_DB_DIR`` or ``~/.gldboxes/mongodb``; a ``$FIFTYONE_DATABASE_URI`` already set wins),
-builds or refreshes a persistent dataset, prints its name and figures, and with ``--launch``
-serves the FiftyOne App on 127.0.0.1 until Ctrl-C, then stops the App and the database cleanly.
-Both die with the command even when it is killed (``kill -9``), so a rerun finds its ports free.
+builds or refreshes a persistent dataset (image metadata included), prints its name, figures
+and saved views, and with ``--launch`` serves the FiftyOne App on 127.0.0.1 until Ctrl-C, then
+stops the App and the database cleanly. Both die with the command even when it is killed
+(``kill -9``), so a rerun finds its ports free.
+
+``view detections`` shows predictions scoring >= 0.3 by default (``--min-score 0`` for all);
+``view retrieval`` saves one view per query (``query-<index>-<name>``: the query, then its
+results in rank order with chips such as ``positive (Medium)`` and ``hard (Revisited)``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import argparse
 from typing import Any
 
 __all__ = ["register"]
+
+# Defaults mirrored from gldboxes.views (not imported here: the CLI imports lazily); a test
+# checks they agree.
+DEFAULT_MIN_SCORE = 0.3  # views.DEFAULT_MIN_SCORE
+DEFAULT_MAX_QUERY_VIEWS = 100  # views.DEFAULT_MAX_QUERY_VIEWS
 
 
 def register(subparsers: Any) -> None:
@@ -77,7 +87,13 @@ def register(subparsers: Any) -> None:
     dt.add_argument("--images", required=True, help="image root")
     dt.add_argument("--ids", help="CSV with an id column: further images to include")
     dt.add_argument("--iou", type=float, default=0.5, help="IoU of the TP/FP/FN matching")
-    dt.add_argument("--min-score", type=float, default=0.0, help="drop predictions below")
+    dt.add_argument(
+        "--min-score",
+        type=float,
+        default=DEFAULT_MIN_SCORE,
+        help=f"leave out predictions scoring below this, from the view and the evaluation "
+        f"(default {DEFAULT_MIN_SCORE}; 0 keeps every box, for the detector's full AP)",
+    )
     dt.add_argument("--skip-missing", action="store_true", help="leave out missing images")
     common(dt)
     dt.set_defaults(func=_detections)
@@ -97,6 +113,15 @@ def register(subparsers: Any) -> None:
         help="keep regions with score >= this (the paper indexes >= 0.1)",
     )
     rt.add_argument("--top-k", type=int, default=100, help="results per query")
+    rt.add_argument(
+        "--query-views",
+        type=int,
+        default=DEFAULT_MAX_QUERY_VIEWS,
+        metavar="N",
+        help="save a view 'query-<index>-<name>' (the query, then its results in rank order "
+        "with chips like 'positive (Medium)' and 'hard (Revisited)') for each of the first N "
+        f"queries (default {DEFAULT_MAX_QUERY_VIEWS}; 0: none)",
+    )
     common(rt)
     rt.set_defaults(func=_retrieval)
 
@@ -119,6 +144,11 @@ def _run(args: argparse.Namespace, build: Any) -> int:
             f"dataset {ds.name!r}: {len(ds)} samples; "
             + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict))
         )
+        saved = ds.list_saved_views()
+        if saved:
+            more = f", ... ({len(saved)} in all)" if len(saved) > 5 else ""
+            shown = ", ".join(saved[:5]) + more
+            print(f"saved views: {shown}")
         if getattr(args, "launch", False):
             _serve(args.port, ds.name)
     return 0
@@ -257,6 +287,7 @@ def _retrieval(args: argparse.Namespace) -> int:
             name=name,
             source={"ranks": args.ranks, "scores": args.scores, "regions": args.regions},
             overwrite=args.overwrite,
+            max_query_views=args.query_views,
         )
 
     return _run(args, build)
