@@ -42,10 +42,21 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--conf", default="tiny_cpu", choices=_PRESETS, help="detector preset")
     tr.add_argument("--steps", type=int, help="total steps (default: the preset's)")
     tr.add_argument("--batch-size", type=int, help="global training batch size")
+    tr.add_argument(
+        "--input-size",
+        type=int,
+        help="square input side (a multiple of 2**max_level; run folder renamed), e.g. 128",
+    )
     tr.add_argument("--learning-rate", type=float, help="peak learning rate")
     tr.add_argument(
         "--init-checkpoint",
-        help="checkpoint path or URL (.tar.gz) to start from; 'none' trains from scratch",
+        help="Keras ImageNet .h5 (backbone), Model Garden checkpoint prefix/folder or URL "
+        "(.tar.gz) to start from; 'none' trains from scratch",
+    )
+    tr.add_argument(
+        "--init-modules",
+        choices=("backbone", "all"),
+        help="what --init-checkpoint initialises (default: the preset's, backbone)",
     )
     tr.add_argument("--overwrite", action="store_true", help="start the run from scratch")
     tr.set_defaults(func=_train)
@@ -121,7 +132,12 @@ def _records(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from detection import configs, train
 
-    conf = configs.get_conf(args.conf, train_batch_size=args.batch_size)
+    conf = configs.get_conf(
+        args.conf,
+        train_batch_size=args.batch_size,
+        input_size=args.input_size,
+        init_checkpoint_modules=args.init_modules,
+    )
     if args.learning_rate is not None:
         conf["optimizer"]["learning_rate"] = args.learning_rate
     run = train.main(

@@ -9,7 +9,8 @@ OD API's TF2 zoo configs (``ssd_mobilenet_v2_fpnlite_320x320``,
 
 ========================  ==================================================================
 ``ssd_mobilenetv2``       RetinaNet (single stage, focal loss) on MobileNetV2 with a separable
-                          FPN and head = the OD API's "SSD MobileNetV2 FPNLite"; 320x320.
+                          FPN and head = the OD API's "SSD MobileNetV2 FPNLite"; 384x384
+                          (Model Garden's mobile RetinaNet size at max_level 7).
 ``frcnn_resnet50``        Faster R-CNN ResNet-50-FPN: Model Garden's ``maskrcnn`` task with
                           ``include_mask=False``; 640x640; ImageNet ResNet-50 backbone init.
 ``tiny_cpu``              A 0.35-width MobileNetV2 RetinaNet at 128x128 that learns the
@@ -25,11 +26,11 @@ through ``MirroredStrategy`` with the same global batch)::
         --images-csv gld/train.csv --out data                        # 90/10 hashed split
     gldboxes detect train --conf ssd_mobilenetv2 --records data/records-gld-val10-neg \
         --runs runs [--init-checkpoint PATH_OR_URL]                  # or --conf frcnn_resnet50
-    tensorboard --logdir runs/detector-ssd_mobilenetv2-320
-    gldboxes detect eval --run runs/detector-ssd_mobilenetv2-320 \
+    tensorboard --logdir runs/detector-ssd_mobilenetv2-384
+    gldboxes detect eval --run runs/detector-ssd_mobilenetv2-384 \
         --records data/records-gld-val10-neg                         # AP@0.5 + COCO sweep
-    gldboxes detect export --run runs/detector-ssd_mobilenetv2-320
-    gldboxes detect boxes --model runs/detector-ssd_mobilenetv2-320/export-step60000 \
+    gldboxes detect export --run runs/detector-ssd_mobilenetv2-384
+    gldboxes detect boxes --model runs/detector-ssd_mobilenetv2-384/export-step60000 \
         --images roxford5k/jpg --out boxes-roxford5k.csv
 
 Every key of a preset is commented; :func:`build_experiment` turns a preset plus a records
@@ -37,6 +38,13 @@ folder into a Model Garden ``ExperimentConfig`` (TensorFlow is imported there, l
 CPU lessons (see STACK.md): batch-norm momentum 0.9 and Adam 1e-3 for short runs from
 scratch, float32 (no bfloat16), no ``gs://`` init checkpoint, ``num_classes`` counts the
 background (2 = background + landmark).
+
+Model Garden pads every input to a multiple of ``2**max_level`` (the coarsest FPN stride), so
+a preset's ``input_size`` must already be such a multiple: otherwise the backbone, built for
+``input_size``, receives the padded batch and the first training step fails. :func:`get_conf`
+and :func:`build_experiment` check it (:func:`check_input_size`). ``get_conf(name,
+input_size=[128, 128])`` runs the same code path at a tiny size (tests, CPU smoke runs); the
+run folder name then carries the new size.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from detection.records import RecordsInfo
 __all__ = [
     "NUM_CLASSES",
     "build_experiment",
+    "check_input_size",
     "confs",
     "get_conf",
     "resolve_init_checkpoint",
@@ -76,9 +85,13 @@ _OPT_SSD: dict[str, Any] = {
 
 confs: dict[str, dict[str, Any]] = {
     "ssd_mobilenetv2": {
-        "output": "detector-ssd_mobilenetv2-320",  # run folder name under the runs root
+        "output": "detector-ssd_mobilenetv2-384",  # run folder name under the runs root
         "family": "retinanet",  # Model Garden task: retinanet | maskrcnn
-        "input_size": [320, 320],  # height, width fed to the network (aspect kept, padded)
+        # Height, width fed to the network (aspect kept, padded); a multiple of 2**max_level.
+        # Not the OD API's 320: Model Garden pads to a multiple of 128 at max_level 7, so 320
+        # would reach the backbone as 384. 384 is Model Garden's own size for its mobile
+        # RetinaNet at levels 3-7 (``retinanet_mobile_coco``); 256 would lose resolution.
+        "input_size": [384, 384],
         "min_level": 3,  # finest FPN level (stride 8)
         "max_level": 7,  # coarsest FPN level (stride 128): landmarks are large
         "backbone": {"type": "mobilenet", "model_id": "MobileNetV2", "filter_size_scale": 1.0},
@@ -186,19 +199,69 @@ confs: dict[str, dict[str, Any]] = {
 
 def get_conf(name_or_conf: str | Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """A deep copy of preset ``name`` (or of a given dict) with top-level ``overrides``;
-    overrides whose value is ``None`` are ignored (unset CLI options)."""
+    overrides whose value is ``None`` are ignored (unset CLI options).
+
+    An ``input_size`` override (``[h, w]`` or one int for a square) also renames the run
+    folder: ``detector-ssd_mobilenetv2-384`` becomes ``detector-ssd_mobilenetv2-128``.
+
+    Raises:
+        ValueError: unknown preset or key, or an input size that is not a multiple of
+            ``2**max_level`` (see :func:`check_input_size`).
+    """
     if isinstance(name_or_conf, str):
         if name_or_conf not in confs:
             raise ValueError(f"unknown detector preset {name_or_conf!r}; have {sorted(confs)}")
         conf = copy.deepcopy(confs[name_or_conf])
     else:
         conf = copy.deepcopy(dict(name_or_conf))
+    old_size = list(conf.get("input_size", []))
     for key, value in overrides.items():
         if key not in conf:
             raise ValueError(f"unknown detector config key {key!r}; have {sorted(conf)}")
         if value is not None:
             conf[key] = value
+    if isinstance(conf.get("input_size"), int):
+        conf["input_size"] = [conf["input_size"]] * 2
+    new_size = [int(v) for v in conf["input_size"]]
+    if new_size != old_size and overrides.get("output") is None:
+        conf["output"] = _rename_for_size(str(conf["output"]), old_size, new_size)
+    check_input_size(conf)
     return conf
+
+
+def _size_tag(size: list[int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def _rename_for_size(output: str, old: list[int], new: list[int]) -> str:
+    """``output`` with its trailing size tag (``-384``) replaced by the new size's."""
+    old_tag = f"-{_size_tag(old)}" if len(old) == 2 else ""
+    stem = output[: -len(old_tag)] if old_tag and output.endswith(old_tag) else output
+    return f"{stem}-{_size_tag(new)}"
+
+
+def check_input_size(conf: Mapping[str, Any]) -> None:
+    """Check that ``conf["input_size"]`` is two positive multiples of ``2**max_level``.
+
+    Model Garden pads images to that multiple, and the backbone is built for ``input_size``:
+    any other size fails at the first step (``expected shape=(None, 320, 320, 3), found
+    shape=(2, 384, 384, 3)``).
+
+    Raises:
+        ValueError: naming the preset, the size and the nearest valid sizes.
+    """
+    size = conf.get("input_size")
+    stride = 2 ** int(conf["max_level"])
+    name = conf.get("output", "detector config")
+    if not isinstance(size, list | tuple) or len(size) != 2:
+        raise ValueError(f"{name}: input_size must be [height, width], got {size!r}")
+    for side in size:
+        if int(side) < stride or int(side) % stride:
+            low = max(stride, int(side) // stride * stride)
+            raise ValueError(
+                f"{name}: input_size {list(size)} must be multiples of 2**max_level = {stride} "
+                f"(Model Garden pads to it); try {low} or {low + stride}"
+            )
 
 
 def versions() -> dict[str, str]:
@@ -328,6 +391,7 @@ def build_experiment(
     from official.vision.configs import maskrcnn as mcfg
     from official.vision.configs import retinanet as rcfg
 
+    check_input_size(conf)
     family = conf["family"]
     h, w = (int(v) for v in conf["input_size"])
     bb = conf["backbone"]
