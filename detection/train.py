@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from detection.configs import build_experiment, resolve_init_checkpoint, versions
+from detection.configs import build_experiment, versions
+from detection.init import initializer, resolve_init_source
 from detection.records import load_records_info
 from detection.tfcompat import import_tf
 from gldboxes.io import read_json, write_config, write_json
@@ -150,10 +151,9 @@ def main(
     if isinstance(spec, str) and spec.strip().lower() in ("", "none"):
         spec = None  # "none": train from scratch even when the preset names a checkpoint
     conf["init_checkpoint"] = spec
-    ckpt = resolve_init_checkpoint(
-        spec,
-        run_dir / "init_cache",
-    )
+    # A Keras ImageNet .h5 or a TF checkpoint (detection.init); ValueError when unusable.
+    ckpt = resolve_init_source(spec, run_dir / "init_cache")
+    init_fn = initializer(ckpt, str(conf["init_checkpoint_modules"])) if ckpt else None
     params = build_experiment(conf, records, init_checkpoint=ckpt)
     write_config(
         run_dir,
@@ -173,6 +173,8 @@ def main(
     strategy = strategy_for_devices()
     with strategy.scope():
         task = task_factory.get_task(params.task, logging_dir=str(run_dir))
+    if init_fn is not None:
+        task.initialize = init_fn  # called by Orbit only when the run has no checkpoint yet
     started = time.perf_counter()
     progress: _Progress | None = None
 
