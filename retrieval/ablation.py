@@ -120,11 +120,11 @@ def _source_settings(
         if preset in _region_presets():
             out.append(("selective_search", str(int(n)), {"regions": preset}))
         else:
-            from retrieval.regions import confs as rconfs
+            from retrieval.regions import selective_search_conf
 
-            rc = copy.deepcopy(rconfs["ss-1"])
-            rc.update({"output": f"regions-ss-{int(n)}-s{rc['min_size']:g}", "top_n": int(n)})
-            out.append(("selective_search", str(int(n)), {"regions": rc}))
+            out.append(
+                ("selective_search", str(int(n)), {"regions": selective_search_conf(int(n))})
+            )
     if conf.get("gt"):
         extra: dict[str, Any] = {"regions": "gt"}
         if gt_boxes is not None:

@@ -71,6 +71,7 @@ __all__ = [
     "rmac_grid",
     "select_regions",
     "selective_search_boxes",
+    "selective_search_conf",
 ]
 
 logger = logging.getLogger("retrieval.regions")
@@ -107,7 +108,8 @@ def _rmac(levels: int) -> dict[str, Any]:
     }
 
 
-def _ss(top_n: int, min_size: float = SS_MIN_SIZE) -> dict[str, Any]:
+def selective_search_conf(top_n: int, min_size: float = SS_MIN_SIZE) -> dict[str, Any]:
+    """The selective-search regions conf keeping ``top_n`` proposals (the ``ss-N`` presets)."""
     return {
         # the suffix names the size filter (stale CSVs of the unfiltered presets never match)
         "output": f"regions-ss-{top_n}" + (f"-s{min_size:g}" if min_size > 0 else ""),
@@ -127,7 +129,7 @@ def _ss(top_n: int, min_size: float = SS_MIN_SIZE) -> dict[str, Any]:
 confs: dict[str, dict[str, Any]] = {
     **{f"d2r-{t:g}": _detector(t) for t in (0.7, 0.5, 0.3, 0.1)},
     **{f"rmacb-L{n}": _rmac(n) for n in (1, 2, 3)},
-    **{f"ss-{n}": _ss(n) for n in (1, 2, 5, 10)},
+    **{f"ss-{n}": selective_search_conf(n) for n in (1, 2, 5, 10)},
     "gt": {
         "output": "regions-gt",
         "source": "gt",  # ground-truth landmark boxes (oracle), e.g. the world's boxes_gt.csv

@@ -295,9 +295,7 @@ def match_descriptors_naive(
     j = np.asarray(j, np.int64).reshape(a.shape[0], 2)
     back = np.asarray(cKDTree(a64).query(b64, k=1)[1], np.int64) if mutual else None
     i = np.arange(a.shape[0], dtype=np.int64)
-    return _select(
-        i, np.minimum(j[:, 0], b.shape[0] - 1), dist, back, max_distance=max_distance, ratio=ratio
-    )
+    return _select(i, j[:, 0], dist, back, max_distance=max_distance, ratio=ratio)
 
 
 # --------------------------------------------------------------------------- RANSAC

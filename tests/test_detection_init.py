@@ -7,18 +7,16 @@ The training tests run tiny_cpu for one or two steps (~2 minutes in all on 2 cor
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from tiny_models import tiny_world_records
 
-from detection import configs, init, records, train
+from detection import configs, init, train
 from gldboxes.cli.main import main as cli_main
-from gldboxes.synth import confs as synth_confs
-from gldboxes.synth import generate_world
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -74,16 +72,7 @@ def _coco_checkpoint(out_dir: Path, num_classes: int) -> Path:
 
 @pytest.fixture(scope="module")
 def recs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("init")
-    world = generate_world(tmp / "world", replace(synth_confs["tiny"], train_per_landmark=2))
-    out = records.main(
-        records.confs["synth"],
-        world / "train/boxes.csv",
-        world / "train",
-        tmp / "records",
-        images_csv=world / "train/train.csv",
-    )
-    return out
+    return tiny_world_records(tmp_path_factory.mktemp("init"), train_per_landmark=2)[1]
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from tiny_models import tiny_world_records
 
-from detection import configs, records
+from detection import configs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -64,22 +64,6 @@ class TestInputSize:
         with pytest.raises(ValueError, match=r"\[320, 320\].*= 128") as err:
             configs.build_experiment(bad, None)
         assert "\n" not in str(err.value)
-
-
-def _world_records(tmp: Path) -> tuple[Path, Path]:
-    """The tiny synthetic world (6 landmarks x 10 images) and its records (45 train/15 val)."""
-    from gldboxes.synth import confs as synth_confs
-    from gldboxes.synth import generate_world
-
-    world = generate_world(tmp / "world", replace(synth_confs["tiny"], train_per_landmark=10))
-    out = records.main(
-        records.confs["synth"],
-        world / "train/boxes.csv",
-        world / "train",
-        tmp / "records",
-        images_csv=world / "train/train.csv",
-    )
-    return world, out
 
 
 def _cli_train(
@@ -132,7 +116,7 @@ def _cli_train(
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("presets")
-    world_dir, recs = _world_records(tmp)
+    world_dir, recs = tiny_world_records(tmp, train_per_landmark=10)
     return {"tmp": tmp, "world": world_dir, "records": recs}
 
 

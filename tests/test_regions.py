@@ -507,3 +507,16 @@ class TestSelectiveSearchCache:
         caches[0].unlink()
         par = main({**confs["ss-2"], "output": "ss-par"}, ds, out, num_workers=2)
         assert read_regions_csv(par) == two
+
+
+def test_selective_search_conf_builds_the_presets_and_any_n() -> None:
+    """The ss-N presets and the ablation's other N come from one function (one naming)."""
+    from retrieval.ablation import confs as ablation_confs
+    from retrieval.ablation import grid
+    from retrieval.regions import selective_search_conf
+
+    assert confs["ss-5"] == selective_search_conf(5)
+    c = {**ablation_confs["paper"], "ss": [3], "rmac_levels": [], "gt": False}
+    cells = [x for x in grid({**c, "methods": ["d2r_max"]}) if x.source == "selective_search"]
+    assert cells[0].engine["regions"] == selective_search_conf(3)
+    assert selective_search_conf(3)["output"] == "regions-ss-3-s0.2"

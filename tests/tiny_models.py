@@ -24,3 +24,24 @@ def export_tf1_detector(out: Path, box: tuple[float, float, float, float]) -> Pa
             builder.add_meta_graph_and_variables(sess, [tf.saved_model.SERVING])
             builder.save()
     return out
+
+
+def tiny_world_records(tmp: Path, train_per_landmark: int) -> tuple[Path, Path]:
+    """The tiny synthetic world under ``tmp/world`` (``train_per_landmark`` training images a
+    landmark) and its detector TFRecords (``records.confs["synth"]``) under ``tmp/records``."""
+    from dataclasses import replace
+
+    from detection import records
+    from gldboxes.synth import confs, generate_world
+
+    world = generate_world(
+        tmp / "world", replace(confs["tiny"], train_per_landmark=train_per_landmark)
+    )
+    out = records.main(
+        records.confs["synth"],
+        world / "train/boxes.csv",
+        world / "train",
+        tmp / "records",
+        images_csv=world / "train/train.csv",
+    )
+    return world, out
