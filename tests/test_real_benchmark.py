@@ -138,3 +138,23 @@ def test_readme_real_photo_table(real: dict[str, Path]) -> None:
     star = next(r for r in rows if r["method"] == "asmk_star")
     assert float(star["gv_medium_map"]) > float(star["medium_map"])
     assert float(star["gv_hard_map"]) > float(star["hard_map"])
+
+
+def test_readme_min_inliers_calibration(real: dict[str, Path]) -> None:
+    """The README's calibration command for RootSIFT's min_inliers, as written (only ``--out``
+    moved): unrelated real photos stay below 10 inliers, same-landmark pairs reach it."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(".venv/bin/python scripts/calibrate_min_inliers.py")
+    cmd = " ".join(text[start : text.index("`", start)].split())
+    args = shlex.split(cmd)
+    args[args.index("--out") + 1] = str(real["out"] / "calib")
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [str(REPO / args[0]), *args[1:]], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same = re.search(r"same landmark: (\d+) pairs, median (\S+),", proc.stdout)
+    other = re.search(r"unrelated: +(\d+) pairs, max (\d+),", proc.stdout)
+    assert same is not None and other is not None, proc.stdout
+    assert int(same.group(1)) > 50 and float(same.group(2)) >= 10
+    assert int(other.group(1)) > 50 and int(other.group(2)) < 10
