@@ -672,20 +672,8 @@ def main(
         proposals = _selective_search_all(wide, paths, num_workers, desc)
         _write_ss_cache(cache, proposals)
         regions = _from_ss_cache(conf, cache, [n for n, _ in paths])
-    elif source == "selective_search" and num_workers > 1:
-        # processes, not threads: the seeded C rand() is per process
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            jobs = pool.map(
-                _regions_of_image,
-                [conf] * len(paths),
-                [p for _, p in paths],
-                [None] * len(paths),
-                chunksize=4,
-            )
-            for (name, _), regs in tqdm(zip(paths, jobs, strict=True), total=len(paths), desc=desc):
-                regions[name] = regs
+    elif source == "selective_search":  # more proposals than the cache keeps
+        regions = _selective_search_all(conf, paths, num_workers, desc)
     else:
         for name, path in tqdm(paths, desc=desc, disable=len(paths) < 50):
             regions[name] = _regions_of_image(conf, path, by_id.get(name))

@@ -507,6 +507,13 @@ class TestSelectiveSearchCache:
         caches[0].unlink()
         par = main({**confs["ss-2"], "output": "ss-par"}, ds, out, num_workers=2)
         assert read_regions_csv(par) == two
+        # more proposals than the cache keeps: computed directly, processes equal serial
+        wide = {**confs["ss-2"], "top_n": 40}
+        serial = read_regions_csv(main({**wide, "output": "ss-40"}, ds, out))
+        assert serial == read_regions_csv(
+            main({**wide, "output": "ss-40p"}, ds, out, num_workers=2)
+        )
+        assert all(len(serial[n]) >= len(two[n]) for n in two)
 
 
 def test_selective_search_conf_builds_the_presets_and_any_n() -> None:
