@@ -509,12 +509,23 @@ class TestUnverifiedKeepOrder:
     def test_below_min_inliers_keeps_first_stage_order(self) -> None:
         """Pairs under min_inliers are unverified: they keep their first-stage order, and only
         verified pairs move ahead of them (nothing moves down for lack of evidence)."""
-        from retrieval.verification import _rerank_order
-
-        inl = np.array([3, 0, 25, 9, 12, 5])
-        inl_gated = np.where(inl >= 10, inl, 0)
-        order = _rerank_order(inl_gated, np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]))
-        assert order.tolist() == [2, 4, 0, 1, 3, 5]
+        rng = np.random.default_rng(7)
+        shared = {"a": 6, "b": 0, "c": 40, "d": 8, "e": 20, "f": 5}
+        query = Features(rng.uniform(0, 640, (100, 2)), _unit(rng, 100, 32))
+        db = {}
+        for name, n in shared.items():
+            # n of the query's features seen through A_TRUE, plus 60 unrelated ones
+            kp = np.concatenate(
+                [_affine(query.keypoints[:n], A_TRUE), rng.uniform(0, 640, (60, 2))]
+            )
+            db[name] = Features(kp, np.concatenate([query.descriptors[:n], _unit(rng, 60, 32)]))
+        ids = list(shared)  # first-stage order a..f
+        scores = np.linspace(0.9, 0.4, len(ids))
+        gated = rerank(query, db, ids, scores, conf=VerificationConf(min_inliers=10))
+        assert gated.ids == ["c", "e", "a", "b", "d", "f"]
+        assert gated.inliers.tolist()[:2] == [40, 20] and gated.inliers[2:].max() == 0
+        plain = rerank(query, db, ids, scores, conf=VerificationConf(min_inliers=0))
+        assert plain.ids.index("a") > plain.ids.index("d")  # without the gate a drops below d
 
 
 def test_real_case_landmark_photos_preset(shared_data: Path) -> None:
