@@ -45,6 +45,7 @@ counts, finite values) and name the file and image in every error.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -157,6 +158,27 @@ confs: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+# Plug-in local features: one module each, holding ``NAME`` (the ``model.name`` of its presets),
+# ``confs`` (its presets, in the format above, ``verification`` defaults included) and
+# ``make(model_conf)`` returning an extractor with ``dim``, ``pixel_scales`` (``scales`` are
+# keypoint sizes in pixels, rescaled with the image) and ``__call__(image) -> (keypoints (N, 2),
+# descriptors (N, D), scales (N,), scores (N,))``. Adding a feature = one module + this line.
+FEATURE_PLUGINS: tuple[str, ...] = ("retrieval.kaze",)
+
+
+def _plugin(name: str) -> Any:
+    """The plug-in module whose ``NAME`` is ``name``, or ``None``."""
+    for module in FEATURE_PLUGINS:
+        mod = importlib.import_module(module)
+        if mod.NAME == name:
+            return mod
+    return None
+
+
+for _module in FEATURE_PLUGINS:
+    confs.update(importlib.import_module(_module).confs)
 
 
 def output_name(conf: Mapping[str, Any]) -> str:
@@ -316,6 +338,7 @@ class _RootSift:
             sigma=float(model.get("sigma", 1.6)),
         )
         self.dim = 128
+        self.pixel_scales = True  # keypoint sizes in pixels of the (resized) image
 
     @staticmethod
     def _upright(kps: Sequence[Any]) -> list[Any]:
@@ -565,7 +588,11 @@ def make_extractor(conf: Mapping[str, Any]) -> Any:
         return _RootSift(conf["model"])
     if name == "delf":
         return DelfExtractor(conf["model"])
-    raise ValueError(f"unknown feature model {name!r}; expected 'rootsift' or 'delf'")
+    plugin = _plugin(name)
+    if plugin is not None:
+        return plugin.make(conf["model"])
+    known = ["rootsift", "delf", *(importlib.import_module(m).NAME for m in FEATURE_PLUGINS)]
+    raise ValueError(f"unknown feature model {name!r}; expected one of {known}")
 
 
 def extract_image(
@@ -586,7 +613,7 @@ def extract_image(
         return ExtractedFeatures.empty(max(dim, 0)), size
     xy, desc, scales, scores = extractor(arr)
     kp = (xy * np.array([sx, sy], np.float32) + np.array([ox, oy], np.float32)).astype(np.float32)
-    if conf["model"]["name"] == "rootsift":
+    if getattr(extractor, "pixel_scales", False):
         scales = scales * np.float32((sx + sy) / 2)
     return ExtractedFeatures(
         kp.reshape(-1, 2),
