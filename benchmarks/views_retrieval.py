@@ -77,7 +77,7 @@ def main() -> int:
             t0 = time.perf_counter()
             import fiftyone  # noqa: F401
 
-            from gldboxes.views import build_retrieval_dataset
+            from retrieval.view import build_retrieval_dataset
 
             t_import = time.perf_counter() - t0
             kw = dict(

@@ -23,6 +23,8 @@ import numpy.typing as npt
 
 __all__ = [
     "PROTOCOLS",
+    "PROTOCOL_RULES",
+    "REVISITED_CLASSES",
     "ProtocolResult",
     "compute_ap",
     "compute_map",
@@ -30,6 +32,8 @@ __all__ = [
     "evaluate_protocols",
     "format_table",
     "protocol_gnd",
+    "protocol_labels",
+    "revisited_classes",
     "validate_ranks",
 ]
 
@@ -226,28 +230,108 @@ def compute_map_loop(
     return total / (nq - nempty), aps, pr / (nq - nempty), prs
 
 
+# The Revisited protocols (Radenovic et al., CVPR 2018), the one place their rule is written:
+# which ground-truth lists are positives and which are junk (left out of the ranking).
+PROTOCOL_RULES: dict[Protocol, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+# Revisited ground-truth class of a database image for a query (codes of revisited_classes).
+REVISITED_CLASSES: tuple[str, ...] = ("negative", "easy", "hard", "junk")
+_GND_LISTS: tuple[str, ...] = ("easy", "hard", "junk")  # bit 1, 2, 4 of _gnd_bits
+
+
+def _rule(protocol: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if protocol not in PROTOCOL_RULES:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    return PROTOCOL_RULES[protocol]
+
+
 def protocol_gnd(gnd: Sequence[Mapping[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:
-    """Build the ``ok``/``junk`` lists of one Revisited protocol from ``easy/hard/junk``.
+    """Build the ``ok``/``junk`` lists of one Revisited protocol from ``easy/hard/junk``
+    (:data:`PROTOCOL_RULES`).
 
     Easy: positives easy, junk junk + hard. Medium: positives easy + hard, junk junk.
     Hard: positives hard, junk junk + easy.
     """
+    pos, junk = _rule(protocol)
     out: list[dict[str, Any]] = []
     for i, g in enumerate(gnd):
         try:
-            easy = np.asarray(g["easy"], dtype=np.int64)
-            hard = np.asarray(g["hard"], dtype=np.int64)
-            jk = np.asarray(g["junk"], dtype=np.int64)
+            lists = {k: np.asarray(g[k], dtype=np.int64) for k in _GND_LISTS}
         except KeyError as exc:
             raise ValueError(f"ground truth of query {i} has no {exc.args[0]!r} list") from exc
-        if protocol == "easy":
-            out.append({"ok": easy, "junk": np.concatenate([jk, hard])})
-        elif protocol == "medium":
-            out.append({"ok": np.concatenate([easy, hard]), "junk": jk})
-        elif protocol == "hard":
-            out.append({"ok": hard, "junk": np.concatenate([jk, easy])})
-        else:
-            raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+        out.append(
+            {
+                "ok": np.concatenate([lists[k] for k in pos]),
+                "junk": np.concatenate([lists[k] for k in junk]),
+            }
+        )
+    return out
+
+
+def _gnd_bits(gnd: Sequence[Mapping[str, Any]], ids: npt.ArrayLike) -> np.ndarray:
+    """(k, n_q) int8 bit set of each ranked id: 1 easy, 2 hard, 4 junk for its query."""
+    r = np.asarray(ids, dtype=np.int64)
+    if r.ndim != 2 or r.shape[1] != len(gnd):
+        raise ValueError(f"ids must have shape (k, {len(gnd)}), got {r.shape}")
+    nq = len(gnd)
+    lists = {
+        key: [np.asarray(g.get(key, []), dtype=np.int64).ravel() for g in gnd] for key in _GND_LISTS
+    }
+    width = 1 + max(
+        [int(r.max()) if r.size else 0]
+        + [int(a.max()) for v in lists.values() for a in v if a.size]
+    )
+    code = np.zeros((nq, width), dtype=np.int8)
+    for bit, key in enumerate(_GND_LISTS):
+        arrs = lists[key]
+        q = np.repeat(np.arange(nq), [a.size for a in arrs])
+        if q.size:
+            code[q, np.concatenate(arrs)] |= 1 << bit
+    return np.asarray(code[np.arange(nq)[None, :], r])  # (k, n_q)
+
+
+def protocol_labels(
+    gnd: Sequence[Mapping[str, Any]], ids: npt.ArrayLike, protocol: str
+) -> np.ndarray:
+    """Label of each ranked database image under a Revisited protocol, vectorised
+    (:data:`PROTOCOL_RULES`).
+
+    Args:
+        gnd: per-query ``{"easy", "hard", "junk"}`` lists of database ids (n_q entries).
+        ids: database ids, shape (k, n_q) (column ``q`` belongs to query ``q``).
+        protocol: ``easy``, ``medium`` or ``hard``.
+
+    Returns:
+        (k, n_q) int8: 1 positive, 2 junk, 0 negative (a positive listed as junk too counts
+        as positive, as in :func:`compute_map`).
+    """
+    pos, junk = _rule(protocol)
+    c = _gnd_bits(gnd, ids)
+    bits = {k: 1 << i for i, k in enumerate(_GND_LISTS)}
+    out = np.zeros(c.shape, dtype=np.int8)
+    out[(c & sum(bits[k] for k in junk)) != 0] = 2
+    out[(c & sum(bits[k] for k in pos)) != 0] = 1
+    return out
+
+
+def revisited_classes(gnd: Sequence[Mapping[str, Any]], ids: npt.ArrayLike) -> np.ndarray:
+    """Revisited ground-truth class of each ranked database image, vectorised.
+
+    Args:
+        gnd: per-query ``{"easy", "hard", "junk"}`` lists of database ids (n_q entries).
+        ids: database ids, shape (k, n_q).
+
+    Returns:
+        (k, n_q) int8 indexing :data:`REVISITED_CLASSES`: 0 negative, 1 easy, 2 hard, 3 junk
+        (an id in several lists takes the first of easy, hard, junk).
+    """
+    c = _gnd_bits(gnd, ids)
+    out = np.zeros(c.shape, dtype=np.int8)
+    for bit, code in ((4, 3), (2, 2), (1, 1)):  # later assignments win: easy > hard > junk
+        out[(c & bit) != 0] = code
     return out
 
 

@@ -13,11 +13,14 @@ import pytest
 
 from retrieval.datasets import load_gnd
 from retrieval.evaluate import (
+    PROTOCOL_RULES,
+    PROTOCOLS,
     compute_ap,
     compute_map,
     compute_map_loop,
     evaluate_protocols,
     protocol_gnd,
+    protocol_labels,
 )
 
 reference_compute_map = compute_map_loop
@@ -95,6 +98,35 @@ class TestComputeMap:
         gnd = [{"ok": [], "junk": []}, {"ok": [0], "junk": []}]
         m, aps, _, _ = compute_map(np.array([[0, 0], [1, 1]]), gnd, (1,))
         assert m == 1.0 and np.isnan(aps[0])
+
+
+class TestProtocolRule:
+    """The protocol rule is written once (PROTOCOL_RULES): the ok/junk lists the metrics use and
+    the per-result labels the FiftyOne view shows come from it and agree."""
+
+    def test_rule_is_the_papers(self) -> None:
+        assert PROTOCOL_RULES == {
+            "easy": (("easy",), ("junk", "hard")),
+            "medium": (("easy", "hard"), ("junk",)),
+            "hard": (("hard",), ("junk", "easy")),
+        }
+
+    def test_labels_agree_with_protocol_gnd(self) -> None:
+        rng = np.random.default_rng(3)
+        n_db, nq, k = 40, 9, 40
+        gnd = _random_gnd(rng, n_db, nq)
+        ids = np.stack([rng.permutation(n_db)[:k] for _ in range(nq)], axis=1)
+        for p in PROTOCOLS:
+            labels = protocol_labels(gnd, ids, p)
+            for q, g in enumerate(protocol_gnd(gnd, p)):
+                ok, junk = set(g["ok"].tolist()), set(g["junk"].tolist())
+                want = [1 if d in ok else 2 if d in junk else 0 for d in ids[:, q]]
+                assert labels[:, q].tolist() == want
+            assert (labels == 2).any() or p == "medium"
+
+    def test_unknown_protocol(self) -> None:
+        with pytest.raises(ValueError, match="unknown protocol 'medium-hard'"):
+            protocol_gnd([{"easy": [], "hard": [], "junk": []}], "medium-hard")  # type: ignore[arg-type]
 
 
 class TestRanksValidation:

@@ -25,20 +25,20 @@ from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.synth import confs, generate_world
 from gldboxes.views import (
     COCO_IOU_SWEEP,
-    DEFAULT_MAX_QUERY_VIEWS,
     DEFAULT_MIN_SCORE,
-    REVISITED_CLASSES,
     boxes_to_xywh,
     build_box_dataset,
     build_detection_dataset,
-    build_retrieval_dataset,
-    protocol_chip,
-    protocol_labels,
-    query_view_name,
     read_annotation_metadata,
     resolve_image_path,
+)
+from retrieval.evaluate import REVISITED_CLASSES, protocol_labels, revisited_classes
+from retrieval.view import (
+    DEFAULT_MAX_QUERY_VIEWS,
+    build_retrieval_dataset,
+    protocol_chip,
+    query_view_name,
     revisited_chip,
-    revisited_classes,
 )
 
 REPO = Path(__file__).resolve().parents[1]

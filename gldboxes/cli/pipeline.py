@@ -610,6 +610,7 @@ def _views(
 
     from gldboxes import fodb, views
     from retrieval.datasets import load_gnd
+    from retrieval.view import build_retrieval_dataset
 
     info: dict[str, Any] = {}
     with _stage("FiftyOne datasets"), fodb.database(out / "fiftyone-db"):
@@ -631,7 +632,7 @@ def _views(
         for label, res in runs.items():
             if "+ SV" in label or "oracle" in label:
                 continue
-            rt = views.build_retrieval_dataset(
+            rt = build_retrieval_dataset(
                 gnd=gnd,
                 image_root=world / "retrieval",
                 ranks=np.load(res.ranks),
