@@ -18,6 +18,7 @@ import logging
 import os
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,9 +164,62 @@ def build_retrieval_dataset(
     queries, ``query-<index>-<name>`` (:func:`query_view_name`): that query, then its results
     in rank order (:func:`query_view`).
     """
-    import fiftyone as fo
-    from fiftyone import ViewField as F
+    inp = _validate(gnd, ranks, scores, aps, top_k=top_k, max_query_views=max_query_views)
+    root = Path(image_root)
+    files = {k2: v for k2, v in (source or {}).items() if v is not None and Path(v).is_file()}
+    arrays = {
+        "ranks": inp.top,
+        **({"scores": inp.scores} if inp.scores is not None else {}),
+        **{f"ap_{p}": a for p, a in inp.aps.items()},
+    }
+    if regions is not None:
+        arrays["regions"] = _region_rows(regions)
+    options = {
+        "image_root": str(root.resolve()),
+        "top_k": inp.top.shape[0],
+        "n_db": len(inp.imlist),
+        "n_q": len(inp.qimlist),
+        "regions": regions is not None,
+        "max_query_views": max_query_views,
+    }
+    fp = _fingerprint("retrieval", files, options, arrays)
+    if not overwrite and (ds := _up_to_date(name, fp)) is not None:
+        return ds
+    docs, n_positive = _sample_docs(inp, root, regions)
+    return _store(
+        inp,
+        docs,
+        n_positive,
+        name=name,
+        fingerprint=fp,
+        source={**(source or {}), "image_root": root},
+        fast=fast,
+        max_query_views=max_query_views,
+    )
 
+
+@dataclass(frozen=True)
+class _Ranked:
+    """The validated inputs of :func:`build_retrieval_dataset`."""
+
+    imlist: list[str]  # database names (n_db)
+    qimlist: list[str]  # query names (n_q)
+    gnd: list[Mapping[str, Any]]  # per-query easy/hard/junk/bbx (n_q)
+    ranks: np.ndarray  # (n_ranked, n_q) int64, the full ranking
+    top: np.ndarray  # (k, n_q) int64, the ranks kept
+    scores: np.ndarray | None  # (k, n_q) float64
+    aps: dict[str, np.ndarray]  # protocol -> (n_q,) float64
+
+
+def _validate(
+    gnd: Mapping[str, Any],
+    ranks: npt.ArrayLike,
+    scores: npt.ArrayLike | None,
+    aps: Mapping[str, npt.ArrayLike] | None,
+    *,
+    top_k: int,
+    max_query_views: int,
+) -> _Ranked:
     for key in ("imlist", "qimlist", "gnd"):
         if key not in gnd:
             raise ValueError(f"ground truth has no {key!r} entry")
@@ -183,7 +237,6 @@ def build_retrieval_dataset(
     if max_query_views < 0:
         raise ValueError(f"max_query_views must be >= 0, got {max_query_views}")
     k = min(top_k, r.shape[0])
-    top = r[:k]
     s = None
     if scores is not None:
         s = np.asarray(scores, dtype=np.float64)
@@ -199,86 +252,80 @@ def build_retrieval_dataset(
                 f"got shape {a.shape}"
             )
         ap_arr[p] = a
-    root = Path(image_root)
+    return _Ranked(imlist, qimlist, qgnd, r, r[:k], s, ap_arr)
 
-    files = {k2: v for k2, v in (source or {}).items() if v is not None and Path(v).is_file()}
-    arrays = {
-        "ranks": top,
-        **({"scores": s} if s is not None else {}),
-        **{f"ap_{p}": a for p, a in ap_arr.items()},
-    }
-    options = {
-        "image_root": str(root.resolve()),
-        "top_k": k,
-        "n_db": n_db,
-        "n_q": nq,
-        "regions": regions is not None,
-        "max_query_views": max_query_views,
-    }
-    if regions is not None:
-        arrays["regions"] = np.array(
-            [
-                (
-                    zlib.crc32(n.encode()),
-                    b.ymin,
-                    b.xmin,
-                    b.ymax,
-                    b.xmax,
-                    -1.0 if b.score is None else b.score,
-                )
-                for n in sorted(regions)
-                for b in regions[n]
-            ],
-            dtype=np.float64,
-        ).reshape(-1, 6)
-    fp = _fingerprint("retrieval", files, options, arrays)
-    if not overwrite and (ds := _up_to_date(name, fp)) is not None:
-        return ds
 
-    # Vectorised labels (k, n_q) per protocol and the inverse ranking (n_q, n_db).
-    codes = {p: protocol_labels(qgnd, top, p) for p in PROTOCOLS}
-    labels = {p: _LABEL_NAMES[c] for p, c in codes.items()}
-    chips = {p: _CHIPS[p][c] for p, c in codes.items()}
-    rev_codes = revisited_classes(qgnd, top)
-    inv = np.full((nq, n_db), -1, dtype=np.int64)
-    inv[np.arange(nq)[None, :], r] = np.arange(r.shape[0])[:, None]
-    pos_ranks = {key: _positive_ranks(inv, qgnd, key) for key in ("easy", "hard")}
+def _region_rows(regions: Mapping[str, Sequence[Box]]) -> np.ndarray:
+    """(n_boxes, 6) float64 rows ``crc32(name), ymin, xmin, ymax, xmax, score`` (-1: none),
+    the regions' part of the dataset fingerprint."""
+    return np.array(
+        [
+            (
+                zlib.crc32(n.encode()),
+                b.ymin,
+                b.xmin,
+                b.ymax,
+                b.xmax,
+                -1.0 if b.score is None else b.score,
+            )
+            for n in sorted(regions)
+            for b in regions[n]
+        ],
+        dtype=np.float64,
+    ).reshape(-1, 6)
 
-    db_paths = [str(root / "jpg" / f"{n}.jpg") for n in imlist]
-    missing = [p for p in {db_paths[i] for i in np.unique(top)} if not Path(p).is_file()]
+
+def _image_files(inp: _Ranked, root: Path) -> tuple[list[str], list[Path], dict[str, Any]]:
+    """Database paths (n_db), query paths (n_q) and the metadata of every file shown,
+    checking that each exists."""
+    db_paths = [str(root / "jpg" / f"{n}.jpg") for n in inp.imlist]
+    missing = [p for p in {db_paths[i] for i in np.unique(inp.top)} if not Path(p).is_file()]
     if missing:
         raise ValueError(
             f"{root}: {len(missing)} ranked database images not found (first: {missing[0]})"
         )
-    qpaths = [root / "jpg" / f"{qname}.jpg" for qname in qimlist]
+    qpaths = [root / "jpg" / f"{qname}.jpg" for qname in inp.qimlist]
     for qpath in qpaths:
         if not qpath.is_file():
             raise ValueError(f"{root}: query image not found: {qpath}")
     metas = {
         p: m.to_dict()
         for p, m in image_metadata(
-            [*map(str, qpaths), *(db_paths[i] for i in np.unique(top).tolist())]
+            [*map(str, qpaths), *(db_paths[i] for i in np.unique(inp.top).tolist())]
         ).items()
     }
-    # Region boxes once per database image in a top-k list (labels get fresh ids per sample).
-    region_boxes: dict[int, Sequence[Box]] = {}
-    if regions is not None:
-        region_boxes = {i: regions.get(imlist[i], []) for i in np.unique(top).tolist()}
+    return db_paths, qpaths, metas
 
-    # Sample documents in FiftyOne's stored format (labels as ``_cls`` dicts); see _add_docs.
-    region_docs: dict[int, tuple[list[list[float]], list[float | None]]] = {
-        i: (
-            boxes_to_xywh([(b.ymin, b.xmin, b.ymax, b.xmax) for b in bs]).tolist() if bs else [],
-            [b.score for b in bs],
-        )
-        for i, bs in region_boxes.items()
-    }
+
+def _sample_docs(
+    inp: _Ranked, root: Path, regions: Mapping[str, Sequence[Box]] | None
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The samples as documents in FiftyOne's stored format (labels as ``_cls`` dicts, see
+    :func:`gldboxes.views._add_docs`): per query, the query then its top-k results; and the
+    number of positives shown under each protocol."""
     from bson import ObjectId as oid
 
+    top, qgnd, nq = inp.top, inp.gnd, len(inp.qimlist)
+    # Vectorised labels (k, n_q) per protocol and the inverse ranking (n_q, n_db).
+    codes = {p: protocol_labels(qgnd, top, p) for p in PROTOCOLS}
+    labels = {p: _LABEL_NAMES[c] for p, c in codes.items()}
+    chips = {p: _CHIPS[p][c] for p, c in codes.items()}
+    rev_codes = revisited_classes(qgnd, top)
+    inv = np.full((nq, len(inp.imlist)), -1, dtype=np.int64)
+    inv[np.arange(nq)[None, :], inp.ranks] = np.arange(inp.ranks.shape[0])[:, None]
+    pos_ranks = {key: _positive_ranks(inv, qgnd, key) for key in ("easy", "hard")}
+    db_paths, qpaths, metas = _image_files(inp, root)
+    # Region boxes once per database image in a top-k list (labels get fresh ids per sample).
+    region_docs: dict[int, tuple[list[list[float]], list[float | None]]] = {}
+    if regions is not None:
+        for i in np.unique(top).tolist():
+            bs = regions.get(inp.imlist[i], [])
+            xywh = boxes_to_xywh([(b.ymin, b.xmin, b.ymax, b.xmax) for b in bs]).tolist()
+            region_docs[i] = (xywh if bs else [], [b.score for b in bs])
+
     docs: list[dict[str, Any]] = []
-    for q, qname in enumerate(qimlist):  # loop over queries; results below are per (q, rank)
-        qpath = qpaths[q]
-        g = qgnd[q]
+    for q, qname in enumerate(inp.qimlist):  # loop over queries; results below are per rank
+        qpath, g = qpaths[q], qgnd[q]
         box = _query_box(qpath, g.get("bbx"))
         qdoc: dict[str, Any] = {
             "filepath": str(qpath),
@@ -295,16 +342,15 @@ def build_retrieval_dataset(
             "easy_positive_ranks": pos_ranks["easy"][q],
             "hard_positive_ranks": pos_ranks["hard"][q],
         }
-        for p, a in ap_arr.items():
+        for p, a in inp.aps.items():
             if not np.isnan(a[q]):
                 qdoc[f"ap_{p}"] = float(a[q])
         docs.append(qdoc)
-        col = top[:, q].tolist()
-        sc = s[:, q].tolist() if s is not None else None
+        sc = inp.scores[:, q].tolist() if inp.scores is not None else None
         lab = {p: labels[p][:, q].tolist() for p in PROTOCOLS}
         chip = {p: chips[p][:, q].tolist() for p in PROTOCOLS}
         rev = rev_codes[:, q].tolist()
-        for rank0, dbi in enumerate(col):
+        for rank0, dbi in enumerate(top[:, q].tolist()):
             rdoc: dict[str, Any] = {
                 "filepath": db_paths[dbi],
                 "metadata": dict(metas[db_paths[dbi]]),
@@ -314,7 +360,7 @@ def build_retrieval_dataset(
                 "query_index": q,
                 "rank": rank0 + 1,
                 "db_index": dbi,
-                "db_name": imlist[dbi],
+                "db_name": inp.imlist[dbi],
             }
             if sc is not None:
                 rdoc["score"] = sc[rank0]
@@ -326,7 +372,26 @@ def build_retrieval_dataset(
             if regions is not None:
                 rdoc["regions"] = _detections_doc(*region_docs[dbi], "region", oid)
             docs.append(rdoc)
+    return docs, {p: int((c == 1).sum()) for p, c in codes.items()}
 
+
+def _store(
+    inp: _Ranked,
+    docs: list[dict[str, Any]],
+    n_positive: Mapping[str, int],
+    *,
+    name: str,
+    fingerprint: str,
+    source: Mapping[str, Any],
+    fast: bool,
+    max_query_views: int,
+) -> fo.Dataset:
+    """Insert ``docs`` into a dataset built under a temporary name, save its views and swap it
+    in as ``name`` (deleted again if anything fails)."""
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    nq, k = len(inp.qimlist), inp.top.shape[0]
     ds = _new_building(name)
     try:
         ds.add_sample_field("score", fo.FloatField)
@@ -336,7 +401,7 @@ def build_retrieval_dataset(
         ds.add_dynamic_sample_fields()  # the chips' ``outcome``/``cls`` attributes
         ds.save_view("queries", ds.match(F("kind") == "query"), overwrite=True)
         ds.save_view("by_query", ds.group_by("query_name", order_by="rank"), overwrite=True)
-        _save_query_views(ds, qimlist[:max_query_views])
+        _save_query_views(ds, inp.qimlist[:max_query_views])
         if nq > max_query_views:
             logger.info(
                 "saved views for the first %d of %d queries (max_query_views)",
@@ -348,14 +413,14 @@ def build_retrieval_dataset(
             "n_query_views": min(nq, max_query_views),
             "top_k": k,
             "n_samples": len(docs),
-            "n_db": n_db,
+            "n_db": len(inp.imlist),
         }
         for p in PROTOCOLS:
-            summary[f"n_positive_{p}"] = int((labels[p] == "positive").sum())
-            if p in ap_arr:
-                valid = ~np.isnan(ap_arr[p])
-                summary[f"map_{p}"] = float(ap_arr[p][valid].mean()) if valid.any() else None
-        return _finish(ds, name, "retrieval", fp, {**(source or {}), "image_root": root}, summary)
+            summary[f"n_positive_{p}"] = n_positive[p]
+            if p in inp.aps:
+                valid = ~np.isnan(inp.aps[p])
+                summary[f"map_{p}"] = float(inp.aps[p][valid].mean()) if valid.any() else None
+        return _finish(ds, name, "retrieval", fingerprint, source, summary)
     except BaseException:
         ds.delete()
         raise
