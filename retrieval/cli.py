@@ -128,7 +128,7 @@ def register(subparsers: Any) -> None:
     ab.add_argument("--overwrite", action="store_true", help="redo finished work")
     ab.set_defaults(func=_ablation)
 
-    _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.learned_rmac)
+    _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.rmac.learned)
 
 
 def _feature_options(p: argparse.ArgumentParser) -> None:
@@ -534,7 +534,7 @@ def _register_rmac(sub: Any) -> None:
         "--train-csv", required=True, help="id,url,landmark_id (e.g. OUT/train/train.csv)"
     )
     tr.add_argument("--out", required=True, help="the model goes to OUT/<preset output>/")
-    tr.add_argument("--preset", default="tiny-cpu", help="retrieval.learned_rmac.confs preset")
+    tr.add_argument("--preset", default="tiny-cpu", help="retrieval.rmac.learned.confs preset")
     tr.add_argument("--steps", type=int, help="override the number of SGD steps")
     tr.add_argument("--max-side", type=int, help="override the image size (long side)")
     tr.add_argument("--weights", help="backbone initialisation: 'imagenet', 'random' or a file")
@@ -590,7 +590,7 @@ def _rmac(args: argparse.Namespace) -> int:
 def _rmac_train(args: argparse.Namespace) -> int:
     import copy
 
-    from retrieval.learned_rmac import confs, main
+    from retrieval.rmac.learned import confs, main
 
     if args.preset not in confs:
         raise ValueError(f"unknown learned R-MAC preset {args.preset!r}; expected {sorted(confs)}")

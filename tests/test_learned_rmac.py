@@ -1,4 +1,4 @@
-"""Tests of retrieval.learned_rmac: head = R-MAC at init, mining, triplet loss, training, I/O."""
+"""Tests of retrieval.rmac.learned: head = R-MAC at init, mining, triplet loss, training, I/O."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from retrieval.evaluate import compute_map
-from retrieval.learned_rmac import (
+from retrieval.rmac import Whitening, aggregate_rmac, map_descriptors
+from retrieval.rmac.learned import (
     LearnedRMAC,
     confs,
     load_model,
@@ -22,7 +23,6 @@ from retrieval.learned_rmac import (
     train,
     triplet_loss,
 )
-from retrieval.rmac import Whitening, aggregate_rmac, map_descriptors
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -392,7 +392,7 @@ class TestRunRmac:
     def test_learned_rmac_method(self, world: Path, tmp_path: Path) -> None:
         import copy
 
-        from retrieval import learned_rmac
+        from retrieval.rmac import learned as learned_rmac
         from retrieval.rmac import run_rmac
 
         conf = copy.deepcopy(learned_rmac.confs["tiny-cpu"])

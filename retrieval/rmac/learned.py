@@ -45,13 +45,9 @@ import numpy as np
 
 from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
 from gldboxes.progress import tqdm
-from retrieval.rmac import (
-    Backbone,
-    build_backbone,
-    learn_whitening,
-    load_rgb,
-    rmac_regions,
-)
+from retrieval.rmac.backbone import Backbone, build_backbone, load_rgb
+from retrieval.rmac.pooling import rmac_regions
+from retrieval.rmac.whitening import learn_whitening
 
 __all__ = [
     "FORMAT_VERSION",
@@ -66,7 +62,7 @@ __all__ = [
     "triplet_loss",
 ]
 
-logger = logging.getLogger("retrieval.learned_rmac")
+logger = logging.getLogger("retrieval.rmac.learned")
 
 FORMAT_VERSION = 1
 
