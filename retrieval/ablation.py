@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gldboxes.io import atomic_write, read_json, write_config
+from retrieval.kernels import kernels as KERNEL_REGISTRY
 
 __all__ = [
     "METHODS",
@@ -47,18 +48,12 @@ logger = logging.getLogger("retrieval.ablation")
 
 #: method name -> (paper label, engine options). Single-image methods have no regions.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "asmk_star": ("ASMK*", {"kernel": "asmk_star"}),
-    "asmk": ("ASMK", {"kernel": "asmk"}),
-    "vlad": ("VLAD", {"kernel": "vlad"}),
-    "r_asmk_star": ("R-ASMK*", {"kernel": "r_asmk_star"}),
-    "naive_r_asmk_star": ("Naive-R-ASMK*", {"kernel": "naive_r_asmk_star"}),
-    "r_asmk": ("R-ASMK", {"kernel": "r_asmk"}),
-    "naive_r_asmk": ("Naive-R-ASMK", {"kernel": "naive_r_asmk"}),
-    "r_vlad": ("R-VLAD", {"kernel": "r_vlad"}),
+    **{k.name: (k.label, {"kernel": k.name}) for k in KERNEL_REGISTRY.values()},
+    # Detect-to-Retrieve regional search: ASMK* words of every region, best (max) or mean region.
     "d2r_max": ("D2R-ASMK* max", {"kernel": "asmk_star", "regional_search": "max"}),
     "d2r_avg": ("D2R-ASMK* avg", {"kernel": "asmk_star", "regional_search": "avg"}),
 }
-_SINGLE = frozenset({"asmk_star", "asmk", "vlad"})
+_SINGLE = frozenset(k.name for k in KERNEL_REGISTRY.values() if not k.regional)
 
 #: Named grids (hloc style); every key commented.
 confs: dict[str, dict[str, Any]] = {

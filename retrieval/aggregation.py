@@ -43,6 +43,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.kernels import Kernel
+from retrieval.kernels import get as get_kernel
+from retrieval.kernels import kernels as KERNEL_REGISTRY
+
 __all__ = [
     "BACKENDS",
     "BINARY_KERNELS",
@@ -66,45 +70,16 @@ __all__ = [
 
 logger = logging.getLogger("retrieval.aggregation")
 
-KERNELS: tuple[str, ...] = (
-    "vlad",
-    "asmk",
-    "asmk_star",
-    "r_vlad",
-    "r_asmk",
-    "r_asmk_star",
-    "naive_r_asmk",
-    "naive_r_asmk_star",
-)
-REGIONAL_KERNELS: frozenset[str] = frozenset(
-    {"r_vlad", "r_asmk", "r_asmk_star", "naive_r_asmk", "naive_r_asmk_star"}
-)
-BINARY_KERNELS: frozenset[str] = frozenset({"asmk_star", "r_asmk_star", "naive_r_asmk_star"})
+# Views of the kernel registry (retrieval.kernels), the one place kernels are defined.
+KERNELS: tuple[str, ...] = tuple(KERNEL_REGISTRY)
+REGIONAL_KERNELS: frozenset[str] = frozenset(k.name for k in KERNEL_REGISTRY.values() if k.regional)
+BINARY_KERNELS: frozenset[str] = frozenset(k.name for k in KERNEL_REGISTRY.values() if k.binary)
 #: The single-image kernel a regional database kernel's queries use (queries stay one region;
 #: each regional kernel with one region equals it).
-QUERY_KERNEL: dict[str, str] = {
-    "vlad": "vlad",
-    "asmk": "asmk",
-    "asmk_star": "asmk_star",
-    "r_vlad": "vlad",
-    "r_asmk": "asmk",
-    "r_asmk_star": "asmk_star",
-    "naive_r_asmk": "asmk",
-    "naive_r_asmk_star": "asmk_star",
-}
-
-# Default similarity parameters of each kernel (alpha, tau, normalize). VLAD-type kernels are a
-# plain dot product of globally normalised vectors; regional ASMK is compared without the
-# 1/sqrt(|Wq||Wx|) normalisation (Teichmann et al.'s released code).
+QUERY_KERNEL: dict[str, str] = {k.name: k.query for k in KERNEL_REGISTRY.values()}
+#: Default similarity parameters of each kernel (alpha, tau, normalize).
 KERNEL_SIMILARITY: dict[str, dict[str, Any]] = {
-    "vlad": {"alpha": 1.0, "tau": -np.inf, "normalize": False},
-    "r_vlad": {"alpha": 1.0, "tau": -np.inf, "normalize": False},
-    "asmk": {"alpha": 3.0, "tau": 0.0, "normalize": True},
-    "asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": True},
-    "r_asmk": {"alpha": 3.0, "tau": 0.0, "normalize": False},
-    "r_asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": False},
-    "naive_r_asmk": {"alpha": 3.0, "tau": 0.0, "normalize": False},
-    "naive_r_asmk_star": {"alpha": 3.0, "tau": 0.0, "normalize": False},
+    k.name: k.similarity for k in KERNEL_REGISTRY.values()
 }
 
 #: Aggregated residuals with an L2 norm at or below this are dropped (descriptor units).
@@ -637,12 +612,11 @@ def aggregate_many(
         an :class:`AggregatedBatch` with one entry per image.
     """
     _check_backend(backend)
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
+    kern = get_kernel(kernel)
     cb = _check_codebook(codebook)
     dim = cb.shape[1]
     n = len(descriptors)
-    if kernel not in REGIONAL_KERNELS:
+    if not kern.regional:
         if regions is not None:
             raise ValueError(
                 f"kernel {kernel} is not regional; pass regions only with "
@@ -664,14 +638,12 @@ def aggregate_many(
     parts = []
     for a, b in _chunks(sizes, _ASSIGN_CHUNK):
         if regions is None:
-            parts.append(
-                _aggregate_images(descriptors[a:b], cb, kernel, num_assignments, backend, a)
-            )
+            parts.append(_aggregate_images(descriptors[a:b], cb, kern, num_assignments, backend, a))
         else:
-            parts.append(_aggregate_regions(regions[a:b], cb, kernel, num_assignments, backend))
+            parts.append(_aggregate_regions(regions[a:b], cb, kern, num_assignments, backend))
     if not parts:
-        width = packed_width(dim) if kernel in BINARY_KERNELS else dim
-        dt = np.uint8 if kernel in BINARY_KERNELS else np.float32
+        width = packed_width(dim) if kern.binary else dim
+        dt = np.uint8 if kern.binary else np.float32
         return _to_batch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, width), dt), 0, dim)
     return parts[0] if len(parts) == 1 else AggregatedBatch.concatenate(parts)
 
@@ -679,7 +651,7 @@ def aggregate_many(
 def _aggregate_images(
     descriptors: Sequence[np.ndarray],
     cb: np.ndarray,
-    kernel: str,
+    kernel: Kernel,
     num_assignments: int,
     backend: str,
     first_index: int,
@@ -692,19 +664,33 @@ def _aggregate_images(
         raise ValueError(f"{exc} (images {first_index}..{first_index + n - 1})") from None
     items, words, sums = _residual_sums(x, item, cb, num_assignments, backend)
     items, words, sums, norms = _drop_zero(items, words, sums)
-    if kernel == "vlad":
-        data = _vlad_normalise(items, sums, norms, n)
-    elif kernel == "asmk":
-        data = (sums / norms[:, None]).astype(np.float32)
-    else:
-        data = pack_signs(sums)
-    return _to_batch(items, words, data, n, dim)
+    return _to_batch(items, words, _word_data(kernel, items, sums, norms, n), n, dim)
+
+
+def _word_data(
+    kernel: Kernel, items: np.ndarray, sums: np.ndarray, norms: np.ndarray, n: int
+) -> np.ndarray:
+    """The stored form of each word (``kernel.words``) from its residual sum.
+
+    Args:
+        items: (W,) image of each word; sums: (W, D) float residual sums, norms: (W,) their
+            L2 norms (all > 0); n: images in the batch.
+
+    Returns:
+        (W, D) float32 (``vlad``: normalised over each image's whole vector; ``asmk``: each
+        word unit length) or (W, ceil(D/8)) uint8 packed sign bits (``binary``).
+    """
+    if kernel.words == "vlad":
+        return _vlad_normalise(items, sums, norms, n)
+    if kernel.words == "asmk":
+        return (sums / norms[:, None]).astype(np.float32)
+    return pack_signs(sums)
 
 
 def _aggregate_regions(
     regions: Sequence[Sequence[np.ndarray]],
     cb: np.ndarray,
-    kernel: str,
+    kernel: Kernel,
     num_assignments: int,
     backend: str,
 ) -> AggregatedBatch:
@@ -717,8 +703,8 @@ def _aggregate_regions(
     x, ritem = _stack(flat, dim, "region")
     ritems, words, sums = _residual_sums(x, ritem, cb, num_assignments, backend)
     ritems, words, sums, norms = _drop_zero(ritems, words, sums)
-    if kernel.startswith("naive_"):
-        vlad = (sums / norms[:, None]).astype(np.float32)  # ASMK per region: unit words
+    if kernel.regional == "asmk":
+        vlad = (sums / norms[:, None]).astype(np.float32)  # naive: ASMK per region, unit words
     else:
         vlad = _vlad_normalise(ritems, sums, norms, len(flat))
     img = region_image[ritems]
@@ -732,13 +718,7 @@ def _aggregate_regions(
     items, words = uk // k, uk % k
     acc = (acc / n_reg[items][:, None]).astype(np.float32)  # average of the regions
     items, words, acc, norms = _drop_zero(items, words, acc)
-    if kernel == "r_vlad":
-        data = _vlad_normalise(items, acc, norms, n)
-    elif kernel in ("r_asmk", "naive_r_asmk"):
-        data = (acc / norms[:, None]).astype(np.float32)
-    else:
-        data = pack_signs(acc)
-    return _to_batch(items, words, data, n, dim)
+    return _to_batch(items, words, _word_data(kernel, items, acc, norms, n), n, dim)
 
 
 def aggregate(

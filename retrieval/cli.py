@@ -228,11 +228,13 @@ def _feature_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output root of the config-named folders")
     _feature_options(p)
+    from retrieval.kernels import kernels
+
     p.add_argument(
         "--kernel",
         default="asmk_star",
-        help="vlad | asmk | asmk_star | r_vlad | r_asmk | r_asmk_star | naive_r_asmk | "
-        "naive_r_asmk_star",
+        choices=list(kernels),
+        help="aggregation kernel (retrieval.kernels)",
     )
     p.add_argument("--num-assignments", type=int, default=1, help="visual words per descriptor")
     p.add_argument("--top-k", type=int, help="ranks kept per query (default: all)")

@@ -69,14 +69,13 @@ import numpy.typing as npt
 
 from gldboxes.io import atomic_dir, read_json, write_json
 from retrieval.aggregation import (
-    KERNEL_SIMILARITY,
-    KERNELS,
     AggregatedBatch,
     AggregatedImage,
     check_packed_bits,
     pair_similarity,
     selectivity,
 )
+from retrieval.kernels import get as get_kernel
 
 __all__ = [
     "BACKENDS",
@@ -203,8 +202,8 @@ class InvertedFile:
         offsets, image_ids, data, words_per_image: the CSR arrays (over items: the images, or
             the regions for regional search; ``image_ids`` hold item ids).
         dim: descriptor dimension D.
-        kernel: the aggregation kernel of the database (one of ``KERNELS``).
-        alpha, tau, normalize: similarity parameters (defaults from ``KERNEL_SIMILARITY``).
+        kernel: the aggregation kernel of the database (a name in :mod:`retrieval.kernels`).
+        alpha, tau, normalize: similarity parameters (defaults: the kernel's ``similarity``).
         meta: free JSON-able metadata saved in the header (config, config hash ...).
         item_image: regional search: uint32 (n_items,) image of each item, non-decreasing,
             every image in ``0..n_images-1`` owning at least one item; None: items are images.
@@ -305,8 +304,7 @@ class InvertedFile:
             region_norm_floor: with ``item_image``: ``rho`` of the normalisation floor (None:
                 :data:`REGION_NORM_FLOOR`; 0: plain ASMK). Ignored (0) without ``item_image``.
         """
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
+        d = get_kernel(kernel).similarity
         n = batch.n_images
         if n >= 2**32 - 1:
             raise ValueError(f"too many images for uint32 ids: {n}")
@@ -318,7 +316,6 @@ class InvertedFile:
         order = np.argsort(batch.words, kind="stable")
         offsets = np.zeros(codebook_size + 1, np.int64)
         np.cumsum(np.bincount(batch.words, minlength=codebook_size), out=offsets[1:])
-        d = KERNEL_SIMILARITY[kernel]
         return cls(
             offsets=offsets,
             image_ids=img[order],
