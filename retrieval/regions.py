@@ -41,12 +41,14 @@ Regional features can be computed two ways (the caller picks):
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -56,9 +58,11 @@ from gldboxes.io import write_config
 from gldboxes.progress import tqdm
 
 __all__ = [
+    "REGION_PLUGINS",
     "SOURCES",
     "SS_MIN_SIZE",
     "WHOLE_IMAGE",
+    "RegionSource",
     "assign_features_to_regions",
     "compute_regions",
     "confs",
@@ -66,6 +70,8 @@ __all__ = [
     "detector_boxes",
     "main",
     "read_regions_csv",
+    "region_source",
+    "region_sources",
     "regional_descriptors",
     "rmac_boxes",
     "rmac_grid",
@@ -75,8 +81,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("retrieval.regions")
-
-SOURCES = ("detector", "rmac", "selective_search", "gt", "whole")
 
 #: Region 0 of every image.
 WHOLE_IMAGE = Box(0.0, 0.0, 1.0, 1.0, 1.0)
@@ -335,6 +339,90 @@ def select_regions(
     return kept if max_regions is None else kept[:max_regions]
 
 
+@dataclass(frozen=True, kw_only=True)
+class RegionSource:
+    """A region source: where the boxes after region 0 come from.
+
+    Attributes:
+        name: the ``source`` key of a regions preset.
+        needs: what :attr:`propose` reads of an image: ``"nothing"``, ``"boxes"`` (its rows of a
+            boxes file), ``"size"`` (width and height) or ``"pixels"`` (the BGR image).
+        propose: ``propose(conf, width=, height=, image=, boxes=) -> [Box]``, the source's boxes
+            before :func:`select_regions`.
+        default_boxes: with ``needs == "boxes"``: the dataset file used when no boxes file is
+            given (None: a boxes file is required).
+    """
+
+    name: str
+    needs: Literal["nothing", "boxes", "size", "pixels"]
+    propose: Callable[..., list[Box]]
+    default_boxes: str | None = None
+
+
+def _propose_whole(conf: Mapping[str, Any], **_: Any) -> list[Box]:
+    return []
+
+
+def _propose_detector(conf: Mapping[str, Any], *, boxes: Sequence[Box], **_: Any) -> list[Box]:
+    return detector_boxes(
+        boxes, score_threshold=conf["score_threshold"], max_boxes=conf.get("max_boxes")
+    )
+
+
+def _propose_gt(conf: Mapping[str, Any], *, boxes: Sequence[Box], **_: Any) -> list[Box]:
+    return [Box(b.ymin, b.xmin, b.ymax, b.xmax, 1.0) for b in boxes]
+
+
+def _propose_rmac(conf: Mapping[str, Any], *, width: int, height: int, **_: Any) -> list[Box]:
+    return rmac_boxes(width, height, conf["levels"], overlap=conf.get("overlap", 0.4))
+
+
+def _propose_ss(conf: Mapping[str, Any], *, image: npt.NDArray[Any], **_: Any) -> list[Box]:
+    return selective_search_boxes(
+        image,
+        top_n=conf["top_n"],
+        mode=conf.get("mode", "fast"),
+        max_side=conf.get("max_side", 256),
+        min_area=conf.get("min_area", 0.01),
+        seed=conf.get("seed", 0),
+        min_size=float(conf.get("min_size") or 0.0),
+    )
+
+
+#: Modules holding one more region source each (``SOURCE``, a :class:`RegionSource`); listed
+#: once here. Its presets go in that module's ``confs``.
+REGION_PLUGINS: tuple[str, ...] = ()
+
+#: Every region source by name.
+region_sources: dict[str, RegionSource] = {
+    r.name: r
+    for r in (
+        RegionSource(name="detector", needs="boxes", propose=_propose_detector),
+        RegionSource(name="rmac", needs="size", propose=_propose_rmac),
+        RegionSource(name="selective_search", needs="pixels", propose=_propose_ss),
+        RegionSource(name="gt", needs="boxes", propose=_propose_gt, default_boxes="boxes_gt.csv"),
+        RegionSource(name="whole", needs="nothing", propose=_propose_whole),
+    )
+}
+for _module in REGION_PLUGINS:
+    _mod = importlib.import_module(_module)
+    region_sources[_mod.SOURCE.name] = _mod.SOURCE
+    confs.update(_mod.confs)
+SOURCES = tuple(region_sources)
+
+
+def region_source(conf: Mapping[str, Any]) -> RegionSource:
+    """The source of a regions preset (its ``source`` key).
+
+    Raises:
+        ValueError: an unknown source (the message lists every source).
+    """
+    name = conf.get("source")
+    if name not in region_sources:
+        raise ValueError(f"regions conf: unknown region source {name!r}; expected one of {SOURCES}")
+    return region_sources[str(name)]
+
+
 def compute_regions(
     conf: Mapping[str, Any],
     *,
@@ -350,42 +438,22 @@ def compute_regions(
 
     Args:
         conf: a preset of :data:`confs` (or a dict with the same keys).
-        width, height: image size in pixels (needed by ``rmac``).
-        image: (H, W, 3) BGR pixels (needed by ``selective_search``).
-        boxes: the image's boxes from the boxes file (``detector``, ``gt``); None or empty
-            when the image has none.
+        width, height: image size in pixels (needed by ``size`` sources: ``rmac``).
+        image: (H, W, 3) BGR pixels (needed by ``pixels`` sources: ``selective_search``).
+        boxes: the image's boxes from the boxes file (``boxes`` sources: ``detector``,
+            ``gt``); None or empty when the image has none.
     """
-    source = conf.get("source")
+    src = region_source(conf)
+    if src.needs == "size" and (width is None or height is None):
+        raise ValueError(f"compute_regions: the {src.name!r} source needs width and height")
+    if src.needs == "pixels" and image is None:
+        raise ValueError(f"compute_regions: the {src.name!r} source needs the image")
+    found = src.propose(conf, width=width, height=height, image=image, boxes=boxes or [])
     min_size = float(conf.get("min_size") or 0.0)
-    max_regions = conf.get("max_regions")
-    found: list[Box]
-    if source == "whole":
-        found = []
-    elif source == "detector":
-        found = detector_boxes(
-            boxes or [], score_threshold=conf["score_threshold"], max_boxes=conf.get("max_boxes")
-        )
-    elif source == "gt":
-        found = [Box(b.ymin, b.xmin, b.ymax, b.xmax, 1.0) for b in boxes or []]
-    elif source == "rmac":
-        if width is None or height is None:
-            raise ValueError("compute_regions: the 'rmac' source needs width and height")
-        found = rmac_boxes(width, height, conf["levels"], overlap=conf.get("overlap", 0.4))
-    elif source == "selective_search":
-        if image is None:
-            raise ValueError("compute_regions: the 'selective_search' source needs the image")
-        found = selective_search_boxes(
-            image,
-            top_n=conf["top_n"],
-            mode=conf.get("mode", "fast"),
-            max_side=conf.get("max_side", 256),
-            min_area=conf.get("min_area", 0.01),
-            seed=conf.get("seed", 0),
-            min_size=min_size,
-        )
-    else:
-        raise ValueError(f"unknown region source {source!r}; expected one of {SOURCES}")
-    return [WHOLE_IMAGE, *select_regions(found, min_size=min_size, max_regions=max_regions)]
+    return [
+        WHOLE_IMAGE,
+        *select_regions(found, min_size=min_size, max_regions=conf.get("max_regions")),
+    ]
 
 
 # --------------------------------------------------------------------------- crops and features
@@ -501,12 +569,13 @@ def _regions_of_image(
     """Regions of one image file under ``conf`` (reads what the source needs)."""
     width = height = None
     image: npt.NDArray[Any] | None = None
-    if conf.get("source") == "rmac":
+    needs = region_source(conf).needs
+    if needs == "size":
         from PIL import Image
 
         with Image.open(path) as im:
             width, height = im.size
-    elif conf.get("source") == "selective_search":
+    elif needs == "pixels":
         import cv2
 
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -637,20 +706,19 @@ def main(
     from retrieval.datasets import RevisitedDataset
 
     conf = dict(conf)
-    source = conf.get("source")
-    if source not in SOURCES:
-        raise ValueError(f"regions conf: unknown source {source!r}; expected one of {SOURCES}")
+    src = region_source(conf)
+    source = src.name
     out = Path(export_dir) / f"{conf['output']}.csv"
     if out.exists() and not overwrite:
         logger.info("regions %s exist, skipping", out)
         return out
     ds = RevisitedDataset.load(dataset)
     by_id: dict[str, list[Box]] = {}
-    if source in ("detector", "gt"):
-        if boxes is None and source == "gt":
-            boxes = ds.root / "boxes_gt.csv"
+    if src.needs == "boxes":
+        if boxes is None and src.default_boxes is not None:
+            boxes = ds.root / src.default_boxes
         if boxes is None:
-            raise ValueError("regions: the 'detector' source needs a boxes file (--boxes)")
+            raise ValueError(f"regions: the {source!r} source needs a boxes file (--boxes)")
         if not Path(boxes).exists():
             raise FileNotFoundError(f"boxes file not found: {boxes}")
         by_id = read_boxes_csv(boxes)

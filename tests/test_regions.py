@@ -468,7 +468,7 @@ class TestMain:
         write_boxes_csv(bad, {"x": [Box(0.1, 0.1, 0.5, 0.5, 0.9)]})
         with pytest.raises(ValueError, match="none of its ids"):
             main(confs["d2r-0.1"], ds, tmp_path / "o", boxes=bad)
-        with pytest.raises(ValueError, match="unknown source"):
+        with pytest.raises(ValueError, match="unknown region source"):
             main({"source": "x", "output": "x"}, ds, tmp_path / "o")
         # a regions file whose region 0 is not the whole image is refused
         write_boxes_csv(bad, {"x": [Box(0.1, 0.1, 0.5, 0.5, 0.9)]})
@@ -527,3 +527,43 @@ def test_selective_search_conf_builds_the_presets_and_any_n() -> None:
     cells = [x for x in grid({**c, "methods": ["d2r_max"]}) if x.source == "selective_search"]
     assert cells[0].engine["regions"] == selective_search_conf(3)
     assert selective_search_conf(3)["output"] == "regions-ss-3-s0.2"
+
+
+class TestRegistry:
+    """Region sources are objects in one registry; a new one is one RegionSource."""
+
+    def test_builtin_sources(self) -> None:
+        from retrieval.regions import region_sources
+
+        assert {n: s.needs for n, s in region_sources.items()} == {
+            "detector": "boxes",
+            "rmac": "size",
+            "selective_search": "pixels",
+            "gt": "boxes",
+            "whole": "nothing",
+        }
+        assert {c["source"] for c in confs.values()} == set(region_sources)
+
+    def test_a_new_source_is_one_object(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A centre-crop source (the middle half of every image) registered at run time goes
+        through the selection and ``main`` with nothing else changed."""
+        from retrieval import regions
+
+        def centre(conf: dict, *, width: int, height: int, **_: object) -> list[Box]:
+            f = conf["fraction"] / 2
+            return [Box(0.5 - f, 0.5 - f, 0.5 + f, 0.5 + f, 1.0)]
+
+        src = regions.RegionSource(name="centre", needs="size", propose=centre)
+        monkeypatch.setitem(regions.region_sources, "centre", src)
+        conf = {"output": "regions-centre", "source": "centre", "fraction": 0.5}
+        got = compute_regions(conf, width=40, height=30)
+        assert got == [WHOLE_IMAGE, Box(0.25, 0.25, 0.75, 0.75, 1.0)]
+        with pytest.raises(ValueError, match="'centre' source needs width and height"):
+            compute_regions(conf)
+        ds = tmp_path / "tiny"
+        _tiny_dataset(ds)
+        out = main(conf, ds, tmp_path / "o")
+        rows = read_regions_csv(out)
+        assert rows and all(v == got for v in rows.values())
