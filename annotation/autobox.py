@@ -13,9 +13,17 @@ Per landmark of a training split:
    affine transform; ``b_i <- (1 - step) b_i + step * geomedian(proposals)`` (step 0.1) until
    the largest change is below ``tol`` (normalised units) or ``max_iter``.
 
-Confidence of a box: the fraction of its neighbours whose mapped box overlaps it with IoU >=
-0.5 (1.0: every verified neighbour agrees). Boxes are written as a boxes CSV with a ``score``
-column, usable directly as pre-annotations (``gldboxes annotate import --predictions``).
+Evidence for a box: the RANSAC inliers summed over the verified neighbours whose mapped box
+agrees with it (IoU >= ``agree_iou``); more agreeing views and more inliers per view both raise
+it. The ``score`` column of the boxes CSV maps it monotonically to [0, 1):
+
+    score = evidence / (evidence + score_inliers)
+
+(``score_inliers`` = 300: one agreeing view with 15 inliers scores 0.05, 300 agreeing inliers
+score 0.5, 3000 score 0.91; it never saturates to 1, so ranks stay distinct). Sorting by score
+puts the weakly supported boxes first for review. The report keeps each image's ``evidence``
+and ``confidence`` (the fraction of its neighbours that agree). The CSV is usable directly as
+pre-annotations (``gldboxes annotate import --predictions``).
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ confs: dict[str, dict[str, Any]] = {
             "max_iter": 500,
         },
         "agree_iou": 0.5,  # a neighbour agrees with a box when its mapped box has this IoU
+        "score_inliers": 300.0,  # score = agreeing inliers / (agreeing inliers + this)
     },
 }
 
@@ -104,7 +113,15 @@ class PairEdge:
 
 @dataclass(frozen=True)
 class LandmarkResult:
-    """Boxes of one landmark: ``boxes`` (N, 4) normalised (NaN rows for dropped images)."""
+    """Boxes of one landmark.
+
+    Attributes:
+        boxes: (N, 4) normalised (NaN rows for dropped images).
+        confidence: (N,) fraction of verified neighbours whose mapped box agrees.
+        kept: (N,) bool, in the largest connected component.
+        evidence: (N,) inliers summed over the agreeing neighbours.
+        score: (N,) ``evidence / (evidence + score_inliers)`` in [0, 1) (0 for dropped images).
+    """
 
     ids: list[str]
     boxes: np.ndarray
@@ -112,6 +129,8 @@ class LandmarkResult:
     kept: np.ndarray
     edges: int
     iterations: int
+    evidence: np.ndarray
+    score: np.ndarray
 
 
 def extract_rootsift(
@@ -356,7 +375,7 @@ def estimate_landmark_boxes(
     conf_out = np.zeros(n)
     kept = np.zeros(n, bool)
     if not edges:
-        return LandmarkResult(list(ids), boxes, conf_out, kept, 0, 0)
+        return LandmarkResult(list(ids), boxes, conf_out, kept, 0, 0, np.zeros(n), np.zeros(n))
     ei = np.array([e.i for e in edges])
     ej = np.array([e.j for e in edges])
     graph = coo_matrix((np.ones(len(edges)), (ei, ej)), shape=(n, n))
@@ -393,20 +412,24 @@ def estimate_landmark_boxes(
     props = _map_boxes(final[src], mats, sizes[src], sizes[dst])
     agree = iou(props, final[dst]) >= conf["agree_iou"]
     conf_out = np.bincount(dst, weights=agree.astype(np.float64), minlength=n) / np.maximum(deg, 1)
+    inliers = np.array([e.inliers for e in use] * 2, np.float64)
+    evidence = np.bincount(dst, weights=agree * inliers, minlength=n)
     final[~kept] = np.nan
     conf_out[~kept] = 0.0
-    return LandmarkResult(list(ids), final, conf_out, kept, len(use), iters)
+    evidence[~kept] = 0.0
+    score = evidence / (evidence + float(conf["score_inliers"]))
+    return LandmarkResult(list(ids), final, conf_out, kept, len(use), iters, evidence, score)
 
 
 def _read_train(csv_path: Path, image_root: Path) -> dict[str, list[tuple[str, Path]]]:
+    """``{landmark id: [(image id, path)]}`` of a split CSV (see :func:`campaign.read_split`)."""
+    from annotation.campaign import read_split
+
     groups: dict[str, list[tuple[str, Path]]] = {}
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        if not {"id", "url", "landmark_id"} <= set(cols):
-            raise ValueError(f"{csv_path}: expected columns id,url,landmark_id, got {cols}")
-        for row in reader:
-            groups.setdefault(row["landmark_id"], []).append((row["id"], image_root / row["url"]))
+    for it in read_split(csv_path, image_root, read_sizes=False):
+        if not it.landmark_id:
+            raise ValueError(f"{csv_path}: image {it.id} has no landmark_id")
+        groups.setdefault(it.landmark_id, []).append((it.id, it.path))
     return groups
 
 
@@ -422,7 +445,9 @@ def main(
 
     Args:
         conf: a preset of :data:`confs`.
-        train_csv: ``id,url,landmark_id`` (url relative to ``image_root``, default its folder).
+        train_csv: ``id,url,landmark_id`` (url relative to ``image_root``, default its folder)
+            or ``id,landmark_id`` as ``gldboxes split`` writes it (images found by id under
+            ``image_root``).
         out_dir: output folder; ``<output>.csv`` (``id,box,score``), ``<output>.json`` (per
             landmark: images, edges, iterations, dropped ids) and the resolved config.
 
@@ -446,13 +471,15 @@ def main(
             if res.kept[k]:
                 y0, x0, y1, x1 = (float(v) for v in res.boxes[k])
                 if y1 > y0 and x1 > x0:
-                    boxes[key] = [Box(y0, x0, y1, x1, float(res.confidence[k]))]
+                    boxes[key] = [Box(y0, x0, y1, x1, float(res.score[k]))]
         landmarks[lm] = {
             "images": len(ids),
             "kept": int(res.kept.sum()),
             "edges": res.edges,
             "iterations": res.iterations,
             "dropped": [k for k, m in zip(ids, res.kept, strict=True) if not m],
+            "evidence": {k: float(res.evidence[j]) for j, k in enumerate(ids) if res.kept[j]},
+            "confidence": {k: float(res.confidence[j]) for j, k in enumerate(ids) if res.kept[j]},
         }
     write_boxes_csv(out, boxes, with_score=True)
     n_img = sum(v["images"] for v in landmarks.values())

@@ -9,8 +9,11 @@ carries our own bookkeeping::
     gld_id        the image id of the split (the key of the boxes CSV)
     landmark_id   the landmark of the split ("" when unknown)
     width/height  the image size in pixels
-    overlap       true when the task goes to two raters (agreement sample)
-    gold          null, or {"box": "ymin xmin ymax xmax" | null, "no_landmark": bool}
+    overlap       true when the task goes to two raters (agreement sample, and gold tasks)
+
+Gold answers never go into the task data (raters can read it: ``GET /api/tasks/N``): they live
+in our own file ``<data dir>/gold/project-<id>.json`` (:func:`save_gold`, :func:`load_gold`),
+which ``annotate export`` copies into the snapshot for the agreement and gold-accuracy reports.
 
 Pre-annotations travel inline in the import (one prediction per task with ``model_version`` and
 ``score``); that is ~280 tasks/s against ~5/s for one ``predictions.create`` per task.
@@ -39,6 +42,7 @@ from annotation.config import (
     labeling_config,
 )
 from gldboxes.boxes import Box, read_boxes_csv
+from gldboxes.io import read_json, write_json
 
 __all__ = [
     "ImageItem",
@@ -49,11 +53,18 @@ __all__ = [
     "connect",
     "create_campaign",
     "existing_task_ids",
+    "gold_path",
     "import_images",
+    "list_raters",
+    "load_gold",
     "local_files_url",
     "prediction_for",
     "read_predictions",
     "read_split",
+    "refresh_predictions",
+    "remove_rater",
+    "removed_raters",
+    "save_gold",
     "set_task_overlap",
 ]
 
@@ -92,12 +103,14 @@ class Rater:
 
 @dataclass(frozen=True, slots=True)
 class ImportResult:
-    """What one import did: tasks added, images already present, the new ids by image id."""
+    """What one import did: tasks added, images already present, the new ids by image id,
+    and tasks already present whose prediction was replaced (``refresh_predictions``)."""
 
     added: int
     skipped: int
     task_ids: dict[str, int]
     seconds: float
+    refreshed: int = 0
 
 
 def read_split(
@@ -106,10 +119,16 @@ def read_split(
     *,
     read_sizes: bool = True,
 ) -> list[ImageItem]:
-    """Read a split CSV (``id,url[,landmark_id]``, url relative to ``image_root``).
+    """Read a split CSV: ``id,url[,landmark_id]`` or ``id,landmark_id`` as ``gldboxes split``
+    writes it.
+
+    Without a ``url`` column each image is found by id under ``image_root`` the way the other
+    stages do (:func:`gldboxes.views.resolve_image_path`: ``<id>.jpg``, ``jpg/<id>.jpg``, the GLD
+    layout ``[images/]a/b/c/<id>.jpg``).
 
     Args:
-        image_root: folder the ``url`` column is relative to (default: the CSV's folder).
+        image_root: folder the ``url`` column (or the id layout) is relative to (default: the
+            CSV's folder).
         read_sizes: read width/height from each image header (fast: no decoding).
 
     Raises:
@@ -117,20 +136,26 @@ def read_split(
     """
     from PIL import Image
 
+    from gldboxes.views import resolve_image_path
+
     csv_path = Path(csv_path)
     root = Path(image_root) if image_root is not None else csv_path.parent
     items: list[ImageItem] = []
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
-        if "id" not in cols or "url" not in cols:
-            raise ValueError(f"{csv_path}: expected columns 'id,url[,landmark_id]', got {cols}")
+        if "id" not in cols or ("url" not in cols and "landmark_id" not in cols):
+            raise ValueError(
+                f"{csv_path}: expected columns 'id,url[,landmark_id]' or 'id,landmark_id', "
+                f"got {cols}"
+            )
         for line, row in enumerate(reader, start=2):
             if not row["id"]:
                 raise ValueError(f"{csv_path}:{line}: empty id")
-            path = (root / row["url"]).resolve()
+            path = resolve_image_path(root, row["id"], row.get("url"))
             if not path.is_file():
-                raise ValueError(f"{csv_path}:{line}: image {path} does not exist")
+                where = "" if row.get("url") else f" (no url column: looked under {root})"
+                raise ValueError(f"{csv_path}:{line}: image {path} does not exist{where}")
             width = height = 0
             if read_sizes:
                 with Image.open(path) as im:
@@ -172,6 +197,9 @@ def create_campaign(
 ) -> int:
     """Create the project (labeling config, instructions) and its Local Storage record.
 
+    Safe to rerun: a project with the same title is reused (its storage added if it has none);
+    when Label Studio refuses the storage of a new project, the project is deleted again.
+
     Args:
         client: from :func:`connect`.
         image_dir: absolute folder holding the campaign's images; it must lie under the server's
@@ -179,12 +207,30 @@ def create_campaign(
 
     Returns:
         The project id.
+
+    Raises:
+        ValueError: bad title or folder; a project of that title serves another folder; Label
+            Studio refuses the storage (e.g. local-files serving off, folder outside the root).
     """
     if not 3 <= len(title) <= 50:
         raise ValueError(f"campaign title {title!r} must have 3 to 50 characters (Label Studio)")
     image_dir = Path(image_dir).resolve()
     if not image_dir.is_dir():
         raise ValueError(f"image_dir {image_dir} is not a folder")
+    same = [p for p in client.projects.list() if p.title == title]
+    if same:
+        pid = int(min(p.id for p in same))
+        folders = {Path(str(st.path)) for st in client.import_storage.local.list(project=pid)}
+        if image_dir in folders:
+            logger.info("reusing project %d %r over %s", pid, title, image_dir)
+            return pid
+        if folders:
+            raise ValueError(
+                f"project {pid} {title!r} already serves {sorted(map(str, folders))[0]}, not "
+                f"{image_dir}: choose another --title"
+            )
+        _add_local_storage(client, pid, image_dir, delete_on_error=False)
+        return pid
     project = client.projects.create(
         title=title,
         description=description,
@@ -196,23 +242,32 @@ def create_campaign(
         overlap_cohort_percentage=100,
         show_collab_predictions=True,
     )
+    _add_local_storage(client, int(project.id), image_dir, delete_on_error=True)
+    logger.info("created project %d %r over %s", project.id, title, image_dir)
+    return int(project.id)
+
+
+def _add_local_storage(
+    client: Any, project_id: int, image_dir: Path, *, delete_on_error: bool
+) -> None:
+    """Add the Local Storage record of ``image_dir``; on refusal delete the project if asked."""
     try:
         client.import_storage.local.create(
-            project=project.id,
+            project=project_id,
             path=str(image_dir),
             title="campaign images",
             use_blob_urls=False,
         )
     except Exception as exc:  # the SDK's ApiError: remove the project, say what to do
-        client.projects.delete(id=project.id)
+        if delete_on_error:
+            client.projects.delete(id=project_id)
         detail = " ".join(str(getattr(exc, "body", None) or exc).split())[:200]
         raise ValueError(
             f"Label Studio refused local-files storage for {image_dir} ({detail}); start the "
             "server with --document-root set to a folder holding the images "
-            "(gldboxes annotate server start --document-root DIR); no project was left behind"
+            "(gldboxes annotate server start --document-root DIR)"
+            + ("; no project was left behind" if delete_on_error else "")
         ) from exc
-    logger.info("created project %d %r over %s", project.id, title, image_dir)
-    return int(project.id)
 
 
 def local_files_url(path: Path, document_root: Path) -> str:
@@ -289,19 +344,77 @@ def existing_task_ids(
     return out
 
 
-def set_task_overlap(url: str, token: str, task_ids: Iterable[int], overlap: int) -> int:
-    """Set how many raters each task needs (``PATCH /api/tasks/<id>``); returns tasks changed."""
+def set_task_overlap(
+    url: str, token: str, task_ids: Iterable[int], overlap: int, *, workers: int = 8
+) -> int:
+    """Set how many raters each task needs (``PATCH /api/tasks/<id>``); returns tasks changed.
+
+    Label Studio 1.23 has no bulk route for a chosen set of tasks: the import ignores a task's
+    ``overlap`` (every new task gets the project's ``maximum_annotations``), setting
+    ``maximum_annotations`` back to 1 resets every task of the project, and
+    ``overlap_cohort_percentage`` lets the server pick the tasks (not our seeded sample, not the
+    gold tasks). So the PATCHes go out ``workers`` at a time, each worker on its own keep-alive
+    session (measured in ``benchmarks/annotation_import.py``).
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gldboxes.progress import tqdm
+
+    ids = [int(t) for t in task_ids]
+    if workers < 1:
+        raise ValueError(f"set_task_overlap: workers must be >= 1, got {workers}")
+    local = threading.local()
+    base = url.rstrip("/")
+
+    def patch(tid: int) -> None:
+        sess = getattr(local, "sess", None)
+        if sess is None:
+            sess = local.sess = _session(url, token)
+        resp = sess.patch(f"{base}/api/tasks/{tid}", json={"overlap": overlap}, timeout=60)
+        _check(resp, f"set overlap of task {tid}")
+
+    with ThreadPoolExecutor(max_workers=min(workers, max(len(ids), 1))) as pool:
+        for _ in tqdm(pool.map(patch, ids), total=len(ids), desc="task overlap", unit="task"):
+            pass
+    return len(ids)
+
+
+def refresh_predictions(
+    client: Any,
+    *,
+    url: str,
+    token: str,
+    project_id: int,
+    task_predictions: Mapping[int, dict[str, Any]],
+    batch_size: int = 1000,
+) -> int:
+    """Replace the predictions of existing tasks (annotations are left as they are).
+
+    Args:
+        task_predictions: ``{task id: prediction}`` as :func:`prediction_for` makes them.
+
+    Returns:
+        The number of tasks refreshed. Their old predictions are deleted in bulk (Data Manager
+        action ``delete_tasks_predictions``) and the new ones imported in bulk
+        (``POST /api/projects/<id>/import/predictions``); annotations made from an old prediction
+        keep their result (Label Studio only clears their ``parent_prediction`` link).
+    """
+    ids = sorted(int(t) for t in task_predictions)
     sess = _session(url, token)
-    n = 0
-    for tid in task_ids:
-        _check(
-            sess.patch(
-                f"{url.rstrip('/')}/api/tasks/{int(tid)}", json={"overlap": overlap}, timeout=60
-            ),
-            f"set overlap of task {tid}",
+    base = url.rstrip("/")
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        client.actions.create(
+            id="delete_tasks_predictions",
+            project=project_id,
+            selected_items={"all": False, "included": chunk},
         )
-        n += 1
-    return n
+        body = [{**task_predictions[tid], "task": tid} for tid in chunk]
+        target = f"{base}/api/projects/{project_id}/import/predictions"
+        resp = sess.post(target, json=body, timeout=600)
+        _check(resp, f"import predictions into project {project_id}")
+    return len(ids)
 
 
 def import_images(
@@ -319,6 +432,7 @@ def import_images(
     gold: Mapping[str, Box | None] | None = None,
     seed: int = 0,
     batch_size: int = 1000,
+    refresh: bool = False,
 ) -> ImportResult:
     """Import images as tasks (idempotent: images already in the project are skipped).
 
@@ -331,8 +445,12 @@ def import_images(
         overlap_fraction: fraction of the *new* tasks (chosen with ``seed``) given to
             ``overlap_raters`` raters for the agreement report.
         gold: ``{image id: Box or None}`` gold tasks with known answer (``None``: no prominent
-            landmark); gold tasks always go to ``overlap_raters`` raters.
+            landmark); gold tasks always go to ``overlap_raters`` raters. The answers are not
+            put in the tasks (raters can read those): keep them with :func:`save_gold`.
         batch_size: tasks per import request.
+        refresh: images already in the project that have a prediction in ``predictions`` get
+            it instead of their old ones (:func:`refresh_predictions`; a new ``model_version``
+            of the boxes); no task is added twice and annotations are untouched.
 
     Returns:
         An :class:`ImportResult` (the new tasks' ids by image id).
@@ -343,6 +461,8 @@ def import_images(
     gold = gold or {}
     if predictions and not model_version:
         raise ValueError("import_images: predictions need a model_version")
+    if refresh and not predictions:
+        raise ValueError("import_images: refreshing predictions needs predictions (--predictions)")
     t0 = time.perf_counter()
     present = existing_task_ids(url, token, project_id)
     new = [it for it in items if it.id not in present]
@@ -358,10 +478,6 @@ def import_images(
     for it, ov in zip(new, overlap_mask, strict=True):
         if it.width <= 0 or it.height <= 0:
             raise ValueError(f"image {it.path}: unknown size (read_split(read_sizes=True))")
-        gold_data: dict[str, Any] | None = None
-        if it.id in gold:
-            g = gold[it.id]
-            gold_data = {"box": None if g is None else g.to_string(), "no_landmark": g is None}
         data: dict[str, Any] = {
             IMAGE_NAME: local_files_url(it.path, doc_root),
             "gld_id": it.id,
@@ -369,7 +485,6 @@ def import_images(
             "width": it.width,
             "height": it.height,
             "overlap": bool(ov) or it.id in gold,
-            "gold": gold_data,
         }
         task: dict[str, Any] = {"data": data}
         if it.id in predictions:
@@ -381,7 +496,22 @@ def import_images(
         client.projects.import_tasks(
             id=project_id, request=tasks[start : start + batch_size], return_task_ids=True
         )
-    if model_version and any("predictions" in t for t in tasks):
+    refreshed = 0
+    if refresh and predictions:
+        sizes = {it.id: (it.width, it.height) for it in items if it.id in present}
+        refreshed = refresh_predictions(
+            client,
+            url=url,
+            token=token,
+            project_id=project_id,
+            task_predictions={
+                present[k]: prediction_for(predictions[k], *sizes[k], model_version)
+                for k in sizes
+                if k in predictions
+            },
+            batch_size=batch_size,
+        )
+    if model_version and (refreshed or any("predictions" in t for t in tasks)):
         # only accepted once predictions with this version exist
         client.projects.update(id=project_id, model_version=model_version)
     after = existing_task_ids(url, token, project_id) if tasks else present
@@ -405,7 +535,9 @@ def import_images(
         len(present),
         dt,
     )
-    return ImportResult(len(tasks), len(items) - len(new), new_ids, dt)
+    if refreshed:
+        logger.info("project %d: predictions of %d tasks replaced", project_id, refreshed)
+    return ImportResult(len(tasks), len(items) - len(new), new_ids, dt, refreshed)
 
 
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, Box]:
@@ -454,3 +586,135 @@ def add_rater(url: str, admin_token: str, email: str, password: str) -> Rater:
             f"HTTP {tok.status_code}"
         )
     return Rater(int(who.json()["id"]), email, str(tok.json()["token"]))
+
+
+def _users(url: str, token: str) -> list[dict[str, Any]]:
+    """The organisation's active members (``/api/organizations/<id>/memberships``) as user dicts.
+
+    Label Studio lists removed members too, renamed "Deleted" (no e-mail): they are left out.
+    """
+    base = url.rstrip("/")
+    sess = _session(url, token)
+    orgs = _check(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
+    if not orgs:
+        raise ValueError(f"Label Studio at {url}: no organization")
+    out: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        body = _check(
+            sess.get(
+                f"{base}/api/organizations/{int(orgs[0]['id'])}/memberships",
+                params={"page": str(page), "page_size": "1000"},
+                timeout=60,
+            ),
+            "list organization members",
+        )
+        out += [dict(m["user"]) for m in body["results"] if "@" in str(m["user"]["email"])]
+        if not body.get("next"):
+            return out
+        page += 1
+
+
+def list_raters(url: str, token: str) -> list[dict[str, Any]]:
+    """The users of the organisation: ``id``, ``email``, ``admin`` (the token's own user),
+    ``last_activity``, in id order."""
+    me = _check(
+        _session(url, token).get(f"{url.rstrip('/')}/api/current-user/whoami", timeout=60),
+        "who am I",
+    )
+    return [
+        {
+            "id": int(u["id"]),
+            "email": str(u["email"]),
+            "admin": int(u["id"]) == int(me["id"]),
+            "last_activity": u.get("last_activity"),
+        }
+        for u in sorted(_users(url, token), key=lambda u: int(u["id"]))
+    ]
+
+
+def remove_rater(
+    url: str, admin_token: str, email: str, *, data_dir: str | os.PathLike[str] | None = None
+) -> int:
+    """Take a rater out of the organisation (their annotations stay, attributed to them).
+
+    Label Studio soft-deletes the membership (``DELETE /api/organizations/<org>/memberships/
+    <user>/``): the user can no longer open the projects; deleting the user instead would
+    orphan their annotations (``completed_by`` becomes null). Label Studio then names the user
+    "Deleted", so the e-mail is recorded in ``<data_dir>/raters/removed.json`` for exports
+    (:func:`removed_raters`).
+
+    Returns:
+        The removed user's id.
+
+    Raises:
+        ValueError: no member with that e-mail, or it is the admin itself.
+    """
+    base = url.rstrip("/")
+    found = [u for u in list_raters(url, admin_token) if u["email"] == email]
+    if not found:
+        raise ValueError(f"rater {email}: not a member of the Label Studio organization at {url}")
+    if found[0]["admin"]:
+        raise ValueError(f"rater {email}: is the admin; refusing to remove it")
+    sess = _session(url, admin_token)
+    orgs = _check(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
+    uid = int(found[0]["id"])
+    if data_dir is not None:
+        path = Path(data_dir) / "raters" / "removed.json"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        known = {**removed_raters(data_dir), str(uid): email}
+        write_json(path, {"format_version": 1, "users": known})
+    _check(
+        sess.delete(
+            f"{base}/api/organizations/{int(orgs[0]['id'])}/memberships/{uid}/", timeout=60
+        ),
+        f"remove {email}",
+    )
+    return uid
+
+
+def removed_raters(data_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """``{user id: e-mail}`` of the raters :func:`remove_rater` took out (``{}`` when none)."""
+    path = Path(data_dir) / "raters" / "removed.json"
+    if not path.exists():
+        return {}
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("users"), dict):
+        raise ValueError(f"{path}: not a removed-raters file (needs a 'users' mapping)")
+    return {str(k): str(v) for k, v in obj["users"].items()}
+
+
+def gold_path(data_dir: str | os.PathLike[str], project_id: int) -> Path:
+    """``<data_dir>/gold/project-<id>.json``: the gold answers of a project (never in its tasks)."""
+    return Path(data_dir) / "gold" / f"project-{int(project_id)}.json"
+
+
+def save_gold(
+    data_dir: str | os.PathLike[str], project_id: int, gold: Mapping[str, Box | None]
+) -> Path:
+    """Add gold answers (``{image id: Box, or None for no prominent landmark}``) to the project's
+    gold file (merged with what it holds; written atomically, owner-only folder)."""
+    path = gold_path(data_dir, project_id)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    known = load_gold(data_dir, project_id)
+    for key, g in gold.items():
+        known[str(key)] = {"box": None if g is None else g.to_string(), "no_landmark": g is None}
+    write_json(
+        path, {"format_version": 1, "project": int(project_id), "gold": dict(sorted(known.items()))}
+    )
+    return path
+
+
+def load_gold(data_dir: str | os.PathLike[str], project_id: int) -> dict[str, dict[str, Any]]:
+    """The project's gold answers: ``{image id: {"box": "ymin xmin ymax xmax" | None,
+    "no_landmark": bool}}`` (``{}`` when it has none); the snapshot and
+    :func:`annotation.quality.agreement` use this form."""
+    path = gold_path(data_dir, project_id)
+    if not path.exists():
+        return {}
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("gold"), dict):
+        raise ValueError(f"{path}: not a gold file (needs a 'gold' mapping)")
+    if int(obj.get("project", project_id)) != int(project_id):
+        raise ValueError(f"{path}: holds project {obj['project']}, not {project_id}")
+    return {str(k): dict(v) for k, v in obj["gold"].items()}

@@ -41,6 +41,7 @@ __all__ = [
     "load_snapshot",
     "parse_snapshot",
     "progress",
+    "progress_rates",
 ]
 
 logger = logging.getLogger("annotation.export")
@@ -98,8 +99,26 @@ class AnnotationRecord:
     unknown: tuple[str, ...] = field(default=())
 
 
-def fetch_snapshot(client: Any, project_id: int, *, timeout: float = 600.0) -> dict[str, Any]:
-    """Create a snapshot export with full predictions, wait for it, return it (our envelope)."""
+def fetch_snapshot(
+    client: Any,
+    project_id: int,
+    *,
+    timeout: float = 600.0,
+    gold: Mapping[str, Any] | None = None,
+    keep: bool = True,
+    known_users: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Create a snapshot export with full predictions, wait for it, return it (our envelope).
+
+    Args:
+        gold: the project's gold answers (:func:`annotation.campaign.load_gold`), kept in the
+            snapshot's ``gold`` (they are never in the tasks, which raters can read).
+        known_users: ``{user id: e-mail}`` of users Label Studio no longer names (raters
+            removed from the organisation are listed as "Deleted";
+            :func:`annotation.campaign.removed_raters`).
+        keep: leave the export in Label Studio's export list; ``False`` deletes it once
+            downloaded (``annotate progress --watch`` polls without filling the server's disk).
+    """
     export = client.projects.exports.create(
         project_id,
         title=f"gldboxes snapshot {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -118,23 +137,35 @@ def fetch_snapshot(client: Any, project_id: int, *, timeout: float = 600.0) -> d
     if status != "completed":
         raise ValueError(f"project {project_id}: export {export.id} failed in Label Studio")
     blob = b"".join(client.projects.exports.download(project_id, export.id, export_type="JSON"))
+    if not keep:
+        client.projects.exports.delete(project_id, export.id)
     try:
         tasks = json.loads(blob)
     except json.JSONDecodeError as exc:
         raise ValueError(f"project {project_id}: export {export.id} is not JSON ({exc})") from exc
-    users = {str(u.id): str(u.email) for u in client.users.list()}
+    users = dict(known_users or {})
+    users.update({str(u.id): str(u.email) for u in client.users.list() if "@" in str(u.email)})
     return {
         "format_version": SNAPSHOT_FORMAT_VERSION,
         "source": "label-studio",
         "project_id": int(project_id),
         "users": users,
         "tasks": tasks,
+        "gold": dict(gold or {}),
     }
 
 
-def export_snapshot(client: Any, project_id: int, out_path: str | os.PathLike[str]) -> Path:
-    """Fetch the snapshot (:func:`fetch_snapshot`) and write it atomically to ``out_path``."""
-    snap = fetch_snapshot(client, project_id)
+def export_snapshot(
+    client: Any,
+    project_id: int,
+    out_path: str | os.PathLike[str],
+    *,
+    gold: Mapping[str, Any] | None = None,
+    known_users: Mapping[str, str] | None = None,
+) -> Path:
+    """Fetch the snapshot (:func:`fetch_snapshot`, with ``gold``, ``known_users``) and write it
+    atomically."""
+    snap = fetch_snapshot(client, project_id, gold=gold, known_users=known_users)
     with atomic_write(out_path) as fh:
         json.dump(snap, fh, indent=1, sort_keys=True)
     logger.info("project %d: %d tasks exported to %s", project_id, len(snap["tasks"]), out_path)
@@ -189,6 +220,7 @@ def parse_snapshot(snapshot: Mapping[str, Any]) -> tuple[list[TaskRecord], list[
         ValueError: a task without ``data.gld_id`` or a malformed prediction.
     """
     users: Mapping[str, str] = snapshot.get("users") or {}
+    gold: Mapping[str, Any] = snapshot.get("gold") or {}
     tasks: list[TaskRecord] = []
     anns: list[AnnotationRecord] = []
     for task in sorted(snapshot["tasks"], key=lambda t: int(t["id"])):
@@ -204,7 +236,7 @@ def parse_snapshot(snapshot: Mapping[str, Any]) -> tuple[list[TaskRecord], list[
                 int(data.get("width") or 0),
                 int(data.get("height") or 0),
                 bool(data.get("overlap")),
-                data.get("gold"),
+                gold.get(image_id, data.get("gold")),  # task data: older snapshots
                 pred,
                 version,
             )
@@ -280,4 +312,50 @@ def progress(tasks: Sequence[TaskRecord], anns: Sequence[AnnotationRecord]) -> d
         "tasks_started": len(per_task),
         "annotations": len(anns),
         "raters": dict(sorted(raters.items())),
+    }
+
+
+def progress_rates(
+    first: Mapping[str, Any], current: Mapping[str, Any], seconds: float
+) -> dict[str, Any]:
+    """Throughput and ETA between two :func:`progress` snapshots taken ``seconds`` apart.
+
+    Returns:
+        ``{"tasks", "tasks_done", "window_s", "tasks_per_hour", "eta_s", "raters": {email:
+        {"boxes", "submitted", "boxes_per_hour", "submitted_per_hour"}}}``: rates over the
+        window (``current - first``, per hour); ``eta_s`` = tasks left / task rate (0 when done,
+        ``None`` while nothing was finished in the window).
+    """
+    if seconds < 0:
+        raise ValueError(f"progress_rates: negative window {seconds} s")
+    per_hour = 3600.0 / seconds if seconds > 0 else 0.0
+    before: Mapping[str, Mapping[str, Any]] = first.get("raters") or {}
+    raters: dict[str, dict[str, Any]] = {}
+    for name, r in sorted((current.get("raters") or {}).items()):
+        b = before.get(name, {})
+        d_boxes = int(r["boxes"]) - int(b.get("boxes", 0))
+        d_sub = int(r["submitted"]) - int(b.get("submitted", 0))
+        raters[name] = {
+            "boxes": int(r["boxes"]),
+            "submitted": int(r["submitted"]),
+            "boxes_per_hour": d_boxes * per_hour,
+            "submitted_per_hour": d_sub * per_hour,
+        }
+    total, done = int(current["tasks"]), int(current["tasks_done"])
+    task_rate = (done - int(first["tasks_done"])) * per_hour
+    left = total - done
+    eta: float | None
+    if left <= 0:
+        eta = 0.0
+    elif task_rate > 0:
+        eta = left / task_rate * 3600.0
+    else:
+        eta = None
+    return {
+        "tasks": total,
+        "tasks_done": done,
+        "window_s": float(seconds),
+        "tasks_per_hour": task_rate,
+        "eta_s": eta,
+        "raters": raters,
     }

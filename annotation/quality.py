@@ -14,7 +14,14 @@ Issue kinds (per annotation):
 Image decisions: ``box`` (one box, the mean of the valid raters' boxes when they agree),
 ``no_landmark`` (the valid raters all ticked the flag), ``conflict`` (valid raters disagree:
 box vs flag, or boxes with IoU below ``agree_iou``), ``invalid`` (only invalid annotations),
-``skipped`` (only skips), ``unannotated``.
+``gold_failed`` (only raters dropped for their gold accuracy), ``skipped`` (only skips),
+``unannotated``.
+
+Gold filtering (:func:`gold_weights`): a rater who answered at least ``min_answered`` gold
+tasks with an accuracy below ``min_accuracy`` is dropped (policy ``drop``: weight 0, their
+annotations are ignored) or down-weighted (policy ``weight``: weight ``accuracy /
+min_accuracy`` in the box mean; still weight 0 at accuracy 0). Raters with fewer gold answers
+keep weight 1. What was dropped is counted by :func:`gold_filter_report`.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 
 from annotation.export import AnnotationRecord, TaskRecord
 from gldboxes.boxes import Box, write_boxes_csv
-from gldboxes.io import atomic_write
+from gldboxes.io import atomic_write, write_json
 
 __all__ = [
     "REPORT_FORMAT_VERSION",
@@ -40,6 +47,10 @@ __all__ = [
     "clip_edges",
     "decide",
     "filter_boxes",
+    "filter_campaign",
+    "gold_accuracy",
+    "gold_filter_report",
+    "gold_weights",
     "iou",
     "validate",
     "validation_report",
@@ -47,6 +58,7 @@ __all__ = [
 
 REPORT_FORMAT_VERSION = 1
 INVALIDATING = frozenset({"two_boxes", "box_and_flag", "empty", "tiny_box"})
+GOLD_POLICIES = ("drop", "weight")
 
 
 @dataclass(frozen=True)
@@ -161,8 +173,16 @@ def decide(
     issues: Sequence[Issue],
     *,
     agree_iou: float = 0.5,
+    weights: Mapping[str, float] | None = None,
 ) -> dict[str, Decision]:
-    """One :class:`Decision` per image (see the module docstring for the statuses)."""
+    """One :class:`Decision` per image (see the module docstring for the statuses).
+
+    Args:
+        weights: ``{rater: weight}`` from :func:`gold_weights` (raters not listed: 1). Raters with
+            weight 0 are ignored (an image left with only them is ``gold_failed``); the box is the
+            weighted mean of the other raters' boxes.
+    """
+    weights = weights or {}
     bad: dict[int, list[str]] = {}
     for i in issues:
         if i.kind in INVALIDATING:
@@ -174,7 +194,8 @@ def decide(
     for t in tasks:
         mine = by_task.get(t.task_id, [])
         done = [a for a in mine if not a.cancelled]
-        valid = [a for a in done if a.annotation_id not in bad]
+        checked = [a for a in done if a.annotation_id not in bad]
+        valid = [a for a in checked if weights.get(a.rater, 1.0) > 0]
         if not mine:
             out[t.image_id] = Decision(t.image_id, "unannotated", None, "no annotation")
             continue
@@ -183,9 +204,15 @@ def decide(
                 t.image_id, "skipped", None, f"skipped by {', '.join(a.rater for a in mine)}"
             )
             continue
-        if not valid:
+        if not checked:
             bads = sorted({f"{a.rater}: {'+'.join(bad[a.annotation_id])}" for a in done})
             out[t.image_id] = Decision(t.image_id, "invalid", None, "; ".join(bads))
+            continue
+        if not valid:
+            who = ", ".join(sorted({a.rater for a in checked}))
+            out[t.image_id] = Decision(
+                t.image_id, "gold_failed", None, f"only raters below the gold threshold: {who}"
+            )
             continue
         flags = [a for a in valid if a.flag]
         boxed = [a for a in valid if a.boxes]
@@ -212,7 +239,8 @@ def decide(
                 why = f"raters' boxes disagree (IoU {worst:.3f} < {agree_iou})"
                 out[t.image_id] = Decision(t.image_id, "conflict", None, why)
                 continue
-        mean = edges.mean(axis=0)
+        w = np.array([weights.get(a.rater, 1.0) for a in boxed], dtype=np.float64)
+        mean = (edges * w[:, None]).sum(axis=0) / w.sum()
         out[t.image_id] = Decision(
             t.image_id, "box", Box(*(float(v) for v in mean)), f"{len(boxed)} rater(s)"
         )
@@ -240,11 +268,193 @@ def filter_boxes(
     return Path(boxes_csv), Path(removed_csv)
 
 
+def filter_campaign(
+    tasks: Sequence[TaskRecord],
+    anns: Sequence[AnnotationRecord],
+    out_stem: str | os.PathLike[str],
+    *,
+    min_side: float = 0.02,
+    agree_iou: float = 0.5,
+    min_gold_accuracy: float = 0.7,
+    gold_policy: str = "drop",
+    min_gold_answers: int = 1,
+) -> dict[str, Any]:
+    """Validate, judge raters on gold, decide and write the clean boxes (``annotate filter``).
+
+    Writes ``<out_stem>-boxes.csv``, ``<out_stem>-removed.csv`` (:func:`filter_boxes`) and
+    ``<out_stem>-filter.json`` (this summary).
+
+    Args:
+        min_gold_accuracy, gold_policy, min_gold_answers: see :func:`gold_weights` (gold
+            answers match with ``agree_iou``).
+
+    Returns:
+        ``{"boxes", "removed", "summary"`` (paths), ``"statuses"`` (images per decision
+        status), ``"gold_filter"`` (:func:`gold_filter_report`)``}``.
+    """
+    stem = str(out_stem)
+    issues = validate(anns, min_side=min_side)
+    gold = gold_accuracy(tasks, anns, issues, match_iou=agree_iou)
+    weights = gold_weights(
+        gold, min_accuracy=min_gold_accuracy, policy=gold_policy, min_answered=min_gold_answers
+    )
+    decisions = decide(tasks, anns, issues, agree_iou=agree_iou, weights=weights)
+    boxes, removed = filter_boxes(decisions, f"{stem}-boxes.csv", f"{stem}-removed.csv")
+    statuses: dict[str, int] = {}
+    for d in decisions.values():
+        statuses[d.status] = statuses.get(d.status, 0) + 1
+    report = gold_filter_report(
+        anns, issues, gold, weights, min_accuracy=min_gold_accuracy, policy=gold_policy
+    )
+    report["min_answered"] = min_gold_answers
+    summary = {
+        "format_version": REPORT_FORMAT_VERSION,
+        "images": len(decisions),
+        "statuses": dict(sorted(statuses.items())),
+        "gold_filter": report,
+    }
+    path = write_json(f"{stem}-filter.json", summary)
+    return {
+        "boxes": str(boxes),
+        "removed": str(removed),
+        "summary": str(path),
+        "statuses": summary["statuses"],
+        "gold_filter": report,
+    }
+
+
 def _gold_edges(gold: Mapping[str, Any]) -> np.ndarray | None:
     if gold.get("no_landmark") or not gold.get("box"):
         return None
     b = Box.from_string(str(gold["box"]))
     return np.array([b.ymin, b.xmin, b.ymax, b.xmax], dtype=np.float64)
+
+
+def gold_accuracy(
+    tasks: Sequence[TaskRecord],
+    anns: Sequence[AnnotationRecord],
+    issues: Sequence[Issue],
+    *,
+    match_iou: float = 0.5,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy of each rater on the gold tasks (tasks whose ``gold`` is set).
+
+    Only valid annotations (no invalidating issue, not skipped) count. A gold box is answered
+    correctly by a box with IoU >= ``match_iou``, a gold no-landmark task by the flag.
+
+    Returns:
+        ``{rater: {"answered", "correct", "accuracy", "mean_iou"}}`` sorted by rater
+        (``mean_iou`` over gold boxes, ``None`` when the rater saw only no-landmark gold).
+    """
+    bad = {i.annotation_id for i in issues if i.kind in INVALIDATING}
+    task_of = {t.task_id: t for t in tasks}
+    gold: dict[str, dict[str, Any]] = {}
+    gold_ious: dict[str, list[float]] = {}
+    for a in anns:
+        if a.cancelled or a.annotation_id in bad:
+            continue
+        t = task_of.get(a.task_id)
+        if t is None or not t.gold:
+            continue
+        g = gold.setdefault(a.rater, {"answered": 0, "correct": 0})
+        g["answered"] += 1
+        ge = _gold_edges(t.gold)
+        if ge is None:
+            g["correct"] += int(a.flag)
+        elif a.boxes:
+            v = float(iou(np.array(clip_edges(a.boxes[0])), ge))
+            gold_ious.setdefault(a.rater, []).append(v)
+            g["correct"] += int(v >= match_iou)
+        else:
+            gold_ious.setdefault(a.rater, []).append(0.0)
+    for rater, g in gold.items():
+        g["accuracy"] = g["correct"] / g["answered"]
+        vals = gold_ious.get(rater)
+        g["mean_iou"] = float(np.mean(vals)) if vals else None
+    return dict(sorted(gold.items()))
+
+
+def gold_weights(
+    gold: Mapping[str, Mapping[str, Any]],
+    *,
+    min_accuracy: float = 0.7,
+    policy: str = "drop",
+    min_answered: int = 1,
+) -> dict[str, float]:
+    """Weight of each rater in the decisions, from their gold accuracy.
+
+    Args:
+        gold: :func:`gold_accuracy` (raters without gold answers are not listed: weight 1).
+        min_accuracy: raters with a lower accuracy are dropped or down-weighted; 0 keeps everyone.
+        policy: ``drop`` (weight 0) or ``weight`` (``accuracy / min_accuracy``).
+        min_answered: raters with fewer gold answers are not judged yet (weight 1).
+
+    Returns:
+        ``{rater: weight}`` for the judged raters of ``gold``, weights in [0, 1].
+    """
+    if policy not in GOLD_POLICIES:
+        raise ValueError(f"gold policy must be one of {', '.join(GOLD_POLICIES)}, got {policy!r}")
+    if not 0.0 <= min_accuracy <= 1.0:
+        raise ValueError(f"min gold accuracy must be in [0, 1], got {min_accuracy}")
+    if min_answered < 1:
+        raise ValueError(f"min gold answers must be >= 1, got {min_answered}")
+    out: dict[str, float] = {}
+    for rater, g in gold.items():
+        acc = float(g["accuracy"])
+        if int(g["answered"]) < min_answered:
+            continue
+        if acc >= min_accuracy:
+            out[rater] = 1.0
+        else:
+            out[rater] = 0.0 if policy == "drop" else acc / min_accuracy
+    return out
+
+
+def gold_filter_report(
+    anns: Sequence[AnnotationRecord],
+    issues: Sequence[Issue],
+    gold: Mapping[str, Mapping[str, Any]],
+    weights: Mapping[str, float],
+    *,
+    min_accuracy: float,
+    policy: str,
+) -> dict[str, Any]:
+    """What gold filtering changed: raters dropped/down-weighted, their boxes, images touched.
+
+    Returns:
+        ``min_accuracy``, ``policy``, ``raters_judged`` (raters with a weight in ``weights``),
+        ``raters_dropped`` / ``raters_downweighted`` (lists of ``{rater, accuracy, answered,
+        weight}``), ``boxes_dropped`` / ``boxes_downweighted`` (valid annotations with a box of
+        those raters), ``images_affected`` (images with at least one such valid annotation).
+    """
+    bad = {i.annotation_id for i in issues if i.kind in INVALIDATING}
+    below = {r: w for r, w in weights.items() if w < 1.0}
+    touched = [
+        a for a in anns if a.rater in below and not a.cancelled and a.annotation_id not in bad
+    ]
+
+    def who(rs: list[str]) -> list[dict[str, Any]]:
+        return [
+            {
+                "rater": r,
+                "accuracy": gold[r]["accuracy"],
+                "answered": gold[r]["answered"],
+                "weight": below[r],
+            }
+            for r in sorted(rs)
+        ]
+
+    dropped = [r for r, w in below.items() if w == 0.0]
+    return {
+        "min_accuracy": min_accuracy,
+        "policy": policy,
+        "raters_judged": len(weights),
+        "raters_dropped": who(dropped),
+        "raters_downweighted": who([r for r, w in below.items() if w > 0.0]),
+        "boxes_dropped": sum(bool(a.boxes) for a in touched if below[a.rater] == 0.0),
+        "boxes_downweighted": sum(bool(a.boxes) for a in touched if below[a.rater] > 0.0),
+        "images_affected": len({a.image_id for a in touched}),
+    }
 
 
 def agreement(
@@ -307,27 +517,7 @@ def agreement(
         "details": pairs,
     }
 
-    gold: dict[str, dict[str, Any]] = {}
-    gold_ious: dict[str, list[float]] = {}
-    for a in valid:
-        t = task_of.get(a.task_id)
-        if t is None or not t.gold:
-            continue
-        g = gold.setdefault(a.rater, {"answered": 0, "correct": 0})
-        g["answered"] += 1
-        ge = _gold_edges(t.gold)
-        if ge is None:
-            g["correct"] += int(a.flag)
-        elif a.boxes:
-            v = float(iou(np.array(clip_edges(a.boxes[0])), ge))
-            gold_ious.setdefault(a.rater, []).append(v)
-            g["correct"] += int(v >= match_iou)
-        else:
-            gold_ious.setdefault(a.rater, []).append(0.0)
-    for rater, g in gold.items():
-        g["accuracy"] = g["correct"] / g["answered"]
-        vals = gold_ious.get(rater)
-        g["mean_iou"] = float(np.mean(vals)) if vals else None
+    gold = gold_accuracy(tasks, anns, issues, match_iou=match_iou)
 
     accept: dict[str, dict[str, int]] = {}
     total = {"kept": 0, "moved": 0, "deleted": 0}
@@ -355,7 +545,7 @@ def agreement(
     return {
         "format_version": REPORT_FORMAT_VERSION,
         "overlap": overlap,
-        "gold": dict(sorted(gold.items())),
+        "gold": gold,
         "preannotation": pre,
         "thresholds": {"kept_iou": kept_iou, "match_iou": match_iou},
     }

@@ -2,8 +2,22 @@
 
 The server (``label-studio==1.23.2``) pins a Django stack of its own, so it lives in a separate
 virtualenv (``<repo>/.venv-labelstudio`` or ``$GLDBOXES_LABELSTUDIO_VENV``) and runs as a
-subprocess bound to 127.0.0.1. A data dir holds the SQLite database, uploads, ``server.log`` and
-``gldboxes-server.json`` (pid, port, URL; never the token).
+subprocess bound to 127.0.0.1. A data dir (``--data-dir``, else ``$GLDBOXES_LS_DATA_DIR``, else
+``runs/ls``: :func:`default_data_dir`) holds the SQLite database, uploads, ``server.log`` and our
+own files:
+
+- ``gldboxes-server.json``: the running server (pid, port, URL, document root); removed on stop.
+- ``gldboxes-settings.json``: what the next start reuses (document root, port, admin e-mail);
+  kept across stops, so ``annotate server start`` needs ``--document-root`` only once.
+- ``gldboxes-login.json`` (0600): the admin's e-mail and password, written once when the data
+  dir is initialised (password from ``$GLDBOXES_LS_PASSWORD`` or random); shown by
+  ``annotate server info`` so the lead can log into the web UI.
+- ``.gldboxes-token`` (0600): the admin's API token, re-read from the database on every start
+  (Label Studio keeps the token it was initialised with; a new one would answer 401).
+
+A start that would break image serving is refused: when a project of the data dir has a
+local-files storage, the document root must exist and hold its folder (otherwise every image
+answers 403/404).
 
 Traps handled here (see ``../shared/design/STACK.md``):
 - ``--enable-legacy-api-token`` only takes effect when the organisation is first created, so the
@@ -34,12 +48,13 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +63,31 @@ import requests
 from gldboxes.io import read_json, write_json
 
 __all__ = [
+    "DATA_DIR_ENV",
+    "DEFAULT_DATA_DIR",
     "LABEL_STUDIO_VERSION",
+    "LOGIN_FILE",
+    "PASSWORD_ENV",
+    "SETTINGS_FILE",
     "STATE_FILE",
     "TOKEN_ENV",
     "TOKEN_FILE",
     "ServerSettings",
+    "admin_token",
+    "annotation_counts",
+    "check_document_root",
     "copy_data_dir",
+    "default_data_dir",
     "ensure_installed",
     "free_port",
     "health",
     "init_data_dir",
+    "local_storage_paths",
     "new_token",
+    "read_login",
+    "read_settings",
     "read_state",
+    "resolve_settings",
     "resolve_token",
     "server_env",
     "start",
@@ -67,6 +95,7 @@ __all__ = [
     "template_data_dir",
     "venv_dir",
     "wait_healthy",
+    "write_login",
 ]
 
 logger = logging.getLogger("annotation.server")
@@ -74,8 +103,15 @@ logger = logging.getLogger("annotation.server")
 LABEL_STUDIO_VERSION = "1.23.2"
 VENV_ENV = "GLDBOXES_LABELSTUDIO_VENV"  # overrides <repo>/.venv-labelstudio
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"  # the token of an existing server (the SDK's own variable)
-STATE_FILE = "gldboxes-server.json"
+STATE_FILE = "gldboxes-server.json"  # the running server; removed on stop
+SETTINGS_FILE = "gldboxes-settings.json"  # document root, port, admin e-mail; kept across stops
+LOGIN_FILE = "gldboxes-login.json"  # the admin's e-mail and password (0600)
 TOKEN_FILE = ".gldboxes-token"
+DATA_DIR_ENV = "GLDBOXES_LS_DATA_DIR"  # data dir of commands given no --data-dir
+DEFAULT_DATA_DIR = Path("runs") / "ls"  # ... and without that variable (relative to the cwd)
+PASSWORD_ENV = "GLDBOXES_LS_PASSWORD"  # admin password on first start (default: random)
+DEFAULT_ADMIN = "admin@localhost"
+DEFAULT_PORT = 8080
 STATE_FORMAT_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runs the server with its output redacted into an owner-only log (stdlib-only script).
@@ -184,6 +220,7 @@ def init_data_dir(settings: ServerSettings, *, venv: Path | None = None) -> Path
     Slow on an empty data dir (80-135 s of migrations); a no-op-ish second time.
     """
     exe = ensure_installed(venv)
+    settings = replace(settings, data_dir=Path(settings.data_dir).resolve())
     _make_private(settings.data_dir)
     log = settings.data_dir / "init.log"
     proc = subprocess.run(
@@ -198,6 +235,8 @@ def init_data_dir(settings: ServerSettings, *, venv: Path | None = None) -> Path
     )
     if proc.returncode != 0:
         raise ValueError(f"{settings.data_dir}: label-studio init failed (see {log})")
+    if read_login(settings.data_dir) is None:
+        write_login(settings.data_dir, settings.username, settings.password)
     return settings.data_dir
 
 
@@ -245,6 +284,8 @@ def start(
     Returns:
         The state written to ``<data_dir>/gldboxes-server.json``: ``pid``, ``port``, ``url``.
     """
+    # absolute: the server and its log pipe run with the data dir as working directory
+    settings = replace(settings, data_dir=Path(settings.data_dir).resolve())
     if settings.host != "127.0.0.1":
         logger.warning("binding Label Studio to %s, not 127.0.0.1", settings.host)
     if len(settings.token) <= 5:
@@ -257,15 +298,36 @@ def start(
         )
     if _port_in_use(settings.host, settings.port):
         raise ValueError(f"port {settings.port} on {settings.host} is already in use")
+    check_document_root(settings.data_dir, settings.document_root)
     exe = ensure_installed(venv)
     if not _db_path(settings.data_dir).exists():
         logger.info(
             "initialising %s (migrations take 1-2 minutes on first start)", settings.data_dir
         )
         init_data_dir(settings, venv=venv)
+    else:
+        # Label Studio keeps the admin and token it was initialised with; LABEL_STUDIO_USER_TOKEN
+        # and _PASSWORD are ignored from then on, so the token to use is the database's.
+        token = admin_token(settings.data_dir)
+        if token is not None and token != settings.token:
+            logger.info("using the admin token recorded in %s", settings.data_dir)
+            settings = replace(settings, token=token)
+        if read_login(settings.data_dir) is None:
+            _reset_admin_password(settings, exe)
     _make_private(settings.data_dir)
     if write_token:
         _write_token(settings.data_dir, settings.token)
+    write_json(
+        settings.data_dir / SETTINGS_FILE,
+        {
+            "format_version": STATE_FORMAT_VERSION,
+            "document_root": None
+            if settings.document_root is None
+            else str(settings.document_root.resolve()),
+            "port": settings.port,
+            "username": settings.username,
+        },
+    )
     cmd = [
         str(exe),
         "start",
@@ -306,6 +368,221 @@ def start(
         raise
     logger.info("Label Studio %s up at %s (pid %d)", LABEL_STUDIO_VERSION, settings.url, proc.pid)
     return state
+
+
+def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``data_dir`` when given, else ``$GLDBOXES_LS_DATA_DIR``, else ``runs/ls`` (cwd-relative)."""
+    if data_dir:
+        return Path(data_dir)
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(env) if env else DEFAULT_DATA_DIR
+
+
+def read_settings(data_dir: Path) -> dict[str, Any] | None:
+    """What the last start of ``data_dir`` used (document root, port, admin e-mail), or ``None``."""
+    path = Path(data_dir) / SETTINGS_FILE
+    if not path.exists():
+        return None
+    obj = read_json(path)
+    if not isinstance(obj, dict) or "document_root" not in obj:
+        raise ValueError(f"{path}: not a gldboxes settings file (needs document_root)")
+    return obj
+
+
+def read_login(data_dir: Path) -> tuple[str, str] | None:
+    """The admin's ``(e-mail, password)`` from ``<data_dir>/gldboxes-login.json``, or ``None``."""
+    path = Path(data_dir) / LOGIN_FILE
+    if not path.exists():
+        return None
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not obj.get("email") or not obj.get("password"):
+        raise ValueError(f"{path}: not a gldboxes login file (needs email, password)")
+    return str(obj["email"]), str(obj["password"])
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` created 0600 (atomically: a temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_login(data_dir: Path, email: str, password: str) -> Path:
+    """Record the admin's login in ``<data_dir>/gldboxes-login.json`` (0600)."""
+    import json
+
+    body = {"format_version": 1, "email": email, "password": password}
+    return _write_private(Path(data_dir) / LOGIN_FILE, json.dumps(body, indent=1) + "\n")
+
+
+def _query_db(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a read-only query on the data dir's database (``[]`` when it has none)."""
+    db = _db_path(Path(data_dir))
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        raise ValueError(f"{db}: cannot read the Label Studio database ({exc})") from exc
+    finally:
+        con.close()
+
+
+_ADMIN_SQL = (
+    "SELECT u.email, t.key FROM htx_user u LEFT JOIN authtoken_token t ON t.user_id = u.id "
+    "WHERE u.id = COALESCE((SELECT created_by_id FROM organization ORDER BY id LIMIT 1), "
+    "(SELECT MIN(id) FROM htx_user WHERE is_superuser = 1))"
+)
+
+
+def admin_token(data_dir: Path) -> str | None:
+    """The API token of the data dir's admin (the organisation's owner), from its database.
+
+    ``None`` when the data dir has no database (or the admin no token) yet.
+    """
+    rows = _query_db(data_dir, _ADMIN_SQL)
+    return str(rows[0][1]) if rows and rows[0][1] else None
+
+
+def _admin_email(data_dir: Path) -> str | None:
+    rows = _query_db(data_dir, _ADMIN_SQL)
+    return str(rows[0][0]) if rows else None
+
+
+def local_storage_paths(data_dir: Path) -> list[tuple[int, Path]]:
+    """``(project id, folder)`` of every local-files storage (import or export) in the database."""
+    rows = _query_db(
+        data_dir,
+        "SELECT s.project_id, m.path FROM io_storages_localfilesmixin m JOIN "
+        "(SELECT localfilesmixin_ptr_id AS id, project_id FROM io_storages_localfilesimportstorage "
+        "UNION SELECT localfilesmixin_ptr_id, project_id FROM io_storages_localfilesexportstorage)"
+        " s ON s.id = m.id ORDER BY s.project_id",
+    )
+    return [(int(pid), Path(path)) for pid, path in rows]
+
+
+def annotation_counts(data_dir: Path) -> dict[int, dict[str, int]]:
+    """``{user id: {"submitted": n, "skipped": n}}`` over all projects, from the database."""
+    rows = _query_db(
+        data_dir,
+        "SELECT completed_by_id, SUM(was_cancelled = 0), SUM(was_cancelled = 1) "
+        "FROM task_completion WHERE completed_by_id IS NOT NULL GROUP BY completed_by_id",
+    )
+    return {int(u): {"submitted": int(a), "skipped": int(b)} for u, a, b in rows}
+
+
+def check_document_root(data_dir: Path, document_root: Path | None) -> None:
+    """Refuse a document root that would break the image serving of the data dir's projects.
+
+    Raises:
+        ValueError: (one line) ``document_root`` is not a folder, or a project of ``data_dir``
+            has a local-files storage whose folder does not lie under it (every image of that
+            project would answer 403/404).
+    """
+    if document_root is not None and not Path(document_root).is_dir():
+        raise ValueError(f"--document-root {document_root} is not a folder")
+    storages = local_storage_paths(data_dir)
+    if not storages:
+        return
+    remembered = (read_settings(data_dir) or {}).get("document_root")
+    hint = f" (it was started with --document-root {remembered})" if remembered else ""
+    if document_root is None:
+        pid, folder = storages[0]
+        raise ValueError(
+            f"{data_dir}: project {pid} serves images from {folder}, so the server needs "
+            f"--document-root holding that folder{hint}; refusing to start without it"
+        )
+    root = Path(document_root).resolve()
+    for pid, folder in storages:
+        if not folder.resolve().is_relative_to(root):
+            raise ValueError(
+                f"--document-root {document_root} does not hold {folder}, the image folder of "
+                f"project {pid} in {data_dir}: its images would answer 404{hint}; refusing to start"
+            )
+
+
+def resolve_settings(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    document_root: str | os.PathLike[str] | None = None,
+    username: str | None = None,
+) -> ServerSettings:
+    """Settings of the next start of ``data_dir``: given values, else what it remembers.
+
+    - document root and port: given, else ``gldboxes-settings.json``, else none / 8080;
+    - admin: the login file's (or the database's) e-mail; on a new data dir ``username`` (default
+      ``admin@localhost``) with ``$GLDBOXES_LS_PASSWORD`` or a random password;
+    - token: the admin's token in the database; on a new data dir ``$LABEL_STUDIO_API_KEY`` or a
+      fresh one.
+
+    Raises:
+        ValueError: ``username`` differs from the data dir's existing admin.
+    """
+    data_dir = Path(data_dir)
+    remembered = read_settings(data_dir) or {}
+    login = read_login(data_dir)
+    existing = login[0] if login else _admin_email(data_dir)
+    if username and existing and username != existing:
+        raise ValueError(
+            f"--username {username}: the admin of {data_dir} is {existing} (drop --username)"
+        )
+    env_password = os.environ.get(PASSWORD_ENV, "")
+    if login is not None:
+        password = login[1]
+        if env_password and env_password != password:
+            logger.warning(
+                "$%s is ignored: the admin of %s exists (its password is in %s)",
+                PASSWORD_ENV,
+                data_dir,
+                data_dir / LOGIN_FILE,
+            )
+    else:
+        password = env_password or secrets.token_urlsafe(12)
+    token = admin_token(data_dir) or os.environ.get(TOKEN_ENV, "").strip() or new_token()
+    root = document_root if document_root is not None else remembered.get("document_root")
+    return ServerSettings(
+        data_dir=data_dir,
+        port=int(port or remembered.get("port") or DEFAULT_PORT),
+        username=existing or username or DEFAULT_ADMIN,
+        password=password,
+        token=token,
+        document_root=None if root is None else Path(root),
+    )
+
+
+def _reset_admin_password(settings: ServerSettings, exe: Path) -> None:
+    """Give the admin of a data dir without a login file ``settings.password`` and record it.
+
+    Data dirs made before the login file existed (or by ``gldboxes pipeline --annotation``
+    runs of older versions) have an admin whose random password was never shown.
+    """
+    email = _admin_email(settings.data_dir)
+    if email is None:
+        return
+    log = settings.data_dir / "init.log"
+    proc = subprocess.run(
+        _logged(
+            log,
+            [str(exe), "reset_password", "--username", email, "--password", settings.password],
+        ),
+        env=server_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        cwd=settings.data_dir,
+        stdin=subprocess.DEVNULL,
+        umask=SERVER_UMASK,
+    )
+    if proc.returncode != 0:
+        raise ValueError(f"{settings.data_dir}: resetting the admin password failed (see {log})")
+    write_login(settings.data_dir, email, settings.password)
+    logger.info("admin %s of %s: new password written to %s", email, settings.data_dir, LOGIN_FILE)
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:
@@ -427,11 +704,7 @@ def resolve_token(data_dir: Path | None = None) -> str:
 
 
 def _write_token(data_dir: Path, token: str) -> Path:
-    path = Path(data_dir) / TOKEN_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(token)
-    return path
+    return _write_private(Path(data_dir) / TOKEN_FILE, token)
 
 
 def new_token() -> str:

@@ -6,7 +6,12 @@ run: (a) ``annotation.campaign.import_images`` of N tasks with one inline predic
 per task, timed on a sample and reported per task; and (d) the cost of giving a task to two
 raters (one ``PATCH /api/tasks/<id>`` each). Prints tasks/s and the ratios.
 
+Then (e) an import of ``--overlap-tasks`` tasks with 10% overlap (``import_images``, the PATCHes
+sent 8 at a time), and the same PATCHes on those tasks again one at a time (``workers=1``, the
+old way) and 8 at a time, timed in the same run.
+
     .venv/bin/python benchmarks/annotation_import.py [--tasks 10000] [--sample 100]
+        [--overlap-tasks 1000]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import requests
 
 from annotation import campaign, server
 from gldboxes.boxes import Box
@@ -31,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=10_000)
     ap.add_argument("--sample", type=int, default=100, help="tasks for the one-by-one peer")
+    ap.add_argument("--overlap-tasks", type=int, default=1000, help="tasks of the overlap run")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ls-bench-"))
     try:
@@ -102,6 +109,40 @@ def main() -> None:
             print(
                 f"ratio with / without predictions: "
                 f"{rates['with predictions'] / rates['without predictions']:.2f}"
+            )
+            n = args.overlap_tasks
+            pid = campaign.create_campaign(client, title="bench overlap", image_dir=root)
+            t0 = time.perf_counter()
+            campaign.import_images(
+                client,
+                url=conf.url,
+                token=TOKEN,
+                project_id=pid,
+                items=items[:n],
+                document_root=tmp,
+                overlap_fraction=0.1,
+            )
+            total = time.perf_counter() - t0
+            sess = requests.Session()
+            sess.headers["Authorization"] = f"Token {TOKEN}"
+            double = [
+                tid
+                for tid in campaign.existing_task_ids(conf.url, TOKEN, pid).values()
+                if sess.get(f"{conf.url}/api/tasks/{tid}").json()["overlap"] == 2
+            ]
+            assert len(double) == round(0.1 * n), len(double)
+            times = {}
+            for workers in (1, 8):
+                t0 = time.perf_counter()
+                campaign.set_task_overlap(conf.url, TOKEN, double, 2, workers=workers)
+                times[workers] = time.perf_counter() - t0
+            print(
+                f"import {n} tasks with 10% overlap: {total:.1f} s "
+                f"(before: ~{total - times[8] + times[1]:.1f} s with one PATCH at a time)"
+            )
+            print(
+                f"overlap of {len(double)} tasks: one at a time {times[1]:.1f} s, 8 at a time "
+                f"{times[8]:.1f} s, ratio {times[1] / times[8]:.2f}x"
             )
         finally:
             server.stop(conf.data_dir)

@@ -22,10 +22,14 @@ ADMIN_TOKEN = "gldboxes-test-token-0123456789"
 
 
 def template() -> Path:
-    """The migrated template data dir (built on first call on this machine)."""
-    return server.template_data_dir(
+    """The migrated template data dir (built on first call on this machine), with its login file
+    (templates built before the login file existed get it here)."""
+    path = server.template_data_dir(
         CACHE, username=ADMIN_EMAIL, password=ADMIN_PASSWORD, token=ADMIN_TOKEN
     )
+    if server.read_login(path) is None:
+        server.write_login(path, ADMIN_EMAIL, ADMIN_PASSWORD)
+    return path
 
 
 def settings(data_dir: Path, document_root: Path, port: int | None = None) -> server.ServerSettings:

@@ -134,3 +134,43 @@ def test_autobox_on_synthetic_world(world: Path, tmp_path: Path) -> None:
     mtime = out.stat().st_mtime_ns
     assert autobox.main(conf, split, tmp_path / "out", image_root=train) == out  # skipped
     assert out.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_autobox_scores_rank_evidence(world: Path, tmp_path: Path) -> None:
+    """Scores follow the verified evidence (~2 s): an image of landmark 0 and three downscaled
+    copies of it (fewer keypoints, so fewer inliers with every view) rank original > 1/2 > 1/3
+    > 1/4, and each score is agreeing inliers / (agreeing inliers + 300) from the report."""
+    import json
+
+    import cv2
+
+    train = world / "train"
+    with open(train / "train.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["landmark_id"] == "0"]
+    strong = rows[3]
+    img = cv2.imread(str(train / strong["url"]))
+    weak = []
+    for f in (0.5, 0.35, 0.25):
+        path = tmp_path / f"weak-{f}.jpg"
+        cv2.imwrite(str(path), cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA))
+        rows.append({"id": f"weak-{f}", "url": str(path), "landmark_id": "0"})
+        weak.append(f"weak-{f}")
+    split = tmp_path / "split.csv"
+    with open(split, "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=["id", "url", "landmark_id"])
+        wr.writeheader()
+        wr.writerows(rows)
+    conf = autobox.confs["gordo-rootsift"]
+    out = autobox.main(conf, split, tmp_path / "out", image_root=train)
+    with open(out, newline="") as fh:
+        score = {r["id"]: float(r["score"]) for r in csv.DictReader(fh)}
+    assert len(score) == len(rows)  # every view, and every copy, is boxed
+    order = [strong["id"], *weak]
+    ranked = [score[k] for k in order]
+    assert ranked == sorted(ranked, reverse=True) and len(set(ranked)) == 4, ranked
+    assert score[weak[-1]] < min(v for k, v in score.items() if not k.startswith("weak"))
+    assert all(0.0 < v < 1.0 for v in score.values())
+    evidence = json.loads(out.with_suffix(".json").read_text())["landmarks"]["0"]["evidence"]
+    for key, v in score.items():
+        assert v == pytest.approx(evidence[key] / (evidence[key] + conf["score_inliers"]))

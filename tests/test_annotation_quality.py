@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,18 @@ from annotation.config import (
     labeling_config,
     rect_value_to_edges,
 )
-from annotation.export import load_snapshot, parse_snapshot, progress
-from annotation.quality import agreement, decide, filter_boxes, iou, validate, validation_report
+from annotation.export import load_snapshot, parse_snapshot, progress, progress_rates
+from annotation.quality import (
+    agreement,
+    decide,
+    filter_boxes,
+    filter_campaign,
+    gold_accuracy,
+    gold_weights,
+    iou,
+    validate,
+    validation_report,
+)
 from gldboxes.boxes import read_boxes_csv
 from gldboxes.io import write_json
 
@@ -293,3 +304,142 @@ def test_every_annotation_accounted_for() -> None:
         list(itertools.chain.from_iterable([[d.box] for d in dec.values() if d.status != "box"]))
         == [None] * 8
     )
+
+
+FAR = (0.6, 0.6, 0.9, 0.9)  # IoU 0 with PRED
+
+
+def gold_snapshot() -> dict[str, Any]:
+    """:func:`snapshot` where r2 fails one of two gold tasks (accuracy 0.5) and alone boxes img13.
+
+    r2's boxes: img1 FAR (wrong on gold), img2 PRED, img12 SHIFTED (right on gold, IoU 7/9),
+    img13 FAR (r2 only); r2 also flags img9 and skips img10.
+    """
+    snap = snapshot()
+    snap["tasks"][0]["annotations"][1]["result"] = [_rect(*FAR)]
+    snap["tasks"] += [
+        _task(
+            12,
+            [(2, [_rect(*PRED)], False), (3, [_rect(*SHIFTED)], False)],
+            gold={"box": "0.2 0.2 0.6 0.6", "no_landmark": False},
+            overlap=True,
+        ),
+        _task(13, [(3, [_rect(*FAR)], False)]),
+    ]
+    return snap
+
+
+class TestGoldFilter:
+    def test_gold_accuracy(self) -> None:
+        tasks, anns = parse_snapshot(gold_snapshot())
+        gold = gold_accuracy(tasks, anns, validate(anns))
+        assert gold == {
+            "r1@x.org": {"answered": 2, "correct": 2, "accuracy": 1.0, "mean_iou": 1.0},
+            "r2@x.org": {
+                "answered": 2,
+                "correct": 1,
+                "accuracy": 0.5,
+                "mean_iou": pytest.approx(7 / 18),
+            },
+        }
+        assert agreement(tasks, anns, validate(anns))["gold"] == gold  # one source
+        assert gold_weights(gold, min_accuracy=0.7) == {"r1@x.org": 1.0, "r2@x.org": 0.0}
+        assert gold_weights(gold, min_accuracy=0.7, policy="weight") == {
+            "r1@x.org": 1.0,
+            "r2@x.org": pytest.approx(0.5 / 0.7),
+        }
+        assert gold_weights(gold, min_accuracy=0.5) == {"r1@x.org": 1.0, "r2@x.org": 1.0}
+        assert gold_weights(gold, min_answered=3) == {}  # two answers each: not judged yet
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="gold policy"):
+            gold_weights({}, policy="average")
+        with pytest.raises(ValueError, match="min gold accuracy"):
+            gold_weights({}, min_accuracy=1.5)
+        with pytest.raises(ValueError, match="min gold answers"):
+            gold_weights({}, min_answered=0)
+
+    def test_drop(self, tmp_path: Path) -> None:
+        tasks, anns = parse_snapshot(gold_snapshot())
+        res = filter_campaign(tasks, anns, tmp_path / "s")
+        boxes = {k: _edges(v[0]) for k, v in read_boxes_csv(res["boxes"]).items()}
+        # r2 dropped: every box is r1's alone (img9: r2's flag no longer conflicts)
+        assert boxes == {
+            "img1": pytest.approx(PRED),
+            "img2": pytest.approx(PRED),
+            "img6": pytest.approx((0.1, 0.0, 0.5, 0.4)),
+            "img9": pytest.approx((0.0, 0.0, 0.3, 0.3)),
+            "img12": pytest.approx(PRED),
+        }
+        g = res["gold_filter"]
+        assert g["raters_dropped"] == [
+            {"rater": "r2@x.org", "accuracy": 0.5, "answered": 2, "weight": 0.0}
+        ]
+        assert (g["raters_judged"], g["boxes_dropped"], g["images_affected"]) == (2, 4, 5)
+        assert (g["raters_downweighted"], g["boxes_downweighted"]) == ([], 0)
+        with open(res["removed"], newline="") as fh:
+            rows = {r["id"]: (r["status"], r["reason"]) for r in csv.DictReader(fh)}
+        assert rows["img13"] == ("gold_failed", "only raters below the gold threshold: r2@x.org")
+        summary = json.loads(Path(res["summary"]).read_text())
+        assert summary["statuses"]["gold_failed"] == 1 and summary["images"] == 13
+        assert summary["gold_filter"] == g
+
+        kept = filter_campaign(tasks, anns, tmp_path / "all", min_gold_accuracy=0.5)
+        assert kept["gold_filter"]["raters_dropped"] == []
+        assert kept["statuses"]["conflict"] == 2  # img1 (PRED vs FAR) and img9 come back
+        early = filter_campaign(tasks, anns, tmp_path / "early", min_gold_answers=3)
+        assert early["gold_filter"]["raters_judged"] == 0 and early["statuses"] == kept["statuses"]
+
+    def test_weight(self, tmp_path: Path) -> None:
+        tasks, anns = parse_snapshot(gold_snapshot())
+        res = filter_campaign(tasks, anns, tmp_path / "w", gold_policy="weight")
+        boxes = {k: _edges(v[0]) for k, v in read_boxes_csv(res["boxes"]).items()}
+        w = 0.5 / 0.7
+        expect12 = (np.array(PRED) + w * np.array(SHIFTED)) / (1 + w)
+        np.testing.assert_allclose(boxes["img12"], expect12, atol=1e-12)
+        np.testing.assert_allclose(boxes["img13"], FAR, atol=1e-12)  # alone, still counted
+        assert "img1" not in boxes  # PRED vs FAR: a conflict again
+        g = res["gold_filter"]
+        assert g["raters_dropped"] == [] and g["boxes_dropped"] == 0
+        assert [r["rater"] for r in g["raters_downweighted"]] == ["r2@x.org"]
+        assert g["raters_downweighted"][0]["weight"] == pytest.approx(w)
+        assert (g["boxes_downweighted"], g["images_affected"]) == (4, 5)
+
+    def test_cli(self, tmp_path: Path) -> None:
+        from gldboxes.cli.main import main as cli_main
+
+        write_json(tmp_path / "snap.json", gold_snapshot())
+        args = ["annotate", "filter", "--snapshot", str(tmp_path / "snap.json")]
+        assert cli_main([*args, "--out", str(tmp_path / "o")]) == 0
+        boxes = read_boxes_csv(tmp_path / "o" / "snap-boxes.csv")
+        assert _edges(boxes["img1"][0]) == pytest.approx(PRED)
+        assert cli_main([*args, "--out", str(tmp_path), "--min-gold-accuracy", "1.5"]) == 2
+
+
+def _edges(b: Any) -> tuple[float, float, float, float]:
+    return (b.ymin, b.xmin, b.ymax, b.xmax)
+
+
+def test_progress_rates() -> None:
+    first = {
+        "tasks": 10,
+        "tasks_done": 2,
+        "raters": {"a": {"boxes": 1, "submitted": 2}},
+    }
+    cur = {
+        "tasks": 10,
+        "tasks_done": 6,
+        "raters": {"a": {"boxes": 4, "submitted": 5}, "b": {"boxes": 2, "submitted": 2}},
+    }
+    r = progress_rates(first, cur, 1800.0)  # half an hour
+    assert r["tasks_per_hour"] == 8.0 and r["eta_s"] == pytest.approx(4 / 8 * 3600)
+    assert r["raters"] == {
+        "a": {"boxes": 4, "submitted": 5, "boxes_per_hour": 6.0, "submitted_per_hour": 6.0},
+        "b": {"boxes": 2, "submitted": 2, "boxes_per_hour": 4.0, "submitted_per_hour": 4.0},
+    }
+    still = progress_rates(first, first, 0.0)  # the first line of a watch
+    assert still["eta_s"] is None and still["raters"]["a"]["boxes_per_hour"] == 0.0
+    done = progress_rates(first, {**cur, "tasks_done": 10}, 60.0)
+    assert done["eta_s"] == 0.0
+    with pytest.raises(ValueError, match="negative"):
+        progress_rates(first, cur, -1.0)

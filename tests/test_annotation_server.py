@@ -98,6 +98,7 @@ def test_campaign_end_to_end(ls: server.ServerSettings, world: Path, tmp_path: P
         seed=0,
     )
     assert (first.added, first.skipped) == (10, 0)
+    campaign.save_gold(ls.data_dir, pid, {gold_id: gt[gold_id]})
     again = campaign.import_images(
         client,
         url=url,
@@ -128,6 +129,12 @@ def test_campaign_end_to_end(ls: server.ServerSettings, world: Path, tmp_path: P
     r1 = campaign.add_rater(url, token, "r1@gldboxes.test", "Rater-One-pw-1")
     r2 = campaign.add_rater(url, token, "r2@gldboxes.test", "Rater-Two-pw-2")
     assert r1.token not in repr(r1)
+    # gold answers are not in what a rater can read (they live in our own file)
+    as_rater = requests.get(
+        f"{url}/api/tasks/{tids[gold_id]}", headers={"Authorization": f"Token {r1.token}"}
+    )
+    assert as_rater.status_code == 200 and as_rater.json()["data"]["gld_id"] == gold_id
+    assert "gold" not in as_rater.text and gt[gold_id].to_string() not in as_rater.text
     c1, c2 = campaign.connect(url, r1.token), campaign.connect(url, r2.token)
     w, h = items[0].width, items[0].height
     t = [tids[it.id] for it in items]
@@ -166,7 +173,9 @@ def test_campaign_end_to_end(ls: server.ServerSettings, world: Path, tmp_path: P
     c2.annotations.create(id=t[8], result=[FLAG], lead_time=3.0)
     c2.annotations.create(id=t[9], result=[], was_cancelled=True)
 
-    snap_path = export_snapshot(client, pid, tmp_path / "snap.json")
+    snap_path = export_snapshot(
+        client, pid, tmp_path / "snap.json", gold=campaign.load_gold(ls.data_dir, pid)
+    )
     snap = load_snapshot(snap_path)
     assert snap["users"][str(r1.id)] == r1.email
     assert all(

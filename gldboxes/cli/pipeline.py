@@ -377,7 +377,9 @@ def _annotation(
     with _stage("Label Studio campaign"):
         state = server.start(settings)
         try:
-            client = campaign.connect(state["url"], settings.token)
+            # the database's token: a resumed data dir keeps the one it was created with
+            token = server.admin_token(data_dir) or settings.token
+            client = campaign.connect(state["url"], token)
             # A rerun imports into the same project (the import itself is idempotent).
             if record.exists():
                 project = int(read_json(record)["project"])
@@ -391,7 +393,7 @@ def _annotation(
             res = campaign.import_images(
                 client,
                 url=state["url"],
-                token=settings.token,
+                token=token,
                 project_id=project,
                 items=items,
                 document_root=settings.document_root or world,
