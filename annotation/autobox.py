@@ -39,8 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from annotation.quality import iou
-from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
+from gldboxes.boxes import Box, box_iou, read_boxes_csv, write_boxes_csv
 from gldboxes.io import config_hash, write_config, write_json
 from gldboxes.progress import tqdm
 
@@ -410,7 +409,7 @@ def estimate_landmark_boxes(
         max_iter=dconf["max_iter"],
     )
     props = _map_boxes(final[src], mats, sizes[src], sizes[dst])
-    agree = iou(props, final[dst]) >= conf["agree_iou"]
+    agree = box_iou(props, final[dst]) >= conf["agree_iou"]
     conf_out = np.bincount(dst, weights=agree.astype(np.float64), minlength=n) / np.maximum(deg, 1)
     inliers = np.array([e.inliers for e in use] * 2, np.float64)
     evidence = np.bincount(dst, weights=agree * inliers, minlength=n)
@@ -532,8 +531,8 @@ def evaluate(
             for k in gt_ids
         ]
     )
-    v = np.where(has, iou(p, g), 0.0)
-    whole = iou(np.tile([0.0, 0.0, 1.0, 1.0], (len(gt_ids), 1)), g)
+    v = np.where(has, box_iou(p, g), 0.0)
+    whole = box_iou(np.tile([0.0, 0.0, 1.0, 1.0], (len(gt_ids), 1)), g)
     return {
         "images": len(ids),
         "gt_images": len(gt_ids),

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from annotation.export import AnnotationRecord, TaskRecord
-from gldboxes.boxes import Box, write_boxes_csv
+from gldboxes.boxes import Box, box_iou, write_boxes_csv
 from gldboxes.io import atomic_write, write_json
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "gold_accuracy",
     "gold_filter_report",
     "gold_weights",
-    "iou",
     "validate",
     "validation_report",
 ]
@@ -81,26 +80,6 @@ class Decision:
     status: str
     box: Box | None
     reason: str
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of paired boxes.
-
-    Args:
-        a, b: (N, 4) ``(ymin, xmin, ymax, xmax)``; broadcasting (N, 1, 4) vs (1, M, 4) works.
-
-    Returns:
-        (N,) (or broadcast shape) IoU in [0, 1]; 0 when both areas are 0.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    ih = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    iw = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = ih * iw
-    area_a = np.clip(a[..., 2] - a[..., 0], 0, None) * np.clip(a[..., 3] - a[..., 1], 0, None)
-    area_b = np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
-    union = area_a + area_b - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def clip_edges(edges: Sequence[float]) -> tuple[float, float, float, float] | None:
@@ -233,7 +212,7 @@ def decide(
             continue
         edges = np.array([clip_edges(a.boxes[0]) for a in boxed], dtype=np.float64)
         if len(edges) > 1:
-            pair = iou(edges[:, None, :], edges[None, :, :])
+            pair = box_iou(edges[:, None, :], edges[None, :, :])
             worst = float(pair.min())
             if worst < agree_iou:
                 why = f"raters' boxes disagree (IoU {worst:.3f} < {agree_iou})"
@@ -362,7 +341,7 @@ def gold_accuracy(
         if ge is None:
             g["correct"] += int(a.flag)
         elif a.boxes:
-            v = float(iou(np.array(clip_edges(a.boxes[0])), ge))
+            v = float(box_iou(np.array(clip_edges(a.boxes[0])), ge))
             gold_ious.setdefault(a.rater, []).append(v)
             g["correct"] += int(v >= match_iou)
         else:
@@ -500,7 +479,7 @@ def agreement(
                 if a.boxes and b.boxes:
                     ea = np.array(clip_edges(a.boxes[0]), dtype=np.float64)
                     eb = np.array(clip_edges(b.boxes[0]), dtype=np.float64)
-                    entry.update(kind="both_box", iou=float(iou(ea, eb)))
+                    entry.update(kind="both_box", iou=float(box_iou(ea, eb)))
                 elif a.flag and b.flag:
                     entry.update(kind="both_flag", iou=None)
                 else:
@@ -529,7 +508,11 @@ def agreement(
             kind = "deleted"
         else:
             pe = clip_edges(t.prediction)
-            v = 0.0 if pe is None else float(iou(np.array(clip_edges(a.boxes[0])), np.array(pe)))
+            v = (
+                0.0
+                if pe is None
+                else float(box_iou(np.array(clip_edges(a.boxes[0])), np.array(pe)))
+            )
             kind = "kept" if v >= kept_iou else "moved"
         accept.setdefault(a.rater, {"kept": 0, "moved": 0, "deleted": 0})[kind] += 1
         total[kind] += 1

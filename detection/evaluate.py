@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from gldboxes.boxes import Box, read_boxes_csv
+from gldboxes.boxes import Box, pairwise_iou, read_boxes_csv
 from gldboxes.io import read_json, write_json
 
 __all__ = [
     "COCO_STAT_NAMES",
     "average_precision",
-    "box_iou",
     "coco_metrics",
     "evaluate_boxes",
     "main",
@@ -54,30 +53,6 @@ COCO_STAT_NAMES: tuple[str, ...] = (
     "ARm",
     "ARl",
 )
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes ``(ymin, xmin, ymax, xmax)``.
-
-    Args:
-        a: (N, 4) boxes. b: (M, 4) boxes (same units).
-
-    Returns:
-        (N, M) float64 IoU; 0 where the union is empty.
-    """
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ih = np.clip(
-        np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None
-    )
-    iw = np.clip(
-        np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None
-    )
-    inter = ih * iw
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _as_arrays(boxes: Iterable[Box]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +107,7 @@ def average_precision(
         det, scores = det[order], scores[order]
         tp = np.zeros(len(det), dtype=bool)
         if len(gt):
-            iou = box_iou(det, gt)
+            iou = pairwise_iou(det, gt)
             taken = np.zeros(len(gt), dtype=bool)
             for d in range(len(det)):  # greedy in score order (<= max_dets per image)
                 cand = np.where(~taken & (iou[d] >= thr), iou[d], -1.0)

@@ -55,6 +55,7 @@ __all__ = [
     "Box",
     "BoxFormat",
     "array_to_boxes",
+    "box_iou",
     "boxes_from_label_studio_results",
     "boxes_to_array",
     "coco_instances",
@@ -62,6 +63,7 @@ __all__ = [
     "find_images",
     "image_id_problem",
     "label_studio_image_id",
+    "pairwise_iou",
     "read_boxes_csv",
     "read_coco_json",
     "read_gld_boxes_csv",
@@ -337,6 +339,36 @@ def _make(
 
 
 # ------------------------------------------------------------------------------ array versions
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes ``(ymin, xmin, ymax, xmax)``, broadcasting: the one box
+    IoU of the toolkit (annotation agreement, autobox, detector AP).
+
+    Args:
+        a, b: (..., 4) boxes in the same units; (N, 4) with (N, 4) pairs them, (N, 1, 4) with
+            (1, M, 4) compares every pair (see :func:`pairwise_iou`).
+
+    Returns:
+        float64 IoU of the broadcast shape, in [0, 1]; 0 where the union is empty (a box with a
+        negative extent counts as empty).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ih = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    iw = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = ih * iw
+    area_a = np.clip(a[..., 2] - a[..., 0], 0, None) * np.clip(a[..., 3] - a[..., 1], 0, None)
+    area_b = np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+    union = area_a + area_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4): (N, M) float64."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(1, -1, 4)
+    return box_iou(a, b)
+
+
 def boxes_to_array(boxes: Iterable[Box]) -> np.ndarray:
     """Stack boxes into a (N, 4) float64 array in ``ymin, xmin, ymax, xmax`` order."""
     arr = np.array([[b.ymin, b.xmin, b.ymax, b.xmax] for b in boxes], dtype=np.float64)

@@ -26,11 +26,10 @@ from annotation.quality import (
     filter_campaign,
     gold_accuracy,
     gold_weights,
-    iou,
     validate,
     validation_report,
 )
-from gldboxes.boxes import read_boxes_csv
+from gldboxes.boxes import box_iou, read_boxes_csv
 from gldboxes.io import write_json
 
 W, H = 400, 300
@@ -170,10 +169,10 @@ def test_iou_matches_reference() -> None:
     lo = rng.uniform(0, 0.6, (200, 2, 2))
     boxes = np.concatenate([lo, lo + rng.uniform(0.0, 0.4, (200, 2, 2))], axis=2)
     a, b = boxes[:, 0], boxes[:, 1]
-    fast = iou(a, b)
+    fast = box_iou(a, b)
     slow = [_iou_reference(tuple(x), tuple(y)) for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(fast, slow, atol=1e-12)
-    assert iou(np.array(PRED), np.array(SHIFTED)) == pytest.approx(7 / 9)
+    assert box_iou(np.array(PRED), np.array(SHIFTED)) == pytest.approx(7 / 9)
 
 
 class TestQuality:

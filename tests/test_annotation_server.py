@@ -251,9 +251,9 @@ def test_campaign_end_to_end(ls: server.ServerSettings, world: Path, tmp_path: P
         removed = {r["id"]: r["status"] for r in csv.DictReader(fh)}
     assert len(removed) == 9 and removed[ids[7]] == "no_landmark"
 
-    from annotation.quality import iou
+    from gldboxes.boxes import box_iou
 
-    gold_iou = float(iou(np.array(shifted), np.array(pe[0])))
+    gold_iou = float(box_iou(np.array(shifted), np.array(pe[0])))
     agr = agreement(tasks, anns, issues)
     ov = agr["overlap"]
     assert (ov["pairs"], ov["both_box"], ov["box_vs_flag"]) == (3, 2, 1)

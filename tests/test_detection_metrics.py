@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from detection.evaluate import average_precision, box_iou, coco_metrics, evaluate_boxes
-from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
+from detection.evaluate import average_precision, coco_metrics, evaluate_boxes
+from gldboxes.boxes import Box, pairwise_iou, read_boxes_csv, write_boxes_csv
 
 
 def _iou_reference(a: Box, b: Box) -> float:
@@ -69,7 +69,7 @@ class TestBoxIou:
         rng = np.random.default_rng(0)
         a = [_random_box(rng) for _ in range(7)]
         b = [_random_box(rng) for _ in range(5)]
-        fast = box_iou(
+        fast = pairwise_iou(
             np.array([[x.ymin, x.xmin, x.ymax, x.xmax] for x in a]),
             np.array([[x.ymin, x.xmin, x.ymax, x.xmax] for x in b]),
         )
@@ -78,10 +78,10 @@ class TestBoxIou:
 
     def test_smoke(self) -> None:
         # Half-overlapping unit squares: intersection 0.5, union 1.5.
-        iou = box_iou(np.array([[0, 0, 1, 1]]), np.array([[0, 0.5, 1, 1.5]]))
+        iou = pairwise_iou(np.array([[0, 0, 1, 1]]), np.array([[0, 0.5, 1, 1.5]]))
         assert iou.shape == (1, 1)
         assert iou[0, 0] == pytest.approx(1 / 3)
-        assert box_iou(np.zeros((0, 4)), np.zeros((3, 4))).shape == (0, 3)
+        assert pairwise_iou(np.zeros((0, 4)), np.zeros((3, 4))).shape == (0, 3)
 
 
 class TestAveragePrecision:
