@@ -28,7 +28,9 @@ pre-annotations (``gldboxes annotate import --predictions``).
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -36,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from gldboxes.boxes import Box, box_iou, read_boxes_csv, write_boxes_csv
@@ -56,7 +57,6 @@ __all__ = [
     "geometric_median_reference",
     "main",
     "match_graph",
-    "ratio_matches",
 ]
 
 logger = logging.getLogger("annotation.autobox")
@@ -135,50 +135,34 @@ class LandmarkResult:
 def extract_rootsift(
     path: str | os.PathLike[str], *, max_features: int = 1000, max_side: int = 1024
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """RootSIFT of one image, in memory.
+    """RootSIFT of one image, in memory: the retrieval extractor
+    (:func:`retrieval.features.extract_image` with the ``rootsift`` preset), so annotation and
+    retrieval see the same features.
 
     Returns:
         keypoints (N, 2) float64 ``x, y`` in pixels of the original image, descriptors (N, 128)
         float32 RootSIFT, and the image size ``(width, height)``.
+
+    Raises:
+        ValueError: an unreadable image (the message names it).
     """
-    from retrieval.features import rootsift
+    from retrieval import features
 
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise ValueError(f"{path}: not a readable image")
-    h, w = img.shape
-    scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
-        img = cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-    sift = cv2.SIFT_create(  # type: ignore[attr-defined]
-        nfeatures=max_features
-    )
-    kps, desc = sift.detectAndCompute(img, None)
-    if desc is None or not kps:
-        return np.zeros((0, 2)), np.zeros((0, 128), np.float32), (w, h)
-    pts = np.array([k.pt for k in kps], dtype=np.float64) / scale
-    return pts, rootsift(desc), (w, h)
+    conf = copy.deepcopy(features.confs["rootsift"])
+    conf["model"]["max_features"] = int(max_features)
+    conf["preprocessing"]["max_side"] = int(max_side)
+    item = features.ImageItem(name=Path(path).name, path=Path(path))
+    feats, size = features.extract_image(_rootsift_extractor(int(max_features)), item, conf)
+    return feats.keypoints.astype(np.float64), feats.descriptors, size
 
 
-def ratio_matches(d1: np.ndarray, d2: np.ndarray, *, ratio: float = 0.8) -> np.ndarray:
-    """Lowe's ratio test: ``i`` matches its nearest ``j`` when ``d1 < ratio * d2`` (L2).
+@functools.lru_cache(maxsize=4)
+def _rootsift_extractor(max_features: int) -> Any:
+    from retrieval import features
 
-    Args:
-        d1: (N, D) descriptors of image 1; d2: (M, D) of image 2.
-
-    Returns:
-        (K, 2) int64 ``(i, j)`` pairs sorted by ``i``.
-    """
-    import faiss
-
-    a = np.ascontiguousarray(d1, dtype=np.float32)
-    b = np.ascontiguousarray(d2, dtype=np.float32)
-    if a.shape[0] == 0 or b.shape[0] < 2:
-        return np.zeros((0, 2), np.int64)
-    dist2, nn = faiss.knn(a, b, 2)
-    keep = np.sqrt(np.maximum(dist2[:, 0], 0)) < ratio * np.sqrt(np.maximum(dist2[:, 1], 0))
-    i = np.nonzero(keep)[0]
-    return np.stack([i, nn[i, 0]], axis=1).astype(np.int64)
+    conf = copy.deepcopy(features.confs["rootsift"])
+    conf["model"]["max_features"] = max_features
+    return features.make_extractor(conf)
 
 
 def _rect(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -193,14 +177,14 @@ def match_graph(
     conf: Mapping[str, Any],
 ) -> list[PairEdge]:
     """Verify every pair ``i < j`` of one landmark's images; return the edges found."""
-    from retrieval.verification import estimate_affine_ransac
+    from retrieval.verification import estimate_affine_ransac, match_descriptors
 
     ver = conf["verification"]
     edges: list[PairEdge] = []
     for i in range(len(feats)):
         for j in range(i + 1, len(feats)):
             (p1, d1, s1), (p2, d2, s2) = feats[i], feats[j]
-            m = ratio_matches(d1, d2, ratio=conf["matching"]["ratio"])
+            m = match_descriptors(d1, d2, max_distance=None, ratio=conf["matching"]["ratio"])
             if len(m) < ver["min_inliers"]:
                 continue
             res = estimate_affine_ransac(

@@ -38,28 +38,6 @@ class TestGeometricMedian:
             autobox.geometric_median(np.zeros((1, 2, 4)), np.zeros((1, 2), bool))
 
 
-def _ratio_reference(d1: np.ndarray, d2: np.ndarray, ratio: float) -> np.ndarray:
-    out = []
-    for i, d in enumerate(d1):
-        dist = np.sqrt(((d2 - d) ** 2).sum(axis=1))
-        a, b = np.argsort(dist, kind="stable")[:2]
-        if dist[a] < ratio * dist[b]:
-            out.append((i, a))
-    return np.array(out, np.int64).reshape(-1, 2)
-
-
-def test_ratio_matches_reference() -> None:
-    rng = np.random.default_rng(3)
-    d2 = rng.normal(size=(60, 16)).astype(np.float32)
-    d1 = np.concatenate(
-        [d2[:30] + 0.05 * rng.normal(size=(30, 16)), rng.normal(size=(30, 16))]
-    ).astype(np.float32)
-    fast = autobox.ratio_matches(d1, d2, ratio=0.8)
-    np.testing.assert_array_equal(fast, _ratio_reference(d1, d2, 0.8))
-    assert set(range(30)) <= set(fast[:, 0].tolist())  # the true matches pass
-    assert autobox.ratio_matches(d1, d2[:1]).shape == (0, 2)
-
-
 def _h(m: np.ndarray) -> np.ndarray:
     return np.vstack([m, [0.0, 0.0, 1.0]])
 
