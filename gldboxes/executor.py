@@ -38,21 +38,18 @@ Both show a tqdm bar over shards and return a :class:`StageReport`. Global steps
 sample gathered from shards, merging index parts, metrics) run on the driver, outside this
 module. Ray is imported lazily, only by :class:`RayExecutor`.
 
-Two stages owned by ``gldboxes`` live here (they compose :mod:`gldboxes.gld` and
-:mod:`gldboxes.http`): :func:`gldv2_shard_stage` (download + md5-verify + extract one GLDv2 tar
-shard) and :func:`url_list_stage` (fetch one slice of an ``id,url`` CSV).
+The stages themselves live with their packages (the GLD downloads in :mod:`gldboxes.gld_stages`,
+features and aggregation in :mod:`retrieval.sharded`, detection in :mod:`detection.sharded`);
+this module imports none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
 import logging
 import os
 import platform
 import shutil
-import tarfile
 import tempfile
 import time
 import uuid
@@ -81,14 +78,11 @@ __all__ = [
     "add_engine_options",
     "clear_model_cache",
     "executor_from_args",
-    "gldv2_shard_stage",
     "make_executor",
     "make_shards",
     "model_loads",
     "read_done",
     "run_shard",
-    "url_list_shards",
-    "url_list_stage",
 ]
 
 logger = logging.getLogger("gldboxes.executor")
@@ -812,233 +806,3 @@ def executor_from_args(args: argparse.Namespace, work_dir: str | os.PathLike[str
         address=args.ray_address,
         progress=not getattr(args, "quiet", False),
     )
-
-
-# ---------------------------------------------------------------------- GLD download stages
-def _tar_members(tar: Path) -> list[str]:
-    """The regular-file members of a tar (``./`` stripped); seeks over the data when it can."""
-    with tarfile.open(tar, "r:*") as tf:
-        return [m.name[2:] if m.name.startswith("./") else m.name for m in tf if m.isfile()]
-
-
-def _gldv2_shard(shard: Shard, out: Path, model: Any, *, conf: Mapping[str, Any]) -> dict[str, int]:
-    """Download, verify and extract the GLDv2 tar shards listed in ``shard.items``."""
-    from gldboxes.gld import download_shard_tar, extract_shard, fetch_shard_md5, shard_name
-    from gldboxes.http import DownloadError, new_session
-
-    base, split, root = str(conf["base_url"]), str(conf["split"]), Path(conf["root"])
-    policy: dict[str, Any] = {
-        "retries": int(conf["retries"]),
-        "backoff": float(conf["backoff"]),
-        "timeout": float(conf["timeout"]),
-    }
-    n_images = n_bytes = 0
-    listing: list[str] = []
-    session = new_session(2)
-    try:
-        for index in shard.items:
-            name = shard_name(int(index))
-            try:
-                md5 = fetch_shard_md5(base, split, name, root, session=session, **policy)
-                # The tar (and its resumable .part) live outside the shard folder, so a retried
-                # attempt resumes the transfer with an HTTP Range request.
-                tar, _ = download_shard_tar(base, split, name, root, md5, session=session, **policy)
-            except DownloadError as exc:
-                if exc.permanent:  # 404/403/410 or a bad md5 after refetching the list
-                    raise NonRetryableError(str(exc)) from exc
-                raise
-            n_bytes += tar.stat().st_size
-            try:
-                listing.extend(_tar_members(tar))
-                n_images += extract_shard(tar, root / "images")
-            except ValueError as exc:  # unsafe member or corrupt tar: md5-verified, stays bad
-                raise NonRetryableError(str(exc)) from exc
-            except tarfile.TarError as exc:
-                raise NonRetryableError(f"{tar}: not a readable tar ({exc})") from exc
-            if not bool(conf["keep_tars"]):
-                tar.unlink()
-    finally:
-        session.close()
-    (out / "images.txt").write_text("".join(f"{n}\n" for n in sorted(listing)), "utf-8")
-    return {"tars": len(shard.items), "images": n_images, "bytes": n_bytes}
-
-
-def gldv2_shard_stage(
-    split: str,
-    root: str | os.PathLike[str],
-    shard_indices: Sequence[int],
-    *,
-    base_url: str | None = None,
-    tars_per_task: int = 1,
-    keep_tars: bool = False,
-    retries: int = 5,
-    backoff: float = 1.0,
-    timeout: float = 60.0,
-    resources: Resources | None = None,
-) -> tuple[Stage, list[Shard]]:
-    """The GLDv2 download as an executor stage: one task per ``tars_per_task`` tar shards.
-
-    Each task fetches the md5 list and the tar (md5-verified; a retried attempt resumes the
-    ``.part`` with an HTTP Range request), extracts it into ``root/images/a/b/c/<id>.jpg``
-    (members staged and renamed: a crash never leaves a truncated image) and lists the
-    extracted members in its shard folder (``images.txt``). Run it with
-    ``executor.run(stage, shards, root / "shards")``; the metadata CSVs are small and stay with
-    :func:`gldboxes.gld.download_gldv2` (``shards=[]``).
-
-    Returns:
-        ``(stage, shards)``; the shard items are tar indices, a shard is named after its
-        first (and last) tar: ``tars-007``, ``tars-008-009``.
-    """
-    from gldboxes.gld import GLDV2_BASE_URL, GLDV2_SHARDS
-
-    if split not in GLDV2_SHARDS:
-        raise ValueError(f"unknown GLDv2 split {split!r}; expected one of {list(GLDV2_SHARDS)}")
-    bad = [i for i in shard_indices if not 0 <= int(i) < GLDV2_SHARDS[split]]
-    if bad:
-        raise ValueError(f"GLDv2 {split}: shard indices {bad[:5]} out of range")
-    base = base_url or GLDV2_BASE_URL
-    base = base if base.endswith("/") else base + "/"
-    hashed = {
-        "split": split,
-        "base_url": base,
-        "root": os.fspath(Path(root).resolve()),
-        "keep_tars": keep_tars,
-    }
-    conf = {**hashed, "retries": retries, "backoff": backoff, "timeout": timeout}
-    stage = Stage(
-        "gldv2-download",
-        functools.partial(_gldv2_shard, conf=conf),
-        conf=hashed,
-        resources=resources or Resources(num_cpus=0.25),
-        retries=2,
-    )
-    if tars_per_task < 1:
-        raise ValueError(f"tars_per_task must be >= 1, got {tars_per_task}")
-    # Tasks are named after their tars (tars-007, tars-008-009), not their position, so a rerun
-    # over a larger set of tars finds the finished ones under the same names.
-    shards = [
-        Shard(
-            s.index,
-            s.items,
-            f"tars-{s.items[0]:03d}" + (f"-{s.items[-1]:03d}" if len(s.items) > 1 else ""),
-        )
-        for s in make_shards(sorted({int(i) for i in shard_indices}), tars_per_task, meta=False)
-    ]
-    return stage, shards
-
-
-def url_list_shards(
-    csv_path: str | os.PathLike[str], rows_per_shard: int, *, limit: int | None = None
-) -> list[Shard]:
-    """Shards of ``[id, url]`` rows of a GLDv1-style CSV (header with ``id`` and ``url``).
-
-    ``limit``: only the first ``limit`` rows (smoke runs). Rows repeating an earlier id are left
-    out (the first row wins; :func:`gldboxes.gld.download_url_list_sharded` reports them).
-    """
-    from gldboxes.gld import _iter_url_rows
-
-    rows: list[list[str]] = []
-    seen: set[str] = set()
-    for n, (image_id, url, _) in enumerate(_iter_url_rows(Path(csv_path))):
-        if limit is not None and n >= limit:
-            break
-        if image_id not in seen:
-            seen.add(image_id)
-            rows.append([image_id, url])
-    return make_shards(rows, rows_per_shard, prefix="urls")
-
-
-def _url_list_shard(
-    shard: Shard, out: Path, model: Any, *, conf: Mapping[str, Any]
-) -> dict[str, int]:
-    """Fetch one slice of a URL list; images are moved into the shared images tree."""
-    from gldboxes.gld import download_url_list, image_relpath
-
-    images = Path(conf["images_dir"])
-
-    def present(image_id: str) -> bool:
-        try:
-            return (images / image_relpath(image_id)).exists()
-        except ValueError:  # a bad id: download_url_list lists it in failures.csv
-            return False
-
-    todo = [(i, u) for i, u in shard.items if not present(i)]
-    sub = out / "urls.csv"
-    with open(sub, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["id", "url"])
-        w.writerows(todo)
-    fetched = out / "fetched"
-    rep = download_url_list(
-        sub,
-        fetched,
-        workers=int(conf["workers"]),
-        max_size=conf["max_size"],
-        quality=int(conf["quality"]),
-        retries=int(conf["retries"]),
-        backoff=float(conf["backoff"]),
-        timeout=float(conf["timeout"]),
-        progress=False,
-    )
-    moved = 0
-    for p in sorted((fetched / "images").rglob("*.jpg")):
-        dest = images / p.relative_to(fetched / "images")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(p, dest)  # same filesystem: atomic; an image on disk is always complete
-        moved += 1
-    os.replace(fetched / "failures.csv", out / "failures.csv")
-    shutil.rmtree(fetched)
-    sub.unlink()
-    return {
-        "rows": len(shard.items),
-        "downloaded": moved,
-        "present": len(shard.items) - len(todo),
-        "failed": rep.failed,
-    }
-
-
-def url_list_stage(
-    csv_path: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    rows_per_shard: int = 1000,
-    workers: int = 8,
-    max_size: int | None = None,
-    quality: int = 90,
-    retries: int = 3,
-    backoff: float = 0.5,
-    timeout: float = 30.0,
-    limit: int | None = None,
-    resources: Resources | None = None,
-) -> tuple[Stage, list[Shard]]:
-    """The URL-list download as an executor stage: one task per ``rows_per_shard`` rows.
-
-    Each task runs :func:`gldboxes.gld.download_url_list` on its rows not yet on disk
-    (``workers`` threads) into its temporary folder, moves the images into
-    ``out_dir/images/a/b/c/<id>.jpg`` and keeps its ``failures.csv`` (``id,url,reason``) in
-    its shard folder. Run it with ``executor.run(stage, shards, out_dir / "shards")``.
-
-    Returns:
-        ``(stage, shards)``; the shard items are ``[id, url]`` rows (the first ``limit``).
-    """
-    hashed = {
-        "csv": os.fspath(Path(csv_path).resolve()),
-        "images_dir": os.fspath((Path(out_dir) / "images").resolve()),
-        "max_size": max_size,
-        "quality": quality,
-    }
-    conf = {
-        **hashed,
-        "workers": workers,
-        "retries": retries,
-        "backoff": backoff,
-        "timeout": timeout,
-    }
-    stage = Stage(
-        "url-download",
-        functools.partial(_url_list_shard, conf=conf),
-        conf=hashed,
-        resources=resources or Resources(num_cpus=0.25),
-        retries=2,
-    )
-    return stage, url_list_shards(csv_path, rows_per_shard, limit=limit)

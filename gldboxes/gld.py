@@ -26,9 +26,9 @@ into ``OUT/images/a/b/c/<id>.jpg`` (re-encoded JPEG, optional maximum size), rec
 bad rows and repeated ids in ``OUT/failures.csv`` (not fatal) and skips images already present
 on a re-run.
 
-:func:`download_gldv2_sharded` and :func:`download_url_list_sharded` do the same work task by
-task on an executor (``gldboxes download ... --engine serial|ray``, :mod:`gldboxes.executor`):
-same images, manifest and ``failures.csv``, plus a ``shards/`` folder of finished tasks.
+:mod:`gldboxes.gld_stages` does the same work task by task on an executor (``gldboxes download
+... --engine serial|ray``): same images, manifest and ``failures.csv``, plus a ``shards/`` folder
+of finished tasks. This module imports neither it nor :mod:`gldboxes.executor`.
 """
 
 from __future__ import annotations
@@ -47,14 +47,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gldboxes.http import DownloadError, download_file, fetch_bytes, new_session
 from gldboxes.io import atomic_path, atomic_write, read_json, write_json
 from gldboxes.progress import tqdm
-
-if TYPE_CHECKING:
-    from gldboxes.executor import Executor, Shard
 
 __all__ = [
     "GLDV2_BASE_URL",
@@ -64,10 +61,8 @@ __all__ = [
     "GLDv2Report",
     "UrlListReport",
     "download_gldv2",
-    "download_gldv2_sharded",
     "download_shard_tar",
     "download_url_list",
-    "download_url_list_sharded",
     "extract_shard",
     "fetch_shard_md5",
     "image_relpath",
@@ -536,94 +531,6 @@ def _download_metadata(
             logger.error("metadata %s failed: %s", rel, exc)
 
 
-def download_gldv2_sharded(
-    split: str,
-    out_dir: str | os.PathLike[str],
-    executor: Executor,
-    *,
-    shards: Sequence[int] | str | None = None,
-    base_url: str = GLDV2_BASE_URL,
-    tars_per_task: int = 1,
-    metadata: bool = True,
-    keep_tars: bool = False,
-    retries: int = 5,
-    backoff: float = 1.0,
-    timeout: float = 60.0,
-) -> GLDv2Report:
-    """:func:`download_gldv2` with the tar shards run task by task on an executor.
-
-    The tars go through :func:`gldboxes.executor.gldv2_shard_stage` (``tars_per_task`` tars a
-    task: download, md5-verify, extract), on the serial executor or on Ray; the metadata CSVs
-    are fetched on the driver. The layout is :func:`download_gldv2`'s (``images/``,
-    ``md5/``, ``manifest.json``) plus ``shards/tars-XXX/`` (``done.json``, ``images.txt``:
-    the task's members). A rerun skips the tasks whose ``done.json`` matches and the tars the
-    manifest has as verified and extracted by :func:`download_gldv2`; tars finished here are
-    entered into the manifest too, so either downloader resumes the other's work.
-
-    Returns:
-        a :class:`GLDv2Report` over tar names (``images_XXX.tar``); ``images`` counts the
-        images extracted in this run; a failed task names all of its tars in ``failed``.
-    """
-    from gldboxes.executor import gldv2_shard_stage, read_done
-
-    if tars_per_task < 1:
-        raise ValueError(f"tars_per_task must be >= 1, got {tars_per_task}")
-    indices, base, root, manifest, report = _gldv2_setup(split, shards, base_url, out_dir)
-    if metadata:
-        session = new_session(2)
-        try:
-            policy: dict[str, Any] = {"retries": retries, "backoff": backoff, "timeout": timeout}
-            _download_metadata(split, base, root, session, policy, report)
-        finally:
-            session.close()
-    stage, tasks = gldv2_shard_stage(
-        split,
-        root,
-        indices,
-        base_url=base,
-        tars_per_task=tars_per_task,
-        keep_tars=keep_tars,
-        retries=retries,
-        backoff=backoff,
-        timeout=timeout,
-    )
-    work = root / "shards"
-
-    def in_manifest(task: Shard) -> bool:  # finished by download_gldv2, not by a task
-        entries = [manifest.get(shard_name(int(i))) or {} for i in task.items]
-        return read_done(work / task.name) is None and all(
-            e.get("verified") and e.get("extracted") for e in entries
-        )
-
-    earlier = {t.name for t in tasks if in_manifest(t)}
-    rep = executor.run(
-        stage, [t for t in tasks if t.name not in earlier], work, raise_on_failure=False
-    )
-    for task in tasks:
-        names = [shard_name(int(i)) for i in task.items]
-        if task.name in earlier:
-            report.skipped.extend(names)
-            continue
-        if task.name in rep.failed:
-            report.failed.update({n: rep.failed[task.name] for n in names})
-            continue
-        (report.skipped if task.name in rep.skipped else report.done).extend(names)
-        if task.name in rep.done:
-            done = read_done(rep.out_dir / task.name) or {}
-            report.images += int(done.get("counts", {}).get("images", 0))
-        for n in names:
-            if not (manifest.get(n) or {}).get("extracted"):
-                md5_file = root / "md5" / f"md5.{n[: -len('.tar')]}.txt"
-                text = md5_file.read_text("utf-8", "replace")
-                md5 = parse_md5_file(text, n, source=str(md5_file))
-                manifest.update(
-                    n, verified=True, md5=md5, extracted=True, tar_kept=keep_tars, task=task.name
-                )
-    report.done.sort()
-    report.skipped.sort()
-    return report
-
-
 def _as_completed(futures: dict[Future[int], str]) -> Iterator[Future[int]]:
     pending = set(futures)
     while pending:
@@ -680,8 +587,9 @@ class UrlListReport:
     be a file name, a row without enough fields); ``duplicates`` counts later rows repeating an
     earlier id (skipped: the first row wins; listed in ``failures.csv`` as ``duplicate id``).
 
-    :func:`download_url_list_sharded` also fills ``shards_done`` / ``shards_skipped`` (task
-    folders finished in this run / before it) and ``failed_shards`` (``{task: error}``).
+    :func:`gldboxes.gld_stages.download_url_list_sharded` also fills ``shards_done`` /
+    ``shards_skipped`` (task folders finished in this run / before it) and ``failed_shards``
+    (``{task: error}``).
     """
 
     images_dir: Path
@@ -835,91 +743,6 @@ def download_url_list(
         report.present,
         report.failed,
         failures_csv,
-    )
-    return report
-
-
-def download_url_list_sharded(
-    csv_path: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    executor: Executor,
-    *,
-    rows_per_shard: int = 1000,
-    workers: int = 8,
-    max_size: int | None = None,
-    quality: int = 90,
-    retries: int = 3,
-    backoff: float = 0.5,
-    timeout: float = 30.0,
-    retry_failed: bool = True,
-    limit: int | None = None,
-) -> UrlListReport:
-    """:func:`download_url_list` with slices of ``rows_per_shard`` rows run on an executor.
-
-    Each task (:func:`gldboxes.executor.url_list_stage`) fetches its rows not yet on disk with
-    ``workers`` threads and moves the images into ``out_dir/images/a/b/c/<id>.jpg``; its
-    ``failures.csv`` stays in ``out_dir/shards/urls-XXXXX/`` and the driver joins them into
-    ``out_dir/failures.csv`` (``id,url,reason``, sorted by id, as :func:`download_url_list`
-    writes it). A rerun skips finished tasks; with ``retry_failed`` a finished task that had
-    failures runs again (its images on disk are kept, only the failures are fetched).
-
-    Returns:
-        an :class:`UrlListReport`: ``downloaded`` / ``present`` of the tasks run now (rows
-        of tasks skipped count as present), ``failed`` = rows in the joined failures list.
-    """
-    from gldboxes.executor import DONE_NAME, read_done, url_list_stage
-
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    stage, tasks = url_list_stage(
-        csv_path,
-        out,
-        rows_per_shard=rows_per_shard,
-        workers=workers,
-        max_size=max_size,
-        quality=quality,
-        retries=retries,
-        backoff=backoff,
-        timeout=timeout,
-        limit=limit,
-    )
-    work = out / "shards"
-    if retry_failed:
-        for task in tasks:
-            done = read_done(work / task.name)
-            if done is not None and int(done.get("counts", {}).get("failed", 0)) > 0:
-                logger.info("%s: retrying its %s failure(s)", task.name, done["counts"]["failed"])
-                (work / task.name / DONE_NAME).unlink()
-    rep = executor.run(stage, tasks, work, raise_on_failure=False)
-    report = UrlListReport(images_dir=out / "images", failures_csv=out / "failures.csv")
-    report.shards_done, report.shards_skipped = list(rep.done), list(rep.skipped)
-    report.failed_shards = dict(rep.failed)
-    failures: dict[str, tuple[str, str]] = {}
-    duplicates = _url_list_duplicates(Path(csv_path), limit)  # dropped from the tasks' rows
-    for task in tasks:
-        if task.name in rep.failed:
-            continue
-        counts = (read_done(work / task.name) or {}).get("counts", {})
-        if task.name in rep.done:
-            report.downloaded += int(counts.get("downloaded", 0))
-            report.present += int(counts.get("present", 0))
-        else:
-            report.present += int(counts.get("rows", 0)) - int(counts.get("failed", 0))
-        failures.update(_read_failures(work / task.name / "failures.csv"))
-    _write_failures(report.failures_csv, failures, duplicates)
-    report.failed = len(failures)
-    report.duplicates = len(duplicates)
-    _warn_duplicates(Path(csv_path), duplicates, report.failures_csv)
-    report.seconds = time.perf_counter() - t0
-    logger.info(
-        "%s: %d downloaded, %d already present, %d failed (%s); %d task(s) run, %d skipped",
-        Path(csv_path).name,
-        report.downloaded,
-        report.present,
-        report.failed,
-        report.failures_csv,
-        len(rep.done),
-        len(rep.skipped),
     )
     return report
 

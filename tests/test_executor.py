@@ -26,6 +26,7 @@ import pytest
 from fault_server import Fault, FaultServer
 
 from gldboxes import executor as ex
+from gldboxes import gld_stages
 from gldboxes.executor import (
     Resources,
     SerialExecutor,
@@ -245,7 +246,7 @@ class TestDownloadStages:
         with FaultServer(files) as srv:
             srv.add_fault("train/images_000.tar", Fault(drop_after=700))  # resumed with Range
             srv.add_fault("train/images_001.tar", Fault(corrupt=True))  # md5 mismatch, refetched
-            stage, shards = ex.gldv2_shard_stage(
+            stage, shards = gld_stages.gldv2_shard_stage(
                 "train", tmp_path / "gld", [0, 1], base_url=srv.base_url, backoff=0.01
             )
             rep = SerialExecutor(progress=False).run(stage, shards, tmp_path / "gld" / "shards")
@@ -273,7 +274,9 @@ class TestDownloadStages:
             csv_path.write_text(
                 "id,url\n" + "".join(f"{d},{srv.url(f'img/{i}.jpg')}\n" for i, d in enumerate(ids))
             )
-            stage, shards = ex.url_list_stage(csv_path, tmp_path / "u", rows_per_shard=4, retries=0)
+            stage, shards = gld_stages.url_list_stage(
+                csv_path, tmp_path / "u", rows_per_shard=4, retries=0
+            )
             rep = SerialExecutor(progress=False).run(stage, shards, tmp_path / "u" / "shards")
         assert rep.counts == {"rows": 6, "downloaded": 5, "present": 0, "failed": 1}
         assert len(list((tmp_path / "u" / "images").rglob("*.jpg"))) == 5

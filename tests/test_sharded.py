@@ -18,6 +18,7 @@ from fault_server import Fault, FaultServer
 from test_executor import gld_files
 
 from gldboxes import executor as ex
+from gldboxes import gld_stages
 from gldboxes.executor import RayExecutor, Resources, SerialExecutor, Shard, ShardFailedError
 from retrieval import sharded
 from retrieval.aggregation import aggregate_many
@@ -332,12 +333,12 @@ class TestRay:
             )
             for name, engine in (("serial", SerialExecutor(progress=False)), ("ray", ray_executor)):
                 root = tmp_path / name
-                stage, shards = ex.gldv2_shard_stage(
+                stage, shards = gld_stages.gldv2_shard_stage(
                     "train", root / "gld", [0, 1, 2], base_url=srv.base_url, backoff=0.01
                 )
                 rep = engine.run(stage, shards, root / "gld" / "shards")
                 assert rep.counts["images"] == 9
-                stage, shards = ex.url_list_stage(
+                stage, shards = gld_stages.url_list_stage(
                     csv_path, root / "urls", rows_per_shard=2, retries=0
                 )
                 rep = engine.run(stage, shards, root / "urls" / "shards")

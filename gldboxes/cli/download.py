@@ -79,7 +79,8 @@ def _executor(args: argparse.Namespace, work_dir: Path) -> Executor:
 
 
 def _gldv2(args: argparse.Namespace) -> int:
-    from gldboxes.gld import GLDV2_BASE_URL, download_gldv2, download_gldv2_sharded
+    from gldboxes.gld import GLDV2_BASE_URL, download_gldv2
+    from gldboxes.gld_stages import download_gldv2_sharded
 
     if args.engine:
         if args.no_extract:
@@ -129,7 +130,8 @@ def _gldv2(args: argparse.Namespace) -> int:
 
 
 def _urls(args: argparse.Namespace) -> int:
-    from gldboxes.gld import download_url_list, download_url_list_sharded
+    from gldboxes.gld import download_url_list
+    from gldboxes.gld_stages import download_url_list_sharded
 
     if args.engine:
         with _executor(args, Path(args.out) / "shards") as engine:
