@@ -64,7 +64,7 @@ def test_cli_and_ablation_read_the_registry() -> None:
 
 
 def test_bad_kernels() -> None:
-    with pytest.raises(ValueError, match="unknown kernel 'asmk\\*'.*'naive_r_asmk_star'"):
+    with pytest.raises(ValueError, match=r"unknown kernel 'asmk\*'.*'naive_r_asmk_star'"):
         kernels.get("asmk*")
     with pytest.raises(ValueError, match="unknown words"):
         Kernel(name="x", label="X", words="hamming", query="x", alpha=3, tau=0, normalize=True)  # type: ignore[arg-type]
