@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from retrieval import cli_gldv2
+
 __all__ = ["register"]
 
 
@@ -16,18 +18,29 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="retrieval_command", metavar="STEP")
     sub.required = True
 
-    ev = sub.add_parser("evaluate", help="mAP and mP@1/5/10 of a ranking under Easy/Medium/Hard")
-    ev.add_argument("--gnd", required=True, help="gnd_<name>.pkl (official) or .json")
-    ev.add_argument("--ranks", required=True, help="ranks .npy of shape (n_db, n_queries)")
+    ev = sub.add_parser(
+        "evaluate",
+        help="mAP and mP@1/5/10 of a ranking under Easy/Medium/Hard; GLDv2 mAP@100 / GAP",
+    )
+    ev.add_argument("--gnd", help="gnd_<name>.pkl (official) or .json")
+    ev.add_argument("--ranks", help="ranks .npy of shape (n_db, n_queries)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--kappas", default="1,5,10", help="k of mP@k, comma-separated")
+    cli_gldv2.add_evaluate_options(ev)  # --dataset/--solution/--submission (retrieval.cli_gldv2)
     ev.set_defaults(func=_evaluate)
 
-    dl = sub.add_parser("download", help="download roxford5k / rparis6k (resumable)")
-    dl.add_argument("name", choices=["roxford5k", "rparis6k"])
-    dl.add_argument("--out", required=True, help="data root; the dataset goes to OUT/NAME")
+    dl = sub.add_parser(
+        "download", help="download roxford5k / rparis6k / revisitop1m distractors (resumable)"
+    )
+    dl.add_argument("name", choices=["roxford5k", "rparis6k", "revisitop1m"])
+    dl.add_argument(
+        "--out",
+        required=True,
+        help="data root; the dataset goes to OUT/NAME (revisitop1m: into OUT itself)",
+    )
     dl.add_argument("--gnd-base-url", help="mirror for the ground-truth pickle")
     dl.add_argument("--images-base-url", help="mirror for the image tarballs")
+    _distractor_download_options(dl)
     dl.set_defaults(func=_download)
 
     # Engine stages (retrieval.engine); all write config-named folders under --out.
@@ -56,11 +69,19 @@ def register(subparsers: Any) -> None:
     cb.add_argument("--overwrite", action="store_true")
     cb.set_defaults(func=_codebook)
 
-    ix = sub.add_parser("index", help="aggregate the database and build the inverted file")
-    ix.add_argument("--dataset", required=True, help="Revisited-style folder")
-    ix.add_argument("--codebook", required=True, help="codebook.npy (or its folder)")
+    ix = sub.add_parser(
+        "index",
+        help="aggregate a dataset's database into an inverted file, or index/grow/shrink a "
+        "folder of your own photos (--images, --remove, --compact)",
+    )
+    ix.add_argument("--dataset", help="Revisited-style folder")
+    ix.add_argument("--codebook", help="codebook.npy (or its folder)")
     _engine_options(ix)
+    from retrieval.cli_photos import add_index_options, register_query
+
+    add_index_options(ix)
     ix.set_defaults(func=_index)
+    register_query(sub)
 
     se = sub.add_parser("search", help="rank the database for every query (ranks.npy)")
     se.add_argument("--dataset", required=True, help="Revisited-style folder")
@@ -82,6 +103,13 @@ def register(subparsers: Any) -> None:
     rn.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
     rn.add_argument("--codebook-seed", type=int, default=0)
     rn.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rn.add_argument(
+        "--distractors",
+        metavar="DIR|INDEX",
+        help="add distractors to the database: an image folder (e.g. the extracted revisitop1m) "
+        "or a distractor index built with the same features/codebook/kernel "
+        "(OUT/index/...-<set>.parts); the table row ends +<count> (roxford5k+1m)",
+    )
     _engine_options(rn)
     _region_options(rn)
     from gldboxes.executor import add_engine_options
@@ -129,6 +157,7 @@ def register(subparsers: Any) -> None:
     ab.set_defaults(func=_ablation)
 
     _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.rmac.learned)
+    cli_gldv2.register(sub)  # GLDv2 benchmark folders (retrieval.cli_gldv2)
 
 
 def _feature_options(p: argparse.ArgumentParser) -> None:
@@ -342,6 +371,16 @@ def _index_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 def _index(args: argparse.Namespace) -> int:
     from retrieval.engine import build_index
 
+    if args.images or args.remove or args.compact:
+        from retrieval.cli_photos import index
+
+        if args.dataset:
+            raise ValueError("retrieval index: give --dataset or --images/--remove/--compact")
+        return index(args)
+    if args.regions or args.codebook_images or args.codebook_size:
+        raise ValueError("--regions/--codebook-images/--codebook-size apply to --images")
+    if not args.dataset or not args.codebook:
+        raise ValueError("retrieval index: give --dataset and --codebook, or --images (photos)")
     conf, ds, feats, tag = _index_inputs(args)
     path = build_index(conf, ds, feats[0], args.codebook, tag, args.out, overwrite=args.overwrite)
     print(path)
@@ -377,6 +416,8 @@ def _run(args: argparse.Namespace) -> int:
         codebook_dataset=args.codebook_dataset,
         codebook_path=args.codebook,
         overwrite=args.overwrite,
+        distractors=args.distractors,
+        distractor_shard_size=args.shard_size,
     )
     if args.json:
         print(
@@ -399,6 +440,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(res.table())
         print(f"index: {res.index} ({res.index_stats.get('bytes_per_image', 0):.0f} bytes/image)")
+        if res.distractors is not None:
+            _print_distractors(res.distractors)
         print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
         if res.verification:
             print(
@@ -406,6 +449,18 @@ def _run(args: argparse.Namespace) -> int:
                 f"{res.verification['metrics_path']}"
             )
     return 0
+
+
+def _print_distractors(index: Any) -> None:
+    """One line on the distractor index of a run: folder, images, bytes per image."""
+    from retrieval.sharded import ShardedInvertedFile
+
+    st = ShardedInvertedFile.load(index).stats()
+    print(
+        f"distractors: {index} ({st['images']:.0f} images in {st['parts']:.0f} "
+        f"part{'s' if st['parts'] != 1 else ''}, "
+        f"{st['bytes_per_image']:.0f} bytes/image)"
+    )
 
 
 def _run_summary(res: Any) -> dict[str, Any]:
@@ -416,6 +471,7 @@ def _run_summary(res: Any) -> dict[str, Any]:
         "index": str(res.index),
         "index_stats": res.index_stats,
         "mAP": {p: r.map for p, r in res.results.items()},
+        "distractors": None if res.distractors is None else str(res.distractors),
     }
 
 
@@ -472,6 +528,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from retrieval.datasets import load_gnd
     from retrieval.evaluate import evaluate_protocols, format_table
 
+    if cli_gldv2.uses_gldv2(args):
+        return cli_gldv2.evaluate_gldv2(args)
+    if not args.gnd or not args.ranks:
+        raise ValueError("--gnd and --ranks are required (or GLDv2: --dataset or --solution)")
     cfg = load_gnd(args.gnd)
     path = Path(args.ranks)
     if not path.exists():
@@ -492,9 +552,69 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distractor_download_options(p: argparse.ArgumentParser) -> None:
+    """``retrieval download revisitop1m`` options (archives, mirror, engine, transfer policy)."""
+    from gldboxes.executor import add_engine_options
+
+    g = p.add_argument_group("revisitop1m (1,001,001 distractors in 100 archives)")
+    g.add_argument("--archives", help="archive numbers, e.g. 1-100 or 1-3,7 (default: all)")
+    g.add_argument(
+        "--base-url",
+        help="mirror root holding revisitop1m.txt and jpg/revisitop1m.N.tar.gz (default: "
+        "revisitop's server; http(s):// or file://)",
+    )
+    g.add_argument("--keep-archives", action="store_true", help="keep the .tar.gz files")
+    g.add_argument("--retries", type=int, default=5, help="retries per file")
+    g.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout, seconds")
+    g.add_argument("--backoff", type=float, default=1.0, help="first retry wait, seconds")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_options(p, shard_size=1, shard_unit="archives")
+
+
+def _download_revisitop1m(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gldboxes.executor import executor_from_args
+    from retrieval.distractors import REVISITOP1M_BASE_URL, download_revisitop1m
+
+    with executor_from_args(args, Path(args.out) / "shards") as engine:
+        engine.progress = engine.progress and not args.no_progress
+        rep = download_revisitop1m(
+            args.out,
+            archives=args.archives,
+            base_url=args.base_url or REVISITOP1M_BASE_URL,
+            executor=engine,
+            archives_per_task=args.shard_size,
+            keep_archives=args.keep_archives,
+            retries=args.retries,
+            backoff=args.backoff,
+            timeout=args.timeout,
+        )
+    print(
+        f"revisitop1m: {len(rep.done)} archive(s) done now, {len(rep.skipped)} already done, "
+        f"{rep.images} images extracted; {rep.present} of the {rep.listed} listed images in "
+        f"{rep.root / 'jpg'}; manifest {rep.manifest}"
+    )
+    if rep.failed:
+        print(f"FAILED ({len(rep.failed)}), rerun to fetch them again:")
+        for name, reason in sorted(rep.failed.items()):
+            print(f"  {name}: {reason}")
+        return 1
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from retrieval.datasets import download_revisited
 
+    if args.name == "revisitop1m":
+        if args.gnd_base_url or args.images_base_url:
+            raise ValueError("revisitop1m: give its mirror with --base-url")
+        return _download_revisitop1m(args)
+    if args.engine or args.archives or args.base_url:
+        raise ValueError(
+            f"--engine/--archives/--base-url apply to revisitop1m; {args.name} takes "
+            "--gnd-base-url/--images-base-url"
+        )
     base: dict[str, str] = {}
     if args.gnd_base_url:
         base["gnd"] = args.gnd_base_url
@@ -631,6 +751,7 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
             codebook_images=args.codebook_images[0] if args.codebook_images else None,
             codebook_path=args.codebook,
             overwrite=args.overwrite,
+            distractors=args.distractors,
         )
     if args.json:
         print(
@@ -643,7 +764,12 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
             )
         )
     else:
-        print(format_table({res.index.name: res.results}))
+        label = res.index.name
+        if args.distractors:  # results/<run>+<count>-<tag>.sharded: <run>+<count>
+            label = res.ranks.parent.name.removesuffix(".sharded").rsplit("-", 1)[0]
+        print(format_table({label: res.results}))
+        if res.distractors is not None:
+            _print_distractors(res.distractors)
         print(f"index parts: {res.index} ({res.index_stats['bytes_per_image']:.0f} bytes/image)")
         print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
     return 0
