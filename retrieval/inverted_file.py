@@ -619,6 +619,58 @@ class InvertedFile:
             scs[a:b] = np.take_along_axis(s, top, axis=1)
         return ids, scs
 
+    def select_images(
+        self, keep: npt.ArrayLike, *, meta: Mapping[str, Any] | None = None
+    ) -> InvertedFile:
+        """A new index holding only the images where ``keep`` is True, renumbered in order.
+
+        Kept postings stay in their order (by word, then ascending id), so the result equals
+        :meth:`build` on the kept images' aggregated entries, array for array; regional items
+        follow their image. Used to compact a growing index (tombstoned images dropped).
+
+        Args:
+            keep: bool (n_images,).
+            meta: header metadata of the result (default: this index's).
+
+        Returns:
+            an :class:`InvertedFile` over ``keep.sum()`` images (image ``i`` of the result is
+            the ``i``-th kept image).
+        """
+        mask = np.asarray(keep)
+        if mask.dtype != np.bool_ or mask.shape != (self.n_images,):
+            raise ValueError(
+                f"select_images: keep must be bool ({self.n_images},), got {mask.dtype} "
+                f"{mask.shape}"
+            )
+        owner = None if self.item_image is None else np.asarray(self.item_image, np.int64)
+        item_keep = mask if owner is None else mask[owner]
+        new_item = np.cumsum(item_keep, dtype=np.int64) - 1
+        ids = np.asarray(self.image_ids)
+        post = item_keep[ids]
+        k = self.codebook_size
+        words = np.repeat(np.arange(k, dtype=np.int64), np.diff(np.asarray(self.offsets)))
+        offsets = np.zeros(k + 1, np.int64)
+        np.cumsum(np.bincount(words[post], minlength=k), out=offsets[1:])
+        item_image = None
+        if owner is not None:
+            new_image = np.cumsum(mask, dtype=np.int64) - 1
+            item_image = new_image[owner[item_keep]].astype(np.uint32)
+        return InvertedFile(
+            offsets=offsets,
+            image_ids=new_item[ids[post]].astype(np.uint32),
+            data=np.ascontiguousarray(np.asarray(self.data)[post]),
+            words_per_image=np.asarray(self.words_per_image)[item_keep].astype(np.uint32),
+            dim=self.dim,
+            kernel=self.kernel,
+            alpha=self.alpha,
+            tau=self.tau,
+            normalize=self.normalize,
+            meta=dict(self.meta if meta is None else meta),
+            item_image=item_image,
+            pooling=self.pooling,
+            region_norm_floor=self.region_norm_floor,
+        )
+
     # ------------------------------------------------------------------ files
     def header(self) -> dict[str, Any]:
         arrays = list(_ARRAYS) + ([] if self.item_image is None else ["item_image"])
