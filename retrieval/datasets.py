@@ -36,6 +36,7 @@ __all__ = [
     "RevisitedDataset",
     "UnsafePickleError",
     "download_revisited",
+    "extract_images",
     "load_gnd",
     "safe_load_pickle",
     "save_gnd",
@@ -313,7 +314,7 @@ def download_revisited(
             if done.exists():
                 continue
             tgz = _fetch(url, archives / fname)
-            _extract_images(tgz, root / "jpg", url)
+            extract_images(tgz, root / "jpg", url)
             done.write_text("ok\n")
     finally:
         session.close()
@@ -338,29 +339,45 @@ def _short(exc: DownloadError, url: str) -> str:
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
-def _extract_images(tgz: Path, jpg_dir: Path, url: str = "") -> None:
-    """Extract the ``.jpg`` members of a tarball flat into ``jpg_dir`` (no path traversal).
+def extract_images(tgz: Path, jpg_dir: Path, url: str = "", *, flatten: bool = True) -> list[str]:
+    """Extract the ``.jpg`` members of a tarball into ``jpg_dir`` (no path traversal).
 
     Members go to a staging folder beside ``jpg_dir`` and are moved into it only once the whole
-    archive was read. A truncated or corrupt archive is deleted with the staging folder.
+    archive was read, its compressed stream to the end (the gzip/xz checksum checked). A
+    truncated or corrupt archive is deleted with the staging folder.
+
+    Args:
+        flatten: put every image directly in ``jpg_dir`` (Oxford/Paris); else keep the
+            members' relative paths (revisitop1m), refusing absolute and ``..`` names.
+
+    Returns:
+        the extracted images' paths relative to ``jpg_dir``, sorted.
 
     Raises:
         DatasetDownloadError: the archive is truncated or corrupt (it was deleted).
+        ValueError: an unsafe member name (absolute or with ``..``) when not flattening.
     """
     stage = jpg_dir.parent / f".extract-{tgz.name}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
+    names: list[str] = []
     try:
         try:
             with tarfile.open(tgz, "r:*") as tar:
                 for member in tar:
                     if not member.isfile() or not member.name.lower().endswith(".jpg"):
                         continue
+                    name = Path(member.name).name if flatten else _safe_member(tgz, member.name)
                     fh = tar.extractfile(member)
                     if fh is None:
                         continue
-                    with open(stage / Path(member.name).name, "wb") as out:
+                    (stage / name).parent.mkdir(parents=True, exist_ok=True)
+                    with open(stage / name, "wb") as out:
                         shutil.copyfileobj(fh, out, 1 << 20)
+                    names.append(name)
+                rest = getattr(tar.fileobj, "read", None)
+                while rest is not None and rest(1 << 20):  # to the end: checks the CRC
+                    pass
         except _ARCHIVE_ERRORS as exc:
             tgz.unlink(missing_ok=True)
             raise DatasetDownloadError(
@@ -368,7 +385,19 @@ def _extract_images(tgz: Path, jpg_dir: Path, url: str = "") -> None:
                 f"and its partial extraction, rerun to fetch it again"
                 + (f" from {url}" if url else "")
             ) from exc
-        for image in sorted(stage.iterdir()):
-            os.replace(image, jpg_dir / image.name)
+        done = sorted(set(names))
+        for name in done:
+            (jpg_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / name, jpg_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    return done
+
+
+def _safe_member(tgz: Path, name: str) -> str:
+    """A tar member's relative path (``./`` stripped), refusing absolute and ``..`` names."""
+    rel = name[2:] if name.startswith("./") else name
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise ValueError(f"{tgz}: unsafe member name {name!r}")
+    return Path(*parts).as_posix()

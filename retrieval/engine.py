@@ -752,23 +752,34 @@ def search(
     out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
+    distractors: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Rank the database for every query; writes ``ranks.npy`` and ``scores.npy``.
 
     Queries are aggregated with the single-image kernel of the index's kernel
     (:data:`retrieval.aggregation.QUERY_KERNEL`: one region, asymmetric regional search).
-    Both arrays are (n_ranked, n_queries), best first.
+    Both arrays are (n_ranked, n_queries), best first. With ``distractors`` (a distractor
+    index, :func:`retrieval.distractors.distractor_index`) its images rank too, under ids
+    ``n_db ..``, into ``results/<index name>+<count>-<tag>/``.
     """
     index_path = Path(index_path)
     folder = Path(out_dir) / "results" / index_path.name
-    ranks_path = folder / "ranks.npy"
-    done = folder / "search.json"
     ivf = InvertedFile.load(index_path)
-    key = {
+    key: dict[str, Any] = {
         "index_config_hash": ivf.meta.get("config_hash"),
         "queries_mtime": os.stat(query_features).st_mtime_ns,
         "top_k": conf.get("top_k"),
     }
+    index: Any = ivf
+    if distractors is not None:
+        from retrieval.distractors import open_distractors, with_distractors
+
+        dis = open_distractors(distractors)
+        folder = folder.with_name(f"{folder.name}{dis.label}-{dis.tag}")
+        key["distractors"] = {"index": os.fspath(dis.folder), "md5": dis.header_md5}
+        index = with_distractors(ivf, dis.folder)
+    ranks_path = folder / "ranks.npy"
+    done = folder / "search.json"
     if ranks_path.exists() and done.exists() and read_json(done) == key and not overwrite:
         logger.info("ranks exist, skipping: %s", ranks_path)
         return ranks_path
@@ -776,7 +787,7 @@ def search(
     q = aggregate_features(
         conf, query_features, dataset.qimlist, cb, kernel=QUERY_KERNEL[conf["kernel"]]
     )
-    ids, scores = ivf.search(q, conf.get("top_k"))
+    ids, scores = index.search(q, conf.get("top_k"))
     with atomic_path(folder / "scores.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(scores.T), allow_pickle=False)
     with atomic_path(ranks_path) as tmp, open(tmp, "wb") as fh:
@@ -791,16 +802,24 @@ def evaluate(
     ranks_path: str | os.PathLike[str],
     *,
     kappas: Sequence[int] = (1, 5, 10),
+    n_distractors: int = 0,
 ) -> tuple[Path, dict[str, Any]]:
-    """Easy/Medium/Hard mAP and mP@k of a ranking; writes ``metrics.json`` beside it."""
+    """Easy/Medium/Hard mAP and mP@k of a ranking; writes ``metrics.json`` beside it.
+
+    ``n_distractors``: ids ``n_db .. n_db + n_distractors - 1`` are distractors (negatives for
+    every query); ``metrics.json`` then names the dataset ``<name>+<count>`` (``roxford5k+1m``).
+    """
     ranks_path = Path(ranks_path)
     ranks = np.load(ranks_path, allow_pickle=False)
-    res = evaluate_protocols(ranks, dataset.gnd, kappas, n_db=dataset.n_db)
+    res = evaluate_protocols(ranks, dataset.gnd, kappas, n_db=dataset.n_db + n_distractors)
     metrics = {p: r.as_dict() for p, r in res.items()}
-    out = write_json(
-        ranks_path.parent / "metrics.json",
-        {"format_version": 1, "dataset": dataset.name, "metrics": metrics},
-    )
+    body: dict[str, Any] = {"format_version": 1, "dataset": dataset.name, "metrics": metrics}
+    if n_distractors:
+        from retrieval.distractors import count_label
+
+        body["dataset"] = f"{dataset.name}+{count_label(n_distractors)}"
+        body["distractors"] = n_distractors
+    out = write_json(ranks_path.parent / "metrics.json", body)
     return out, {"results": res, "metrics": metrics}
 
 
@@ -952,11 +971,14 @@ class RunResult:
     index_stats: dict[str, float] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     regions: Path | None = None
+    label: str | None = None  # the table's row name (default: the index folder's name)
+    distractors: Path | None = None  # the distractor index searched with the dataset's
 
     def table(self, name: str | None = None) -> str:
-        rows = {name or self.index.name: self.results}
+        name = name or self.label or self.index.name
+        rows = {name: self.results}
         if self.verification:
-            rows[f"{name or self.index.name} +GV"] = self.verification["results"]
+            rows[f"{name} +GV"] = self.verification["results"]
         return format_table(rows)
 
 
@@ -969,6 +991,8 @@ def run(
     codebook_dataset: str | os.PathLike[str] | None = None,
     codebook_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    distractors: str | os.PathLike[str] | None = None,
+    distractor_shard_size: int = 256,
 ) -> RunResult:
     """One shot: features, codebook, index, ranks and metrics for a Revisited-style folder.
 
@@ -981,8 +1005,16 @@ def run(
             several folders pooled.
         codebook_dataset: or on the database images of another Revisited folder.
         codebook_path: or use an existing ``codebook.npy``.
+        distractors: add these distractors to the database (an image folder, e.g. the
+            extracted revisitop1m, or a distractor index built with the same settings; see
+            :func:`retrieval.distractors.distractor_index`, built here shard by shard with
+            ``distractor_shard_size`` images a part); the table row ends ``+<count>``.
     """
     rc = resolve_conf(conf)
+    if distractors is not None:
+        from retrieval.distractors import check_run_conf
+
+        check_run_conf(rc)  # before any work
     ds = RevisitedDataset.load(Path(dataset_dir))
     missing = ds.missing_images()
     if missing:
@@ -1040,8 +1072,25 @@ def run(
     )
     if feats[1] is None:
         raise ValueError(f"{ds.root}: query features were not extracted")
-    ranks = search(rc, ds, feats[1], idx, cb_path, out_dir, overwrite=overwrite)
-    mpath, ev = evaluate(ds, ranks)
+    dis_index, n_dis, label = None, 0, None
+    if distractors is not None:
+        from retrieval.distractors import distractor_index, open_distractors
+
+        dis_index = distractor_index(
+            rc,
+            distractors,
+            cb_path,
+            training_set,
+            out_dir,
+            shard_size=distractor_shard_size,
+            overwrite=overwrite,
+        )
+        dis = open_distractors(dis_index)
+        n_dis, label = dis.n_images, f"{idx.name}{dis.label}"
+    ranks = search(
+        rc, ds, feats[1], idx, cb_path, out_dir, overwrite=overwrite, distractors=dis_index
+    )
+    mpath, ev = evaluate(ds, ranks, n_distractors=n_dis)
     stats = read_json(idx / "header.json").get("stats", {})
     ver: dict[str, Any] = {}
     if rc["verification"] is not None:
@@ -1057,4 +1106,6 @@ def run(
         index_stats=stats,
         verification=ver,
         regions=regions_csv,
+        label=label,
+        distractors=dis_index,
     )

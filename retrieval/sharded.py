@@ -1003,6 +1003,7 @@ class ShardedRun:
     reports: dict[str, StageReport] = field(default_factory=dict)
     index_stats: dict[str, float] = field(default_factory=dict)
     regions: Path | None = None
+    distractors: Path | None = None  # the distractor index searched after the dataset's parts
 
 
 def _train_codebook(
@@ -1061,6 +1062,7 @@ def run(
     verify_top_n: int = 100,
     queries_per_shard: int = 8,
     overwrite: bool = False,
+    distractors: str | os.PathLike[str] | None = None,
 ) -> ShardedRun:
     """The retrieval pipeline of :func:`retrieval.engine.run`, shard by shard on ``executor``.
 
@@ -1088,6 +1090,10 @@ def run(
         codebook_images: train the codebook on this image folder (extracted in shards too).
         codebook_path: or use this ``codebook.npy``. Neither: the database itself (warned).
         verify: also spatially verify the top ``verify_top_n`` (batches of queries).
+        distractors: a distractor image folder or index
+            (:func:`retrieval.distractors.distractor_index`, built here on ``executor`` with
+            ``shard_size`` images a part); its parts are searched after the dataset's, under
+            ids ``n_db ..``, into ``results/<run name>+<count>-<tag>.sharded/``.
     """
     from retrieval.aggregation import QUERY_KERNEL
     from retrieval.datasets import RevisitedDataset
@@ -1105,6 +1111,10 @@ def run(
     from retrieval.regions import read_regions_csv
 
     rc = resolve_conf(conf)
+    if distractors is not None:
+        from retrieval.distractors import check_run_conf
+
+        check_run_conf(rc, verify=verify)  # before any work
     fc = feature_conf(rc)
     vconf: dict[str, Any] = {}
     if rc.get("verification") is not None or verify:
@@ -1195,6 +1205,26 @@ def run(
     from retrieval.codebook import load_codebook
 
     res_dir = out / "results" / f"{name}.sharded"
+    starts = [int(s.meta["start"]) for s in parts]
+    n_dis, dis_index = 0, None
+    if distractors is not None:  # appended after the dataset's images
+        from retrieval.distractors import distractor_index, open_distractors
+
+        dis_index = distractor_index(
+            rc,
+            distractors,
+            cb_path,
+            training_set,
+            out,
+            executor=executor,
+            shard_size=shard_size,
+            overwrite=overwrite,
+        )
+        dis = open_distractors(dis_index)
+        n_dis = dis.n_images
+        part_dirs += list(dis.part_dirs)
+        starts += [ds.n_db + s for s in dis.starts]
+        res_dir = out / "results" / f"{name}{dis.label}-{dis.tag}.sharded"
     cb = load_codebook(cb_path)
     qnames = list(ds.qimlist)
     q_batch = _aggregate_named(rc, qf, qnames, cb, kernel=QUERY_KERNEL[rc["kernel"]])
@@ -1202,7 +1232,7 @@ def run(
         executor,
         q_batch,
         part_dirs,
-        [int(s.meta["start"]) for s in parts],
+        starts,
         res_dir / "search",
         rc.get("top_k"),
         overwrite=overwrite,
@@ -1211,7 +1241,7 @@ def run(
     with atomic_path(ranks) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(ids.T), allow_pickle=False)
     write_config(res_dir, dict(rc))
-    mpath, ev = evaluate(ds, ranks)
+    mpath, ev = evaluate(ds, ranks, n_distractors=n_dis)
     verified: dict[str, Path] = {}
     if verify:
         verified = verify_sharded(
@@ -1238,6 +1268,7 @@ def run(
         reports=reports,
         index_stats=sivf.stats(),
         regions=regions_csv,
+        distractors=dis_index,
     )
 
 
