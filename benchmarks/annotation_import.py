@@ -2,9 +2,12 @@
 
 Starts a throw-away Label Studio (from the cached migrated template) and measures, in the same
 run: (a) ``annotation.campaign.import_images`` of N tasks with one inline prediction each,
-(b) the same N tasks without predictions, (c) the naive peer: one ``predictions.create`` call
-per task, timed on a sample and reported per task; and (d) the cost of giving a task to two
-raters (one ``PATCH /api/tasks/<id>`` each). Prints tasks/s and the ratios.
+(b) the same N tasks without predictions, (c) **the peer**: Label Studio's own bulk import of the
+same N task payloads with inline predictions in one ``projects.import_tasks`` call (no
+existence check, no idempotency: what a script using the SDK at its best does), (d) the naive
+way, one ``predictions.create`` call per task, timed on a sample (shown, but not a peer); and
+(e) the cost of giving a task to two raters (one ``PATCH /api/tasks/<id>`` each). Prints
+tasks/s and the ratios. Label Studio runs its default worker setup; the client is one thread.
 
 Then (e) an import of ``--overlap-tasks`` tasks with 10% overlap (``import_images``, the PATCHes
 sent 8 at a time), and the same PATCHes on those tasks again one at a time (``workers=1``, the
@@ -88,7 +91,27 @@ def main() -> None:
                 assert res.added == args.tasks
                 rates[name] = args.tasks / dt
                 print(f"import {args.tasks} tasks {name}: {dt:.1f} s = {rates[name]:.0f} tasks/s")
-            # peer: predictions posted one by one on the tasks imported without predictions
+            # the peer: the same payloads, predictions inline, in one bulk call of the SDK
+            ppid = campaign.create_campaign(client, title="bench bulk peer", image_dir=root)
+            payload = [
+                {
+                    "data": {
+                        campaign.IMAGE_NAME: campaign.local_files_url(it.path, Path(tmp)),
+                        "gld_id": it.id,
+                        "landmark_id": it.landmark_id,
+                        "width": it.width,
+                        "height": it.height,
+                        "overlap": False,
+                    },
+                    "predictions": [campaign.prediction_for(preds[it.id], 320, 240, "bench")],
+                }
+                for it in items
+            ]
+            t0 = time.perf_counter()
+            client.projects.import_tasks(id=ppid, request=payload, return_task_ids=True)
+            bulk = args.tasks / (time.perf_counter() - t0)
+            print(f"peer, Label Studio bulk import_tasks with predictions: {bulk:.0f} tasks/s")
+            # not a peer: predictions posted one by one on the tasks imported without predictions
             tids = list(campaign.existing_task_ids(conf.url, TOKEN, pid).values())[: args.sample]
             box = preds[items[0].id]
             t0 = time.perf_counter()
@@ -103,8 +126,9 @@ def main() -> None:
             campaign.set_task_overlap(conf.url, TOKEN, tids[:20], 2)
             print(f"overlap PATCH per task (20 tasks): {(time.perf_counter() - t0) / 20:.2f} s")
             print(
-                f"ratio inline-predictions import / one-by-one: "
-                f"{rates['with predictions'] / one:.1f}x"
+                f"ours / the bulk peer: {rates['with predictions'] / bulk:.2f}x "
+                f"(ours also checks what is already imported, twice); "
+                f"ours / one call per task (not a peer): {rates['with predictions'] / one:.1f}x"
             )
             print(
                 f"ratio with / without predictions: "
