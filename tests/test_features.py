@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import retrieval.features as F
+from retrieval.delf import DELF_SCALES, read_datum
 from retrieval.features import (
     ImageItem,
     check_features,
@@ -30,7 +31,6 @@ from retrieval.features import (
     failures,
     load_image,
     main,
-    read_datum,
     read_descriptors,
     read_features,
     rootsift,
@@ -679,7 +679,7 @@ class TestDelf:
         fn = tf.saved_model.load(str(tmp_path / "model")).signatures["serving_default"]
         out = fn(
             input_image=tf.constant(rgb),
-            input_scales=tf.constant(F.DELF_SCALES),
+            input_scales=tf.constant(DELF_SCALES),
             input_abs_thres=tf.constant(100.0),
             input_max_feature_num=tf.constant(50),
         )
