@@ -737,10 +737,6 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
     from retrieval.evaluate import format_table
     from retrieval.sharded import run as run_sharded
 
-    if args.codebook_dataset:
-        raise ValueError("--engine: use --codebook-images or --codebook (not --codebook-dataset)")
-    if args.codebook_images and len(args.codebook_images) > 1:
-        raise ValueError("--engine: give one --codebook-images folder (or --codebook)")
     with executor_from_args(args, args.out) as engine:
         res = run_sharded(
             args.dataset,
@@ -748,7 +744,8 @@ def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
             conf,
             executor=engine,
             shard_size=args.shard_size,
-            codebook_images=args.codebook_images[0] if args.codebook_images else None,
+            codebook_images=args.codebook_images,
+            codebook_dataset=args.codebook_dataset,
             codebook_path=args.codebook,
             overwrite=args.overwrite,
             distractors=args.distractors,

@@ -1056,7 +1056,8 @@ def run(
     *,
     executor: Executor,
     shard_size: int = 256,
-    codebook_images: str | os.PathLike[str] | None = None,
+    codebook_images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    codebook_dataset: str | os.PathLike[str] | None = None,
     codebook_path: str | os.PathLike[str] | None = None,
     verify: bool = False,
     verify_top_n: int = 100,
@@ -1087,8 +1088,14 @@ def run(
         conf: options of :data:`retrieval.engine.default_conf`.
         executor: :class:`gldboxes.executor.SerialExecutor` or ``RayExecutor``.
         shard_size: images per feature shard and index part.
-        codebook_images: train the codebook on this image folder (extracted in shards too).
-        codebook_path: or use this ``codebook.npy``. Neither: the database itself (warned).
+        codebook_images: train the codebook on this image folder, or on several pooled.
+        codebook_dataset: or on the database images of another Revisited folder (the
+            protocol's way: Oxford with a Paris codebook).
+        codebook_path: or use this ``codebook.npy``. None of them: the database itself
+            (warned). A training set is extracted in shards on ``executor``, merged into the
+            single file :func:`retrieval.engine.extract_folder` / ``extract`` would write, and
+            trained by :func:`retrieval.engine.build_codebook`: the engine's codebook, byte
+            for byte.
         verify: also spatially verify the top ``verify_top_n`` (batches of queries).
         distractors: a distractor image folder or index
             (:func:`retrieval.distractors.distractor_index`, built here on ``executor`` with
@@ -1099,6 +1106,7 @@ def run(
     from retrieval.datasets import RevisitedDataset
     from retrieval.engine import (
         IMAGE_SUFFIXES,
+        build_codebook,
         build_regions,
         codebook_tag,
         evaluate,
@@ -1157,25 +1165,53 @@ def run(
         cb_path = Path(codebook_path)
         training_set = codebook_tag(cb_path)
         rc["codebook"]["size"] = int(_load(cb_path).shape[0])  # names say the real K
-    else:
+    elif codebook_images is not None or codebook_dataset is not None:
+        # Another image set: its shards merged into the engine's file, the engine's k-means.
+        sets: list[tuple[str, list[features_stage.ImageItem]]] = []
         if codebook_images is not None:
-            root = Path(codebook_images)
-            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-            training_set = f"{root.name}-{config_hash({'dir': os.path.abspath(root)}, 8)}"
-            items = [
-                features_stage.ImageItem(p.relative_to(root).as_posix().replace("/", "__"), p)
-                for p in files
-            ]
-            train = features_of(items, fdir / f"{training_set}.shards", "features-train")
-        else:
-            logger.warning(
-                "no codebook training set given: training on %s's own database (optimistic)",
-                ds.name,
+            folders = (
+                [codebook_images]
+                if isinstance(codebook_images, str | os.PathLike)
+                else list(codebook_images)
             )
-            train, training_set = db, f"{ds.name}-self"
-        cb_path = _train_codebook(rc, train, training_set, out, fc["output"])
+            if not folders:
+                raise ValueError("codebook_images: no folder given")
+            for folder in map(Path, folders):
+                if not folder.is_dir():
+                    raise FileNotFoundError(f"image folder not found: {folder}")
+                files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+                items = [
+                    features_stage.ImageItem(p.relative_to(folder).as_posix().replace("/", "__"), p)
+                    for p in files
+                ]
+                sets.append(
+                    (f"{folder.name}-{config_hash({'dir': os.path.abspath(folder)}, 8)}", items)
+                )
+            training_set = sets[0][0]
+            if len(sets) > 1:
+                training_set += f"+{len(sets) - 1}-{config_hash({'sets': [n for n, _ in sets]}, 6)}"
+        else:
+            other = RevisitedDataset.load(Path(str(codebook_dataset)))
+            items = [features_stage.ImageItem(n, other.image_path(n)) for n in other.imlist]
+            sets.append((f"{other.name}-db", items))
+            training_set = other.name
+        train_h5 = []
+        for k, (stem, items) in enumerate(sets):
+            shards = features_of(items, fdir / f"{stem}.shards", f"features-train-{k}")
+            h5 = fdir / f"{stem}.h5"
+            if overwrite or not h5.exists():
+                shards.merge(h5)
+            train_h5.append(h5)
+        cb_path = build_codebook(rc, train_h5, training_set, out, overwrite=overwrite)
+    else:
+        logger.warning(
+            "no codebook training set given: training on %s's own database (optimistic)",
+            ds.name,
+        )
+        cb_path = _train_codebook(rc, db, f"{ds.name}-self", out, fc["output"])
+        training_set = f"{ds.name}-self"
     name = run_name(rc, training_set, ds.name)
     # Index-side regions (D2R): the regions CSV on the driver (the engine's stage, same file),
     # the crops re-extracted shard by shard beside their images' feature shards.

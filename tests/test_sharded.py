@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,7 +193,8 @@ def _files(root: Path, skip: tuple[str, ...] = ("done.json", "stage.yaml")) -> d
         if p.is_file()
         and p.name not in skip
         and "codebooks" not in p.parts  # the Ray run reuses the serial run's codebook
-        and not any(x.startswith("images-") and x.endswith(".shards") for x in p.parts)
+        # nor its codebook's training images (shards, and the merged file k-means reads)
+        and not any(x.startswith("images-") and x.endswith((".shards", ".h5")) for x in p.parts)
     }
 
 
@@ -450,3 +452,50 @@ def _report_pid(shard: Shard, out: Path, model: Any) -> dict[str, int]:
     assert model == os.getpid()  # the cached model was loaded in this very process
     (out / "pid.txt").write_text(str(os.getpid()))
     return {"n": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_codebook_sets_under_both_engines(
+    world: Path, ray_executor: RayExecutor, tmp_path: Path
+) -> None:
+    """``--codebook-dataset`` (the protocol's other dataset) and several pooled
+    ``--codebook-images`` folders work under ``--engine serial`` and ``--engine ray``: the
+    training set is extracted in shards, and the codebook and the ranking are the engine's,
+    byte for byte."""
+    from gldboxes.cli.main import main
+    from gldboxes.synth import confs, generate_world
+    from retrieval.engine import run as engine_run
+
+    other_world = generate_world(tmp_path / "w2", dataclasses.replace(confs["tiny"], seed=7))
+    other = tmp_path / "other"  # a second benchmark with a name of its own, like rparis6k
+    shutil.copytree(other_world / "retrieval", other)
+    (other / "gnd_synth.pkl").rename(other / "gnd_other.pkl")
+    ref = engine_run(world / "retrieval", tmp_path / "engine", CONF, codebook_dataset=other)
+    assert ref.codebook.parent.name.endswith("-other")
+    for name, engine in (("serial", SerialExecutor(progress=False)), ("ray", ray_executor)):
+        r = sharded.run(
+            world / "retrieval",
+            tmp_path / name,
+            CONF,
+            executor=engine,
+            shard_size=SHARD,
+            codebook_dataset=other,
+        )
+        assert r.codebook.parent.name == ref.codebook.parent.name, name
+        assert r.codebook.read_bytes() == ref.codebook.read_bytes(), name
+        np.testing.assert_array_equal(np.load(r.ranks), np.load(ref.ranks), err_msg=name)
+        assert r.reports["features-train-0"].counts["images"] == 48
+    # Two folders pooled, through the CLI as the README's protocol examples give them.
+    folders = [str(world / "train" / "images"), str(other_world / "train" / "images")]
+    conf = {"codebook": {"size": 64}, "kernel": "asmk_star"}  # the CLI's k-means defaults
+    ref2 = engine_run(world / "retrieval", tmp_path / "engine2", conf, codebook_images=folders)
+    out = tmp_path / "cli"
+    argv = ["-q", "retrieval", "run", "--dataset", str(world / "retrieval"), "--out", str(out)]
+    argv += ["--codebook-size", "64", "--engine", "serial", "--shard-size", str(SHARD)]
+    assert main([*argv, "--codebook-images", *folders]) == 0
+    (cb,) = out.glob("codebooks/*/codebook.npy")
+    assert cb.parent.name == ref2.codebook.parent.name and "+1-" in cb.parent.name
+    assert cb.read_bytes() == ref2.codebook.read_bytes()
+    (ranks,) = out.glob("results/*.sharded/ranks.npy")
+    np.testing.assert_array_equal(np.load(ranks), np.load(ref2.ranks))
