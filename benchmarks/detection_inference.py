@@ -8,6 +8,15 @@ at 27 ms on a TitanX, a ratio of 3.3.
 
     TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python benchmarks/detection_inference.py \\
         [--presets tiny_cpu ssd_mobilenetv2 frcnn_resnet50] [--images 10] [--json OUT]
+
+``--load`` times model loading instead: each preset is exported twice from the same seeded
+weights, as Model Garden's full SavedModel (the peer: ``export_inference_graph``) and as our
+lean export (``detection.export``'s default), and each is loaded ``--repeats`` times in a fresh
+Python process: ``tf.saved_model.load``, then the first call (graph optimisation) and a second
+call on a 640x480 image; the two exports' detections are compared.
+
+    TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python benchmarks/detection_inference.py --load \\
+        --presets tiny_cpu ssd_mobilenetv2 [--repeats 2]
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +56,82 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+# Run in a fresh interpreter: TensorFlow import, load, first and second call, outputs.
+_LOAD_PROBE = """
+import json, sys, time
+import numpy as np
+t0 = time.perf_counter()
+import tensorflow as tf
+t1 = time.perf_counter()
+loaded = tf.saved_model.load(sys.argv[1])
+t2 = time.perf_counter()
+sig = loaded.signatures["serving_default"]
+img = np.random.default_rng(0).integers(0, 256, (1, 480, 640, 3), dtype=np.uint8)
+out = sig(inputs=tf.constant(img))
+n = int(out["num_detections"].numpy()[0])
+t3 = time.perf_counter()
+sig(inputs=tf.constant(img))["num_detections"].numpy()
+t4 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_call": t3 - t2,
+                  "second_call": t4 - t3, "n": n,
+                  "boxes": out["detection_boxes"].numpy()[0, :n].tolist(),
+                  "scores": out["detection_scores"].numpy()[0, :n].tolist()}))
+"""
+
+
+def _probe(path: Path) -> dict[str, object]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def load_times(presets: list[str], repeats: int) -> dict[str, dict[str, object]]:
+    """Full (Model Garden) vs lean export of each preset: load and first-call seconds."""
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="detload-") as tmp:
+        for name in presets:
+            conf = configs.get_conf(name)
+            row: dict[str, object] = {}
+            probes: dict[str, dict[str, object]] = {}
+            for layout, lean in (("model_garden", False), ("lean", True)):
+                t0 = time.perf_counter()
+                path = export.main(
+                    None, Path(tmp) / f"{name}-{layout}", checkpoint="random", conf=conf, lean=lean
+                )
+                row[f"{layout}_export_seconds"] = time.perf_counter() - t0
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                row[f"{layout}_mb"] = size / 2**20
+                runs = [_probe(path) for _ in range(repeats)]
+                probes[layout] = runs[-1]
+                for key in ("load", "first_call", "second_call"):
+                    row[f"{layout}_{key}"] = min(float(str(r[key])) for r in runs)
+            a, b = probes["model_garden"], probes["lean"]
+            same_n = a["n"] == b["n"]
+            row["same_detections"] = same_n and bool(
+                np.allclose(np.asarray(a["boxes"]), np.asarray(b["boxes"]), atol=1e-4)
+                and np.allclose(np.asarray(a["scores"]), np.asarray(b["scores"]), atol=1e-6)
+            )
+            results[name] = row
+            mg = float(str(row["model_garden_load"])) + float(str(row["model_garden_first_call"]))
+            ln = float(str(row["lean_load"])) + float(str(row["lean_first_call"]))
+            print(
+                f"{name:16s} Model Garden export: load {row['model_garden_load']:5.1f} s + first "
+                f"call {row['model_garden_first_call']:4.1f} s ({row['model_garden_mb']:.0f} MB)"
+                f" | lean: load {row['lean_load']:5.1f} s + first call "
+                f"{row['lean_first_call']:4.1f} s ({row['lean_mb']:.0f} MB) | "
+                f"{mg / ln:4.1f}x faster to the first detection; same detections: "
+                f"{row['same_detections']}",
+                flush=True,
+            )
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(configs.confs))
@@ -58,7 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         help="PRESET=RUN_DIR: time a trained run instead of random weights",
     )
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--load", action="store_true", help="time loading: full vs lean export (see above)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="fresh loads per export (--load)")
     args = parser.parse_args(argv)
+    if args.load:
+        res = load_times(args.presets, args.repeats)
+        print(
+            f"\nbest of {args.repeats} fresh processes each; {os.cpu_count()} CPUs visible, shared."
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+        return 0
     runs = dict(item.split("=", 1) for item in args.run)
     imgs = _images(args.images + args.warmup)
     results: dict[str, dict[str, float | str]] = {}

@@ -3,7 +3,9 @@
 Two entry points:
 
 * :func:`main` evaluates a training run's checkpoint on a records split with Model Garden's
-  COCO evaluator (pycocotools inside) and writes ``RUN/eval/<split>-step<N>.json``;
+  COCO evaluator (pycocotools inside) and writes ``RUN/eval/<split>-step<N>.json``
+  (``detection.train.main(eval_every=N)`` runs the same evaluation, :func:`evaluate_trainer`,
+  on the model while it trains);
 * :func:`evaluate_boxes` scores any detector boxes CSV (``id,box,score``) against a ground-truth
   boxes CSV, e.g. the output of ``gldboxes detect boxes`` or of the authors' released model.
 
@@ -33,7 +35,11 @@ __all__ = [
     "average_precision",
     "coco_metrics",
     "evaluate_boxes",
+    "evaluate_trainer",
+    "load_metrics",
     "main",
+    "metrics_record",
+    "squeeze_groundtruth_counts",
 ]
 
 logger = logging.getLogger("detection.evaluate")
@@ -253,10 +259,11 @@ def _metric_value(v: Any) -> float:
     return float(arr.reshape(-1)[0]) if arr.size else float("nan")
 
 
-def _squeeze_groundtruth_counts(task: Any, tf: Any) -> None:
-    """Work around tf-models-official 2.20's RetinaNet parser, which stores each image's
-    ground-truth count with shape (1,) instead of (): batched to (B, 1), the COCO evaluator's
-    ``int(num_instances)`` warns on NumPy < 2.4 and fails on 2.4+. Reshape it to (B,)."""
+def squeeze_groundtruth_counts(task: Any, tf: Any) -> None:
+    """Patch ``task.validation_step`` in place for tf-models-official 2.20's RetinaNet parser,
+    which stores each image's ground-truth count with shape (1,) instead of (): batched to
+    (B, 1), the COCO evaluator's ``int(num_instances)`` warns on NumPy < 2.4 and fails on 2.4+.
+    Reshape it to (B,)."""
     original = task.validation_step
 
     def validation_step(inputs: Any, model: Any, metrics: Any = None) -> Any:
@@ -332,42 +339,90 @@ def main(
     started = time.perf_counter()
     with strategy.scope():
         task = task_factory.get_task(params.task, logging_dir=str(run_dir))
-        _squeeze_groundtruth_counts(task, tf)
+        squeeze_groundtruth_counts(task, tf)
         trainer = train_utils.create_trainer(params, task, train=False, evaluate=True)
     if ckpt_path is not None:
         status = tf.train.Checkpoint(model=trainer.model).read(ckpt_path)
         status.expect_partial().assert_existing_objects_matched()
-    chatter = io.StringIO()  # pycocotools prints its summary table: keep it at DEBUG
-    with strategy.scope(), contextlib.redirect_stdout(chatter):
-        logs = trainer.evaluate(tf.convert_to_tensor(-1, dtype=tf.int32))
-    logger.debug("COCO evaluator output:\n%s", chatter.getvalue())
-    seconds = time.perf_counter() - started
-    metrics = {k: _metric_value(v) for k, v in (logs or {}).items()}
-    coco = {k: metrics[k] for k in COCO_STAT_NAMES if k in metrics}
-    if "AP50" not in coco:
-        raise ValueError(f"{run_dir}: the evaluator returned no AP50 (got {sorted(metrics)})")
-    result = {
-        "format_version": 1,
-        "run": str(run_dir),
-        "preset": conf["output"],
-        "split": split,
-        "checkpoint": ckpt_path,
-        "n_images": records.splits[split],
-        "n_positive_images": records.positives.get(split, 0),
-        "ap50": coco["AP50"],
-        "coco": coco,
-        "validation_loss": metrics.get("validation_loss"),
-        "seconds": round(seconds, 2),
-    }
+    scores = evaluate_trainer(trainer, strategy, tf, name=str(run_dir))
+    result = metrics_record(
+        scores,
+        run_dir=run_dir,
+        conf=conf,
+        records=records,
+        split=split,
+        checkpoint=ckpt_path,
+        seconds=time.perf_counter() - started,
+    )
     write_json(out, result)
     logger.info(
         "%s %s: AP@0.5 = %.4f (AP = %.4f)",
         run_dir.name,
         tag,
-        coco["AP50"],
-        coco.get("AP", float("nan")),
+        result["ap50"],
+        result["coco"].get("AP", float("nan")),
     )
     return out
+
+
+def evaluate_trainer(trainer: Any, strategy: Any, tf: Any, *, name: str) -> dict[str, Any]:
+    """One pass of a Model Garden trainer's evaluator over its whole validation set.
+
+    Used by :func:`main` (a checkpoint read into a fresh model) and by
+    ``detection.train.main --eval-every`` (the model being trained, no reload). The task must
+    have gone through :func:`squeeze_groundtruth_counts` before its first evaluation.
+
+    Args:
+        trainer: ``official.core.base_trainer.Trainer`` built with ``evaluate=True``.
+        strategy: the distribution strategy the trainer was built under.
+        tf: the TensorFlow module.
+        name: the run, for error messages.
+
+    Returns:
+        ``{"ap50": AP@0.5, "coco": COCO_STAT_NAMES -> value, "validation_loss": float}``.
+
+    Raises:
+        ValueError: the evaluator returned no AP50.
+    """
+    chatter = io.StringIO()  # pycocotools prints its summary table: keep it at DEBUG
+    with strategy.scope(), contextlib.redirect_stdout(chatter):
+        logs = trainer.evaluate(tf.convert_to_tensor(-1, dtype=tf.int32))
+    logger.debug("COCO evaluator output:\n%s", chatter.getvalue())
+    metrics = {k: _metric_value(v) for k, v in (logs or {}).items()}
+    coco = {k: metrics[k] for k in COCO_STAT_NAMES if k in metrics}
+    if "AP50" not in coco:
+        raise ValueError(f"{name}: the evaluator returned no AP50 (got {sorted(metrics)})")
+    return {"ap50": coco["AP50"], "coco": coco, "validation_loss": metrics.get("validation_loss")}
+
+
+def metrics_record(
+    scores: Mapping[str, Any],
+    *,
+    run_dir: str | os.PathLike[str],
+    conf: Mapping[str, Any],
+    records: Any,
+    split: str,
+    checkpoint: str | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``<split>-step<N>.json`` record of :func:`main` for scores of :func:`evaluate_trainer`.
+
+    Args:
+        records: ``detection.records.RecordsInfo`` of the evaluated records folder.
+    """
+    return {
+        "format_version": 1,
+        "run": str(run_dir),
+        "preset": conf["output"],
+        "split": split,
+        "checkpoint": checkpoint,
+        "n_images": records.splits[split],
+        "n_positive_images": records.positives.get(split, 0),
+        "ap50": scores["ap50"],
+        "coco": dict(scores["coco"]),
+        "validation_loss": scores["validation_loss"],
+        "seconds": round(seconds, 2),
+    }
 
 
 def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -24,6 +24,13 @@ Signature ``serving_default`` (the ``SIGNATURE`` dict below, also written to
 
 ``detection.inference.load_detector`` reads this layout (and the authors' TF1 export) and
 returns normalised ``ymin xmin ymax xmax`` boxes.
+
+Load time: Model Garden's ``export_inference_graph`` saves its ``DetectionModule`` object,
+Keras model included, so the SavedModel also holds every Keras layer's traced call functions,
+and ``tf.saved_model.load`` rebuilds each of them before the signature can run. The default
+export (``lean=True``) saves the same serving function (same graph, fixed ``[1, None, None, 3]``
+input signature, so no re-tracing) with only the model's variables attached: no optimizer
+slots, no layer functions. ``benchmarks/detection_inference.py --load`` measures both.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ def main(
     checkpoint: str = "latest",
     conf: dict[str, Any] | None = None,
     validation: Mapping[str, Any] | None = None,
+    lean: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Export a run's checkpoint as a SavedModel (see the module docstring for the layout).
@@ -101,6 +109,9 @@ def main(
         conf: the preset, when there is no run folder.
         validation: metrics of ``detection.evaluate.main`` for this checkpoint, for the
             card's AP@0.5; by default ``run_dir/eval/val-step<N>.json`` when it exists.
+        lean: save only the serving signature and the model's variables (see "Load time"
+            in the module docstring); ``False`` saves Model Garden's full export (every Keras
+            layer's traced functions too), the reference the tests compare against.
         overwrite: export again even when the folder holds a current export. Without it an
             export whose card is older (``format_version`` 1) only gets a new card.
 
@@ -155,20 +166,24 @@ def main(
     )
 
     import official.vision  # noqa: F401 - registers the vision tasks
-    from official.vision.serving import export_saved_model_lib
 
     params = build_experiment(conf, None)
     seed_everything(int(conf["seed"]))
     started = time.perf_counter()
     with atomic_dir(out) as tmp:
-        export_saved_model_lib.export_inference_graph(
-            input_type="image_tensor",
-            batch_size=1,
-            input_image_size=[int(v) for v in conf["input_size"]],
-            params=params,
-            checkpoint_path=ckpt_path,
-            export_dir=str(tmp),
-        )
+        if lean:
+            _export_lean(params, conf, ckpt_path, tmp, tf)
+        else:
+            from official.vision.serving import export_saved_model_lib
+
+            export_saved_model_lib.export_inference_graph(
+                input_type="image_tensor",
+                batch_size=1,
+                input_image_size=[int(v) for v in conf["input_size"]],
+                params=params,
+                checkpoint_path=ckpt_path,
+                export_dir=str(tmp),
+            )
         write_model_card(tmp, card)
     logger.info(
         "exported %s (%s) to %s in %.1f s", conf["output"], tag, out, time.perf_counter() - started
@@ -176,3 +191,35 @@ def main(
     if card["warning"]:
         logger.info("model card of %s: %s", out, card["warning"])
     return out
+
+
+def _export_lean(
+    params: Any, conf: Mapping[str, Any], ckpt_path: str | None, out: Path, tf: Any
+) -> None:
+    """Model Garden's ``DetectionModule`` serving function, saved with the model's variables
+    only: the same graph and weights as ``export_inference_graph``, without the Keras layers'
+    own traced call functions, which ``tf.saved_model.load`` would otherwise restore one by one.
+
+    Raises:
+        AssertionError: from TF when the checkpoint does not match the model (as Model Garden).
+    """
+    from official.core import train_utils
+    from official.vision.serving import detection as detection_serving
+
+    module = detection_serving.DetectionModule(
+        params=params,
+        batch_size=1,
+        input_image_size=[int(v) for v in conf["input_size"]],
+        input_type="image_tensor",
+        num_channels=3,
+    )
+    if ckpt_path is not None:  # as official.core.export_base.export reads it
+        status = tf.train.Checkpoint(model=module.model).read(ckpt_path)
+        status.assert_existing_objects_matched().expect_partial()
+    signatures = module.get_inference_signatures(
+        {"image_tensor": tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY}
+    )
+    root = tf.Module()
+    root.model_variables = list(module.model.variables)  # inference variables, no optimizer
+    tf.saved_model.save(root, str(out), signatures=signatures)
+    train_utils.serialize_config(params, str(out))

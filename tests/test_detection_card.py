@@ -240,20 +240,17 @@ class TestModelCard:
 
 
 class TestExportWritesCard:
-    """``export.main`` on a run folder, with Model Garden's SavedModel writer stubbed out."""
+    """``export.main`` on a run folder, with the SavedModel writer stubbed out."""
 
     @pytest.fixture
     def stub(self, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-        import official.vision  # noqa: F401 - as export.main does
-        from official.vision.serving import export_saved_model_lib
-
         calls: list[dict[str, Any]] = []
 
-        def fake_export(**kw: Any) -> None:
-            calls.append(kw)
-            Path(kw["export_dir"], "saved_model.pb").write_bytes(b"stub")
+        def fake_export(params: Any, conf: Any, ckpt_path: Any, out: Path, tf: Any) -> None:
+            calls.append({"checkpoint_path": ckpt_path, "export_dir": out})
+            Path(out, "saved_model.pb").write_bytes(b"stub")
 
-        monkeypatch.setattr(export_saved_model_lib, "export_inference_graph", fake_export)
+        monkeypatch.setattr(export, "_export_lean", fake_export)
         return calls
 
     def test_card_beside_export(

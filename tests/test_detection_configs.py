@@ -83,7 +83,7 @@ class TestPresets:
             configs.build_experiment(bad, _records(tmp_path))
         bad = configs.get_conf("tiny_cpu")
         bad["optimizer"]["schedule"] = "exp"
-        with pytest.raises(ValueError, match="schedule must be constant or cosine"):
+        with pytest.raises(ValueError, match=r"constant, cosine or exponential, got 'exp'"):
             configs.build_experiment(bad, _records(tmp_path))
 
 

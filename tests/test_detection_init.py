@@ -13,22 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tiny_models import keras_mobilenet_v2_h5 as _keras_h5
+from tiny_models import randomise_weights as _randomise
 from tiny_models import tiny_world_records
 
 from detection import configs, init, train
 from gldboxes.cli.main import main as cli_main
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def _randomise(weights: list[Any], seed: int) -> None:
-    """Give every variable distinct values (positive where it is a variance)."""
-    rng = np.random.default_rng(seed)
-    for w in weights:
-        value = rng.normal(0.0, 0.05, size=tuple(w.shape)).astype(np.float32)
-        if "moving_variance" in w.name:
-            value = np.abs(value) + 0.5
-        w.assign(value)
 
 
 def _mg_mobilenet(scale: float) -> Any:
@@ -40,19 +32,6 @@ def _mg_mobilenet(scale: float) -> Any:
         filter_size_scale=scale,
         input_specs=tf_keras.layers.InputSpec(shape=[None, 64, 64, 3]),
     )
-
-
-def _keras_h5(out_dir: Path, alpha: float, seed: int) -> tuple[Path, list[np.ndarray]]:
-    """Keras' own MobileNetV2 no_top weights file at width ``alpha`` (random values)."""
-    import tf_keras
-
-    net = tf_keras.applications.MobileNetV2(
-        weights=None, include_top=False, alpha=alpha, input_shape=(96, 96, 3)
-    )
-    _randomise(net.weights, seed)
-    path = out_dir / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_96_no_top.h5"
-    net.save_weights(str(path))
-    return path, [w.numpy() for w in net.weights]
 
 
 def _coco_checkpoint(out_dir: Path, num_classes: int) -> Path:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def export_tf1_detector(out: Path, box: tuple[float, float, float, float]) -> Path:
@@ -45,3 +48,26 @@ def tiny_world_records(tmp: Path, train_per_landmark: int) -> tuple[Path, Path]:
         images_csv=world / "train/train.csv",
     )
     return world, out
+
+
+def randomise_weights(weights: list[Any], seed: int) -> None:
+    """Give every variable distinct values (positive where it is a variance)."""
+    rng = np.random.default_rng(seed)
+    for w in weights:
+        value = rng.normal(0.0, 0.05, size=tuple(w.shape)).astype(np.float32)
+        if "moving_variance" in w.name:
+            value = np.abs(value) + 0.5
+        w.assign(value)
+
+
+def keras_mobilenet_v2_h5(out_dir: Path, alpha: float, seed: int) -> tuple[Path, list[np.ndarray]]:
+    """Keras' own MobileNetV2 no_top weights file at width ``alpha`` (random values)."""
+    import tf_keras
+
+    net = tf_keras.applications.MobileNetV2(
+        weights=None, include_top=False, alpha=alpha, input_shape=(96, 96, 3)
+    )
+    randomise_weights(net.weights, seed)
+    path = out_dir / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_96_no_top.h5"
+    net.save_weights(str(path))
+    return path, [w.numpy() for w in net.weights]
