@@ -4,12 +4,15 @@ Without ``--engine`` both download in threads of this process. With ``--engine s
 the work is cut into tasks (``--shard-size`` tar shards, or URL rows, per task) run by the
 executor (:mod:`gldboxes.executor`; Ray: local, or a cluster through ``RAY_ADDRESS`` with
 ``--out`` on storage every node sees), each finished task marked by a ``done.json`` under
-``OUT/.../shards/`` so a rerun skips it.
+``OUT/.../shards/`` so a rerun skips it. GLDv2 comes from ``--base-url``, else
+``$GLDBOXES_GLDV2_BASE_URL`` (a mirror; the README's commands run against one in the tests),
+else the official bucket.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--split", required=True, choices=["train", "index", "test"])
     g.add_argument("--out", required=True, help="data root; the split goes to OUT/SPLIT")
     g.add_argument("--shards", help="e.g. 0-9,12 (default: all shards of the split)")
-    g.add_argument("--base-url", help="mirror root (default: the official S3 bucket)")
+    g.add_argument(
+        "--base-url",
+        help="mirror root (default: $GLDBOXES_GLDV2_BASE_URL, else the official S3 bucket)",
+    )
     g.add_argument(
         "--workers", type=int, default=4, help="parallel shard transfers (without --engine)"
     )
@@ -82,6 +88,7 @@ def _gldv2(args: argparse.Namespace) -> int:
     from gldboxes.gld import GLDV2_BASE_URL, download_gldv2
     from gldboxes.gld_stages import download_gldv2_sharded
 
+    base_url = args.base_url or os.environ.get("GLDBOXES_GLDV2_BASE_URL") or GLDV2_BASE_URL
     if args.engine:
         if args.no_extract:
             raise ValueError(
@@ -94,7 +101,7 @@ def _gldv2(args: argparse.Namespace) -> int:
                 args.out,
                 engine,
                 shards=args.shards,
-                base_url=args.base_url or GLDV2_BASE_URL,
+                base_url=base_url,
                 tars_per_task=args.shard_size,
                 metadata=not args.no_metadata,
                 keep_tars=args.keep_tars,
@@ -107,7 +114,7 @@ def _gldv2(args: argparse.Namespace) -> int:
             args.split,
             args.out,
             shards=args.shards,
-            base_url=args.base_url or GLDV2_BASE_URL,
+            base_url=base_url,
             workers=args.workers,
             metadata=not args.no_metadata,
             extract=not args.no_extract,
