@@ -81,6 +81,7 @@ __all__ = [
     "make_executor",
     "make_shards",
     "model_loads",
+    "numbered_shards",
     "read_done",
     "run_shard",
 ]
@@ -204,6 +205,28 @@ def make_shards(
         m = {"start": a, "stop": a + len(chunk)} if meta else {}
         out.append(Shard(i, chunk, f"{prefix}-{i:05d}", m))
     return out
+
+
+def numbered_shards(numbers: Sequence[int], per_shard: int, *, prefix: str) -> list[Shard]:
+    """Shards of numbered files (GLDv2 tars, revisitop1m archives), ``per_shard`` a task, named
+    after their numbers (``<prefix>-007``, ``<prefix>-008-009``), not their position, so a
+    rerun over a larger set finds the finished tasks under the same names.
+
+    Args:
+        numbers: file numbers (deduplicated and sorted here).
+        per_shard: numbers per task, >= 1.
+        prefix: task name prefix (``tars``, ``archive``).
+    """
+    if per_shard < 1:
+        raise ValueError(f"{prefix}: numbers per task must be >= 1, got {per_shard}")
+    return [
+        Shard(
+            s.index,
+            s.items,
+            f"{prefix}-{s.items[0]:03d}" + (f"-{s.items[-1]:03d}" if len(s.items) > 1 else ""),
+        )
+        for s in make_shards(sorted({int(i) for i in numbers}), per_shard, meta=False)
+    ]
 
 
 @dataclass(frozen=True)

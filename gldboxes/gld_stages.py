@@ -29,6 +29,7 @@ from gldboxes.executor import (
     Shard,
     Stage,
     make_shards,
+    numbered_shards,
     read_done,
 )
 from gldboxes.gld import (
@@ -329,19 +330,7 @@ def gldv2_shard_stage(
         resources=resources or Resources(num_cpus=0.25),
         retries=2,
     )
-    if tars_per_task < 1:
-        raise ValueError(f"tars_per_task must be >= 1, got {tars_per_task}")
-    # Tasks are named after their tars (tars-007, tars-008-009), not their position, so a rerun
-    # over a larger set of tars finds the finished ones under the same names.
-    shards = [
-        Shard(
-            s.index,
-            s.items,
-            f"tars-{s.items[0]:03d}" + (f"-{s.items[-1]:03d}" if len(s.items) > 1 else ""),
-        )
-        for s in make_shards(sorted({int(i) for i in shard_indices}), tars_per_task, meta=False)
-    ]
-    return stage, shards
+    return stage, numbered_shards(shard_indices, tars_per_task, prefix="tars")
 
 
 def url_list_shards(

@@ -198,7 +198,7 @@ def revisitop1m_archive_stage(
         are named after their first (and last) archive: ``archive-007``, ``archive-008-009``,
         so a rerun over more archives finds the finished ones under the same names.
     """
-    from gldboxes.executor import Resources, Shard, Stage, make_shards
+    from gldboxes.executor import Resources, Stage, numbered_shards
 
     if archives_per_task < 1:
         raise ValueError(f"archives_per_task (--shard-size) must be >= 1, got {archives_per_task}")
@@ -218,15 +218,7 @@ def revisitop1m_archive_stage(
         resources=resources or Resources(num_cpus=0.25),
         retries=2,
     )
-    shards = [
-        Shard(
-            s.index,
-            s.items,
-            f"archive-{s.items[0]:03d}" + (f"-{s.items[-1]:03d}" if len(s.items) > 1 else ""),
-        )
-        for s in make_shards(sorted({int(i) for i in archives}), archives_per_task, meta=False)
-    ]
-    return stage, shards
+    return stage, numbered_shards(archives, archives_per_task, prefix="archive")
 
 
 @dataclass

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from annotation import server
+from annotation.config import NO_LANDMARK_CHOICE, box_to_rect_value
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "labelstudio-template"
@@ -54,3 +56,26 @@ def running_server(data_dir: Path, document_root: Path) -> Iterator[server.Serve
         yield conf
     finally:
         server.stop(data_dir)
+
+
+def rect(box: tuple[float, float, float, float], w: int, h: int) -> dict[str, Any]:
+    """A rater's box ``(ymin, xmin, ymax, xmax)`` on a ``w x h`` image as a Label Studio
+    ``rectanglelabels`` result."""
+    return {
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": box_to_rect_value(*box),
+    }
+
+
+#: A rater's "no prominent landmark" answer as a Label Studio ``choices`` result.
+FLAG: dict[str, Any] = {
+    "from_name": "flag",
+    "to_name": "image",
+    "type": "choices",
+    "value": {"choices": [NO_LANDMARK_CHOICE]},
+}

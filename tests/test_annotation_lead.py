@@ -25,7 +25,6 @@ import pytest
 import requests
 
 from annotation import campaign, server
-from annotation.config import NO_LANDMARK_CHOICE, box_to_rect_value
 from gldboxes.boxes import read_boxes_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,26 +80,6 @@ def _seed_data_dir(data_dir: Path) -> int:
         json.dumps({"format_version": 1, "document_root": None, "port": port})
     )
     return port
-
-
-def _rect(box: tuple[float, float, float, float], w: int, h: int) -> dict[str, Any]:
-    return {
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": box_to_rect_value(*box),
-    }
-
-
-FLAG = {
-    "from_name": "flag",
-    "to_name": "image",
-    "type": "choices",
-    "value": {"choices": [NO_LANDMARK_CHOICE]},
-}
 
 
 class TestReadSplit:
@@ -229,10 +208,10 @@ def _rater_boxes_three(work: Path, port: int) -> dict[str, Any]:
         gid, w, h = d["gld_id"], d["width"], d["height"]
         if gid in gt and len(boxed) < 3:
             e = (gt[gid].ymin, gt[gid].xmin, gt[gid].ymax, gt[gid].xmax)
-            res = [_rect(e, w, h)]
+            res = [ls_server.rect(e, w, h)]
             boxed[gid] = e
         elif gid not in gt and not flagged:
-            res, flagged = [FLAG], gid
+            res, flagged = [ls_server.FLAG], gid
         else:
             continue
         r = sess.post(
@@ -299,7 +278,9 @@ def test_lead_commands_and_refusals(tmp_path: Path) -> None:
         ).json()
         tid = int((tasks["tasks"] if isinstance(tasks, dict) else tasks)[0]["id"])
         r = requests.post(
-            f"{url}/api/tasks/{tid}/annotations/", json={"result": [FLAG]}, headers=as_rater
+            f"{url}/api/tasks/{tid}/annotations/",
+            json={"result": [ls_server.FLAG]},
+            headers=as_rater,
         )
         assert r.status_code == 201, r.text[:300]
         listed = out("raters", "list")

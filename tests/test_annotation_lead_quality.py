@@ -23,7 +23,6 @@ import pytest
 import requests
 
 from annotation import campaign, server
-from annotation.config import box_to_rect_value
 from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.cli.main import main as cli_main
 
@@ -59,18 +58,6 @@ def env(ls: server.ServerSettings, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     """The admin token in the environment (for in-process CLI calls and subprocesses)."""
     monkeypatch.setenv(server.TOKEN_ENV, ls.token)
     return {**os.environ, server.TOKEN_ENV: ls.token, "TQDM_DISABLE": "1"}
-
-
-def _rect(box: tuple[float, float, float, float], w: int, h: int) -> dict[str, Any]:
-    return {
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": box_to_rect_value(*box),
-    }
 
 
 def _edges(b: Box) -> tuple[float, float, float, float]:
@@ -158,16 +145,16 @@ def test_export_drops_the_rater_who_fails_gold(
     for it in boxed[:5]:  # the good rater: the true box on gold, a tight box elsewhere
         g = _edges(gt[it.id])
         good_box[it.id] = g
-        cg.annotations.create(id=tids[it.id], result=[_rect(g, w, h)])
+        cg.annotations.create(id=tids[it.id], result=[ls_server.rect(g, w, h)])
     far = (0.0, 0.0, 0.1, 0.1)
     for it in boxed[:5]:  # the sloppy rater: far off on gold, close (IoU >= 0.5) elsewhere
         g = np.array(_edges(gt[it.id]))
         near = tuple(np.clip(g + 0.02 * (g[2] - g[0]), 0, 1))
         cs.annotations.create(
-            id=tids[it.id], result=[_rect(far if it.id in gold_ids else near, w, h)]
+            id=tids[it.id], result=[ls_server.rect(far if it.id in gold_ids else near, w, h)]
         )
     alone = boxed[5].id
-    cs.annotations.create(id=tids[alone], result=[_rect((0.2, 0.2, 0.7, 0.7), w, h)])
+    cs.annotations.create(id=tids[alone], result=[ls_server.rect((0.2, 0.2, 0.7, 0.7), w, h)])
 
     res = _cli(capsys, "export", *conn, "--out", str(tmp_path / "out"))
     boxes = {k: _edges(v[0]) for k, v in read_boxes_csv(res["boxes"]).items()}
@@ -244,7 +231,7 @@ def test_reimport_refreshes_predictions(
     tids = campaign.existing_task_ids(ls.url, ls.token, pid)
     good, _ = raters
     w, h = items[0].width, items[0].height
-    human = [_rect((0.05, 0.05, 0.95, 0.95), w, h)]
+    human = [ls_server.rect((0.05, 0.05, 0.95, 0.95), w, h)]
     campaign.connect(ls.url, good.token).annotations.create(id=tids[items[0].id], result=human)
 
     same = _cli(capsys, *base, "--predictions", str(tmp_path / "v2.csv"), "--model-version", "v2")
@@ -315,7 +302,7 @@ def test_progress_watch(
     good, sloppy = raters
     cg, cs = campaign.connect(ls.url, good.token), campaign.connect(ls.url, sloppy.token)
     w, h = items[0].width, items[0].height
-    box = [_rect((0.2, 0.2, 0.6, 0.6), w, h)]
+    box = [ls_server.rect((0.2, 0.2, 0.6, 0.6), w, h)]
     cg.annotations.create(id=tids[items[0].id], result=box)
 
     # the three annotations below have ~8 s (two intervals) to land before the third line

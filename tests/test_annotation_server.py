@@ -23,7 +23,6 @@ import pytest
 import requests
 
 from annotation import campaign, server
-from annotation.config import NO_LANDMARK_CHOICE, box_to_rect_value
 from annotation.export import export_snapshot, load_snapshot, parse_snapshot, progress
 from annotation.quality import agreement, decide, filter_boxes, validate, validation_report
 from gldboxes.boxes import Box, read_boxes_csv
@@ -46,26 +45,6 @@ def ls(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[server
     data_dir = tmp_path_factory.mktemp("ls") / "data"
     with ls_server.running_server(data_dir, document_root=world) as conf:
         yield conf
-
-
-def _rect(box: tuple[float, float, float, float], w: int, h: int) -> dict[str, Any]:
-    return {
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": box_to_rect_value(*box),
-    }
-
-
-FLAG = {
-    "from_name": "flag",
-    "to_name": "image",
-    "type": "choices",
-    "value": {"choices": [NO_LANDMARK_CHOICE]},
-}
 
 
 def _edges(b: Box) -> tuple[float, float, float, float]:
@@ -143,15 +122,15 @@ def test_campaign_end_to_end(ls: server.ServerSettings, world: Path, tmp_path: P
     far = (0.0, 0.0, 0.2, 0.2)
     # rater 1: kept, kept, two boxes, box+flag, empty, outside, tiny, flag, box (vs r2's flag)
     plan1 = [
-        [_rect(pe[0], w, h)],
-        [_rect(pe[1], w, h)],
-        [_rect(pe[2], w, h), _rect(far, w, h)],
-        [_rect(pe[3], w, h), FLAG],
+        [ls_server.rect(pe[0], w, h)],
+        [ls_server.rect(pe[1], w, h)],
+        [ls_server.rect(pe[2], w, h), ls_server.rect(far, w, h)],
+        [ls_server.rect(pe[3], w, h), ls_server.FLAG],
         [],
-        [_rect((0.1, -0.1, 0.5, 0.4), w, h)],
-        [_rect((0.5, 0.5, 0.505, 0.6), w, h)],
-        [FLAG],
-        [_rect(far, w, h)],
+        [ls_server.rect((0.1, -0.1, 0.5, 0.4), w, h)],
+        [ls_server.rect((0.5, 0.5, 0.505, 0.6), w, h)],
+        [ls_server.FLAG],
+        [ls_server.rect(far, w, h)],
     ]
     for k, res in enumerate(plan1):
         c1.annotations.create(id=t[k], result=res, lead_time=1.0 + k)
@@ -168,9 +147,9 @@ def test_campaign_end_to_end(ls: server.ServerSettings, world: Path, tmp_path: P
 
     # rater 2 (same token after the restart): moved box on gold, kept, flag (conflict), skip
     c2 = campaign.connect(url, r2.token)
-    c2.annotations.create(id=t[0], result=[_rect(shifted, w, h)], lead_time=4.0)
-    c2.annotations.create(id=t[1], result=[_rect(pe[1], w, h)], lead_time=2.0)
-    c2.annotations.create(id=t[8], result=[FLAG], lead_time=3.0)
+    c2.annotations.create(id=t[0], result=[ls_server.rect(shifted, w, h)], lead_time=4.0)
+    c2.annotations.create(id=t[1], result=[ls_server.rect(pe[1], w, h)], lead_time=2.0)
+    c2.annotations.create(id=t[8], result=[ls_server.FLAG], lead_time=3.0)
     c2.annotations.create(id=t[9], result=[], was_cancelled=True)
 
     snap_path = export_snapshot(
