@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write",
     "config_hash",
     "read_json",
+    "read_tagged_json",
     "read_yaml",
     "write_config",
     "write_json",
@@ -98,6 +99,28 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_tagged_json(
+    path: str | os.PathLike[str], fmt: str, version: int, what: str
+) -> dict[str, Any]:
+    """Read a JSON header of ours: an object whose ``format`` is ``fmt`` and whose
+    ``format_version`` is ``version``.
+
+    Raises:
+        ValueError: malformed JSON, another format (``"PATH: not a gldboxes WHAT"``) or
+            another version (both named).
+    """
+    path = Path(path)
+    h = read_json(path)
+    if not isinstance(h, dict) or h.get("format") != fmt:
+        raise ValueError(f"{path}: not a gldboxes {what}")
+    if h.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format_version {h.get('format_version')!r} is not supported "
+            f"(this gldboxes reads {version})"
+        )
+    return h
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:

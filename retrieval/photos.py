@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from gldboxes.io import read_json, write_config, write_json
+from gldboxes.io import read_tagged_json, write_config, write_json
 from retrieval import engine
 from retrieval import features as features_stage
 from retrieval.inverted_file import InvertedFile
@@ -109,15 +109,7 @@ def _read_header(index_dir: Path) -> dict[str, Any]:
     hpath = index_dir / HEADER_NAME
     if not hpath.exists():
         raise FileNotFoundError(f"photo index not found: {hpath} (build it with --images)")
-    h = read_json(hpath)
-    if not isinstance(h, dict) or h.get("format") != "gldboxes.photo_index":
-        raise ValueError(f"{hpath}: not a gldboxes photo index")
-    if h.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{hpath}: format_version {h.get('format_version')!r} is not supported "
-            f"(this gldboxes reads {FORMAT_VERSION})"
-        )
-    return h
+    return read_tagged_json(hpath, "gldboxes.photo_index", FORMAT_VERSION, "photo index")
 
 
 def _check_same_conf(index_dir: Path, stored: Mapping[str, Any], asked: Mapping[str, Any]) -> None:

@@ -50,7 +50,15 @@ import numpy as np
 
 from gldboxes.executor import Executor, Resources, Shard, Stage, StageReport, make_shards
 from gldboxes.http import md5sum
-from gldboxes.io import atomic_path, atomic_write, config_hash, read_json, write_config, write_json
+from gldboxes.io import (
+    atomic_path,
+    atomic_write,
+    config_hash,
+    read_json,
+    read_tagged_json,
+    write_config,
+    write_json,
+)
 from retrieval import features as features_stage
 from retrieval.aggregation import KERNELS, AggregatedBatch, aggregate_many
 from retrieval.codebook import sample_rows
@@ -657,14 +665,9 @@ class ShardedInvertedFile:
         hpath = root / HEADER_NAME
         if not hpath.exists():
             raise FileNotFoundError(f"sharded index header not found: {hpath}")
-        h = read_json(hpath)
-        if not isinstance(h, dict) or h.get("format") != "gldboxes.sharded_inverted_file":
-            raise ValueError(f"{hpath}: not a gldboxes sharded inverted-file header")
-        if h.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{hpath}: format_version {h.get('format_version')!r} is not supported "
-                f"(this gldboxes reads {FORMAT_VERSION})"
-            )
+        h = read_tagged_json(
+            hpath, "gldboxes.sharded_inverted_file", FORMAT_VERSION, "sharded inverted-file header"
+        )
         parts = []
         for e in h["parts"]:
             p = InvertedFile.load(root / e["path"], mmap=mmap)
