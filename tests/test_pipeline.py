@@ -38,6 +38,13 @@ def test_quick_pipeline(tmp_path: Path) -> None:
     assert (report / "table.md").read_text().startswith("| method |")
     assert (report / "map_vs_index_size.png").stat().st_size > 10_000
 
+    # The detector-free rows are the golden ones stored before the one-runner refactor
+    # (scripts/golden.py); the detector's rows follow its CPU training, not bit-reproducible.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from golden import GOLDEN_QUICK, quick_rows
+
+    assert quick_rows(report) == json.loads(GOLDEN_QUICK.read_text())
+
     summary = json.loads((report / "summary.json").read_text())
     det = summary["detector"]
     # A few minutes of CPU training learn the landmarks; the untrained detector finds nothing.
