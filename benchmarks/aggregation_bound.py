@@ -8,7 +8,8 @@ and on the same arrays:
   (the same SGEMM, nothing else: no fresh (N, K) array paged in on every call, which would make
   the bound look slower than it is);
 * ``faiss.knn`` (exact L2 nearest word: GEMM + argmin);
-* ``retrieval.aggregation.aggregate`` for ``asmk`` and ``asmk_star`` (assignment + residual sums
+* ``retrieval.index.aggregation.aggregate`` for ``asmk`` and ``asmk_star`` (assignment + residual
+  sums
   + normalisation / sign packing);
 
 and prints each as a multiple of the bound and in GFLOP/s. Default: N=1,000, D=128, K=65,536.
@@ -52,7 +53,7 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import faiss
 
-    from retrieval.aggregation import aggregate
+    from retrieval.index.aggregation import aggregate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="descriptors of the image")

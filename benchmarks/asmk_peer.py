@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("the asmk package is not importable; install it as the docstring says")
         return 1
-    from retrieval.aggregation import aggregate_many, assign
-    from retrieval.codebook import train_codebook
-    from retrieval.evaluate import compute_map
-    from retrieval.inverted_file import InvertedFile
+    from retrieval.evaluation.evaluate import compute_map
+    from retrieval.features.codebook import train_codebook
+    from retrieval.index.aggregation import aggregate_many, assign
+    from retrieval.index.inverted_file import InvertedFile
 
     rng = np.random.default_rng(args.seed)
     d = args.dim

@@ -27,8 +27,8 @@ import numpy as np
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from retrieval.datasets import load_gnd
-from retrieval.evaluate import (
+from retrieval.evaluation.datasets import load_gnd
+from retrieval.evaluation.evaluate import (
     PROTOCOLS,
     compute_map,
     compute_map_loop,

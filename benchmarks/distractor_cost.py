@@ -1,6 +1,7 @@
 """Cost of distractors: time and index size per 1,000 distractor images, and the R1M estimate.
 
-Builds a distractor index (:func:`retrieval.distractors.distractor_index`: RootSIFT features
+Builds a distractor index (:func:`retrieval.evaluation.distractors.distractor_index`: RootSIFT
+features
 and ASMK* aggregation, shard by shard on the serial executor, one process) from an image
 folder, by default the real Revisited Paris photos in ``../shared/data/real/mini_rparis6k/jpg``
 (the same kind of ~1024-px Flickr photos as revisitop1m), with a codebook trained on a tiny
@@ -32,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     """Build the index, print the per-1,000 figures and the R1M extrapolation."""
     from gldboxes.executor import read_done
     from gldboxes.synth import confs, generate_world
-    from retrieval.distractors import REVISITOP1M_IMAGES, distractor_index
-    from retrieval.engine import build_codebook, extract_folder, resolve_conf
-    from retrieval.sharded import ShardedInvertedFile
+    from retrieval.evaluation.distractors import REVISITOP1M_IMAGES, distractor_index
+    from retrieval.runner.engine import build_codebook, extract_folder, resolve_conf
+    from retrieval.runner.sharded import ShardedInvertedFile
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="distractor folder")

@@ -10,8 +10,9 @@ database images, ``--size`` pixels):
    the aggregation into index parts into a fresh folder and prints images/s (Ray start-up is
    timed apart and not counted) and the speed-up against serial; checks every engine wrote the
    same bytes;
-3. loads the index parts as a :class:`retrieval.sharded.ShardedInvertedFile`, merges them into a
-   single :class:`retrieval.inverted_file.InvertedFile`, checks the rankings are identical and
+3. loads the index parts as a :class:`retrieval.runner.sharded.ShardedInvertedFile`, merges them
+into a
+   single :class:`retrieval.index.inverted_file.InvertedFile`, checks the rankings are identical and
    prints the search time ratio (sharded / single), on the world's queries and on a random
    ``--random-images`` ASMK* database with a 65,536-word codebook;
 4. prints the index bytes per image (``InvertedFile.stats``) and its extrapolation to R1M
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from gldboxes.executor import RayExecutor, Resources, SerialExecutor
     from gldboxes.synth import confs, generate_world
-    from retrieval import sharded
-    from retrieval.aggregation import AggregatedBatch
-    from retrieval.codebook import load_codebook
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.engine import feature_conf, resolve_conf
+    from retrieval.evaluation.datasets import RevisitedDataset
     from retrieval.features import ImageItem
-    from retrieval.inverted_file import InvertedFile
+    from retrieval.features.codebook import load_codebook
+    from retrieval.index.aggregation import AggregatedBatch
+    from retrieval.index.inverted_file import InvertedFile
+    from retrieval.runner import sharded
+    from retrieval.runner.engine import feature_conf, resolve_conf
 
     work = Path(args.work or tempfile.mkdtemp(prefix="scaleout-"))
     t0 = time.perf_counter()

@@ -21,7 +21,8 @@ Two data sources:
   (putative matches that are outliers) and 1 in 10 also shares 15-60 features under an affine
   map (inliers), so pairs have realistic putative-match counts;
 * ``--world OUT/retrieval --run-dir DIR``: the synthetic landmark world end to end: RootSIFT +
-  ASMK* first stage (``retrieval.engine.run``), then spatial verification of the top-N under every
+  ASMK* first stage (``retrieval.runner.engine.run``), then spatial verification of the top-N under
+  every
   protocol in one pass; prints mAP before/after and seconds per query.
 
 Usage::
@@ -237,9 +238,9 @@ def run_synthetic(args: argparse.Namespace) -> None:
 
 
 def run_world(args: argparse.Namespace) -> None:
-    from retrieval import engine
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.evaluate import evaluate_protocols
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.evaluation.evaluate import evaluate_protocols
+    from retrieval.runner import engine
 
     ds = RevisitedDataset.load(args.world)
     train = Path(args.world).parent / "train" / "images"

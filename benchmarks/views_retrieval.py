@@ -69,7 +69,7 @@ def main() -> int:
         ranks = np.stack([rng.permutation(args.db) for _ in range(args.queries)], axis=1)
         scores = np.sort(rng.random(ranks.shape), axis=0)[::-1]
         regions = read_boxes_csv(root / "regions.csv")
-        from retrieval.evaluate import evaluate_protocols
+        from retrieval.evaluation.evaluate import evaluate_protocols
 
         aps = {p: r.aps for p, r in evaluate_protocols(ranks, gnd["gnd"]).items()}
 
@@ -77,7 +77,7 @@ def main() -> int:
             t0 = time.perf_counter()
             import fiftyone  # noqa: F401
 
-            from retrieval.view import build_retrieval_dataset
+            from retrieval.evaluation.view import build_retrieval_dataset
 
             t_import = time.perf_counter() - t0
             kw = dict(

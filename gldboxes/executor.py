@@ -39,7 +39,7 @@ sample gathered from shards, merging index parts, metrics) run on the driver, ou
 module. Ray is imported lazily, only by :class:`RayExecutor`.
 
 The stages themselves live with their packages (the GLD downloads in :mod:`gldboxes.gld_stages`,
-features and aggregation in :mod:`retrieval.sharded`, detection in :mod:`detection.sharded`);
+features and aggregation in :mod:`retrieval.runner.sharded`, detection in :mod:`detection.sharded`);
 this module imports none of them.
 """
 

@@ -1,7 +1,8 @@
 """FiftyOne datasets for looking at boxes, detector predictions and retrieval results.
 
 Two builders here, each making a persistent ``fo.Dataset`` from the files the pipeline writes
-(the third, of retrieval results, is :func:`retrieval.view.build_retrieval_dataset`, on the
+(the third, of retrieval results, is :func:`retrieval.evaluation.view.build_retrieval_dataset`, on
+the
 shared machinery below):
 
 * :func:`build_box_dataset` — the Google Landmark Boxes ground truth: images, boxes, split,

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrieval.engine import extract_folder, feature_conf, resolve_conf
+from retrieval.runner.engine import extract_folder, feature_conf, resolve_conf
 from retrieval.verification import VerificationConf, read_features_h5, verify_pair
 
 

@@ -1,6 +1,7 @@
 """Golden outputs of the retrieval run on the tiny synthetic world (tests/golden/).
 
-``python scripts/golden.py --out runs/golden [--write [--quick-report DIR]]`` runs ``gldboxes retrieval run`` for
+``python scripts/golden.py --out runs/golden [--write [--quick-report DIR]]`` runs ``gldboxes
+retrieval run`` for
 ASMK*, R-ASMK* (ground-truth boxes and the R-MAC grid), D2R-ASMK* (max) and ASMK* + SV on the
 tiny world, then prints whether every ranking and metric equals ``tests/golden/retrieval_run.json``
 (``--write`` stores them instead). ``tests/test_golden.py`` runs the same cells under

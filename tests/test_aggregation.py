@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval.aggregation import (
+from retrieval.index.aggregation import (
     KERNEL_SIMILARITY,
     KERNELS,
     ZERO_NORM,
@@ -213,7 +213,7 @@ class TestAggregate:
                 np.testing.assert_array_equal(batch.image(i).data, one.data)
 
     def test_chunked_assignment_same_result(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import retrieval.aggregation as agg
+        import retrieval.index.aggregation as agg
 
         rng = np.random.default_rng(5)
         cb = rng.standard_normal((16, 8)).astype(np.float32)

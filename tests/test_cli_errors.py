@@ -36,7 +36,7 @@ class _Hostile:
 
 def _revisited(root: Path) -> Path:
     """A two-image Revisited-style folder (one query) for ``retrieval rmac``."""
-    from retrieval.datasets import save_gnd
+    from retrieval.evaluation.datasets import save_gnd
 
     (root / "jpg").mkdir(parents=True)
     for i, name in enumerate(("d0", "d1", "q0")):

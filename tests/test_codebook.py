@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from retrieval.codebook import load_codebook, main, sample_descriptors, train_codebook
+from retrieval.features.codebook import load_codebook, main, sample_descriptors, train_codebook
 
 
 def _clusters(seed: int, k: int = 8, d: int = 16, per: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +69,7 @@ class TestFiles:
         np.testing.assert_array_equal(allx, full)
 
     def test_sample_rows_grouped_by_item(self) -> None:
-        from retrieval.codebook import sample_rows
+        from retrieval.features.codebook import sample_rows
 
         rng = np.random.default_rng(3)
         for _ in range(50):
@@ -126,11 +126,11 @@ class TestTrainingSet:
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         _features(tmp_path / "few.h5", [50] * 4)  # 200 descriptors
-        with caplog.at_level("WARNING", logger="retrieval.codebook"):
+        with caplog.at_level("WARNING", logger="retrieval.features.codebook"):
             main({"size": 16, "niter": 2}, tmp_path / "few.h5", tmp_path / "cb16")
         assert "12.5 per word" in caplog.text and "--codebook-images" in caplog.text
         caplog.clear()
-        with caplog.at_level("WARNING", logger="retrieval.codebook"):
+        with caplog.at_level("WARNING", logger="retrieval.features.codebook"):
             main({"size": 4, "niter": 2}, tmp_path / "few.h5", tmp_path / "cb4")  # 50 per word
         assert "per word" not in caplog.text
         meta = json.loads((tmp_path / "cb16" / "codebook.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.datasets import (
+from retrieval.evaluation.datasets import (
     RevisitedDataset,
     UnsafePickleError,
     download_revisited,

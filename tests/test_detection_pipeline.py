@@ -210,7 +210,7 @@ class TestExportAndBoxes:
         self, pipe: dict[str, Any], detected: dict[str, Any]
     ) -> None:
         from retrieval import regions
-        from retrieval.datasets import RevisitedDataset
+        from retrieval.evaluation.datasets import RevisitedDataset
 
         db = RevisitedDataset.load(pipe["world"] / "retrieval").imlist
         out = regions.main(

@@ -24,8 +24,8 @@ from fault_server import Fault, FaultServer
 from gldboxes.cli.main import main as cli_main
 from gldboxes.executor import SerialExecutor, read_done
 from gldboxes.io import read_json
-from retrieval.datasets import RevisitedDataset
-from retrieval.distractors import (
+from retrieval.evaluation.datasets import RevisitedDataset
+from retrieval.evaluation.distractors import (
     REVISITOP1M_ARCHIVES,
     REVISITOP1M_BASE_URL,
     archive_name,
@@ -34,7 +34,7 @@ from retrieval.distractors import (
     download_revisitop1m,
     parse_archives,
 )
-from retrieval.evaluate import evaluate_protocols
+from retrieval.evaluation.evaluate import evaluate_protocols
 
 REPO = Path(__file__).resolve().parents[1]
 NET: dict[str, Any] = {"retries": 3, "backoff": 0.02, "timeout": 2.0}
@@ -270,7 +270,7 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def runs(worlds: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from retrieval.engine import run
+    from retrieval.runner.engine import run
 
     world, dis = worlds
     out = tmp_path_factory.mktemp("runs")
@@ -324,7 +324,7 @@ class TestRunWithDistractors:
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        from retrieval.engine import run
+        from retrieval.runner.engine import run
 
         world, _ = worlds
         idx = next((runs["out"] / "index").glob("*-jpg-*.parts"))

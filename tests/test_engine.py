@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gldboxes.cli.main import main as cli_main
-from retrieval.datasets import RevisitedDataset
-from retrieval.engine import resolve_conf, run
-from retrieval.evaluate import evaluate_protocols
+from retrieval.evaluation.datasets import RevisitedDataset
+from retrieval.evaluation.evaluate import evaluate_protocols
+from retrieval.runner.engine import resolve_conf, run
 
 
 @pytest.fixture(scope="module")

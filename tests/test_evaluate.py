@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.datasets import load_gnd
-from retrieval.evaluate import (
+from retrieval.evaluation.datasets import load_gnd
+from retrieval.evaluation.evaluate import (
     PROTOCOL_RULES,
     PROTOCOLS,
     compute_ap,
@@ -186,7 +186,7 @@ class TestRealGroundTruth:
 
 class TestCli:
     def test_evaluate_json_and_errors(self, tmp_path: Path) -> None:
-        from retrieval.datasets import save_gnd
+        from retrieval.evaluation.datasets import save_gnd
 
         cfg = {
             "imlist": ["a", "b", "c", "d"],

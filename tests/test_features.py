@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 
 import retrieval.features as F
-from retrieval.delf import DELF_SCALES, read_datum
 from retrieval.features import (
     ImageItem,
     check_features,
@@ -35,6 +34,7 @@ from retrieval.features import (
     read_features,
     rootsift,
 )
+from retrieval.features.delf import DELF_SCALES, read_datum
 
 
 def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -295,7 +295,7 @@ class TestKillSafety:
         """A real ``kill -9`` of ``gldboxes retrieval extract`` once chunks are committed: the
         rerun extracts only the images of no committed chunk, and the final file equals a clean
         run's, image by image."""
-        from retrieval.engine import extract_folder, resolve_conf
+        from retrieval.runner.engine import extract_folder, resolve_conf
 
         n = 40
         imgs = tmp_path / "imgs"
@@ -742,7 +742,7 @@ class TestBudgetAndUpright:
         )
 
     def test_budget_and_names(self) -> None:
-        from retrieval.engine import feature_conf, resolve_conf
+        from retrieval.runner.engine import feature_conf, resolve_conf
 
         assert feature_conf(resolve_conf())["output"] == "rootsift-n1000"
         fc = feature_conf(resolve_conf(feature_model={"max_features": 4000, "upright": True}))

@@ -14,8 +14,8 @@ from PIL import Image
 
 from gldboxes.cli.main import main as cli_main
 from gldboxes.gld import image_relpath
-from retrieval.datasets import RevisitedDataset
-from retrieval.gldv2 import (
+from retrieval.evaluation.datasets import RevisitedDataset
+from retrieval.evaluation.gldv2 import (
     confs,
     evaluate_benchmark,
     evaluate_submission,
@@ -500,7 +500,7 @@ class TestExport:
         floor/ceil) with easy {0} hard {2} junk {3}; q1 without box, hard {1}; q2 only junk.
         Medium: q0 -> db0 db2 (Public), q1 -> db1 (Private), q2 -> Ignored.
         Hard: q0 -> db2, q1 -> db1, q2 Ignored."""
-        from retrieval.datasets import save_gnd
+        from retrieval.evaluation.datasets import save_gnd
 
         root = tmp_path / "rev"
         (root / "jpg").mkdir(parents=True)

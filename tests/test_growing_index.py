@@ -1,6 +1,7 @@
 """An index of own photos that grows: adds as new parts, tombstones, compaction, resumability.
 
-The contract (retrieval.photos): after any adds and removals, and after compaction, the scores
+The contract (retrieval.runner.photos): after any adds and removals, and after compaction, the
+scores
 and rankings equal those of a fresh index of the final photos, exactly.
 """
 
@@ -13,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval import engine, photos
 from retrieval import features as features_stage
-from retrieval.aggregation import AggregatedBatch
-from retrieval.inverted_file import InvertedFile
+from retrieval.index.aggregation import AggregatedBatch
+from retrieval.index.inverted_file import InvertedFile
+from retrieval.runner import engine, photos
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ class TestGrowingIndex:
             assert a.n_items > a.n_images  # regions indexed as their own items
             assert small.regions_of([2]) == fresh.regions_of([fresh_id(fresh, files[23])])
             # the report draws each result's regions but region 0 (the whole photo)
-            from retrieval.report import write_report
+            from retrieval.runner.report import write_report
 
             res = small.query(queries[:1], 3)
             html = write_report(res, tmp_path / "report").read_text()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import retrieval.inverted_file as ivf_mod
-from retrieval.aggregation import (
+import retrieval.index.inverted_file as ivf_mod
+from retrieval.index.aggregation import (
     KERNEL_SIMILARITY,
     KERNELS,
     AggregatedBatch,
@@ -17,7 +17,7 @@ from retrieval.aggregation import (
     aggregate_many,
     similarity,
 )
-from retrieval.inverted_file import InvertedFile, top_k
+from retrieval.index.inverted_file import InvertedFile, top_k
 
 
 def _world(

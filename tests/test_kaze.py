@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from gldboxes.cli.main import main as cli_main
-from retrieval import features, kaze
-from retrieval.datasets import RevisitedDataset
+from retrieval import features
+from retrieval.evaluation.datasets import RevisitedDataset
+from retrieval.features import kaze
 
 
 @pytest.fixture(scope="module")

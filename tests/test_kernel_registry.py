@@ -1,4 +1,5 @@
-"""The kernel registry (retrieval.kernels): one object per kernel, every table derived from it."""
+"""The kernel registry (retrieval.index.kernels): one object per kernel, every table derived from
+it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from retrieval import aggregation, kernels
-from retrieval.inverted_file import InvertedFile
-from retrieval.kernels import Kernel
+from retrieval.index import aggregation, kernels
+from retrieval.index.inverted_file import InvertedFile
+from retrieval.index.kernels import Kernel
 
 
 def test_tables_are_the_methods_definitions() -> None:
@@ -49,7 +50,8 @@ def test_tables_are_the_methods_definitions() -> None:
 def test_cli_and_ablation_read_the_registry() -> None:
     import argparse
 
-    from retrieval import ablation, cli
+    from retrieval import cli
+    from retrieval.runner import ablation
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())

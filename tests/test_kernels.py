@@ -1,4 +1,4 @@
-"""Compiled kernels (retrieval/_kernels.py) against their numpy references, bit for bit."""
+"""Compiled kernels (retrieval/index/_kernels.py) against their numpy references, bit for bit."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import retrieval.aggregation as agg
-from retrieval.aggregation import KERNELS, AggregatedBatch, aggregate_many, similarity
-from retrieval.inverted_file import InvertedFile, top_k
+import retrieval.index.aggregation as agg
+from retrieval.index.aggregation import KERNELS, AggregatedBatch, aggregate_many, similarity
+from retrieval.index.inverted_file import InvertedFile, top_k
 
 # The float kernel whose residual signs a binary kernel packs.
 FLOAT_TWIN = {"asmk_star": "asmk", "r_asmk_star": "r_asmk", "naive_r_asmk_star": "naive_r_asmk"}

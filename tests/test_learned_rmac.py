@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.evaluate import compute_map
+from retrieval.evaluation.evaluate import compute_map
 from retrieval.rmac import Whitening, aggregate_rmac, map_descriptors
 from retrieval.rmac.learned import (
     LearnedRMAC,

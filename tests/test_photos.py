@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gldboxes.cli.main import main as cli_main
-from retrieval import photos
-from retrieval.report import MAX_LINES
+from retrieval.runner import photos
+from retrieval.runner.report import MAX_LINES
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]

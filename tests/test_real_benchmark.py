@@ -43,8 +43,8 @@ def _cli(*args: str, cwd: Path = REPO) -> str:
 
 def _random_map_p99(dataset: Path) -> dict[str, float]:
     """The 99th percentile of the mAP (in %) of 100 seeded random rankings, per protocol."""
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.evaluate import evaluate_protocols
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.evaluation.evaluate import evaluate_protocols
 
     ds = RevisitedDataset.load(dataset)
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gldboxes.boxes import Box
-from retrieval.aggregation import (
+from retrieval.index.aggregation import (
     KERNEL_SIMILARITY,
     QUERY_KERNEL,
     REGIONAL_KERNELS,
@@ -23,7 +23,7 @@ from retrieval.aggregation import (
     aggregate_many,
     similarity,
 )
-from retrieval.inverted_file import (
+from retrieval.index.inverted_file import (
     FORMAT_VERSION_REGIONAL,
     FORMAT_VERSION_REGIONAL_FLOOR,
     REGION_NORM_FLOOR,
@@ -443,7 +443,7 @@ CONF = {"codebook": {"size": 128, "niter": 8}}
 
 class TestEngineConf:
     def test_exception(self) -> None:
-        from retrieval.engine import resolve_conf
+        from retrieval.runner.engine import resolve_conf
 
         with pytest.raises(ValueError, match="region_features"):
             resolve_conf(region_features="crop")
@@ -459,8 +459,8 @@ class TestEngineConf:
             resolve_conf(verification={"thresh": 3})
 
     def test_assign_mode_matches_regions_module(self, tmp_path: Path) -> None:
-        from retrieval.engine import regional_descriptor_lists
         from retrieval.regions import assign_features_to_regions
+        from retrieval.runner.engine import regional_descriptor_lists
 
         rng = np.random.default_rng(0)
         kp = rng.uniform(0, [200, 100], (50, 2)).astype(np.float32)
@@ -485,9 +485,9 @@ class TestEngineConf:
 @pytest.mark.slow
 class TestEngineRegional:
     def test_regional_runs(self, world: Path, out_dir: Path) -> None:
-        from retrieval.datasets import RevisitedDataset
-        from retrieval.engine import run
+        from retrieval.evaluation.datasets import RevisitedDataset
         from retrieval.regions import read_regions_csv
+        from retrieval.runner.engine import run
 
         ds = RevisitedDataset.load(world / "retrieval")
         cbi = world / "train" / "images"
@@ -557,8 +557,8 @@ class TestEngineRegional:
     ) -> None:
         """Easy's head skips junk + hard: with them all ranked first it lies past
         top_n + |junk| + |easy| (a fresh ``make demo`` once failed on exactly this)."""
-        from retrieval.datasets import RevisitedDataset
-        from retrieval.engine import run, verify
+        from retrieval.evaluation.datasets import RevisitedDataset
+        from retrieval.runner.engine import run, verify
 
         ds = RevisitedDataset.load(world / "retrieval")
         base = run(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gldboxes.boxes import Box, write_boxes_csv
-from retrieval.datasets import save_gnd
+from retrieval.evaluation.datasets import save_gnd
 from retrieval.regions import (
     SS_MIN_SIZE,
     WHOLE_IMAGE,
@@ -482,7 +482,7 @@ class TestSelectiveSearchCache:
         computing each preset directly, computed once (serial and processes agree)."""
         import cv2
 
-        from retrieval.datasets import RevisitedDataset
+        from retrieval.evaluation.datasets import RevisitedDataset
         from retrieval.regions import compute_regions
 
         ds = tmp_path / "tiny"
@@ -518,9 +518,9 @@ class TestSelectiveSearchCache:
 
 def test_selective_search_conf_builds_the_presets_and_any_n() -> None:
     """The ss-N presets and the ablation's other N come from one function (one naming)."""
-    from retrieval.ablation import confs as ablation_confs
-    from retrieval.ablation import grid
     from retrieval.regions import selective_search_conf
+    from retrieval.runner.ablation import confs as ablation_confs
+    from retrieval.runner.ablation import grid
 
     assert confs["ss-5"] == selective_search_conf(5)
     c = {**ablation_confs["paper"], "ss": [3], "rmac_levels": [], "gt": False}

@@ -356,8 +356,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 class TestRunRmac:
     def test_methods_on_the_synthetic_world(self, world: Path, tmp_path: Path) -> None:
-        from retrieval.datasets import RevisitedDataset
-        from retrieval.evaluate import evaluate_protocols
+        from retrieval.evaluation.datasets import RevisitedDataset
+        from retrieval.evaluation.evaluate import evaluate_protocols
         from retrieval.rmac import run_rmac
 
         ds = RevisitedDataset.load(world / "retrieval")

@@ -21,9 +21,9 @@ from test_executor import gld_files
 from gldboxes import executor as ex
 from gldboxes import gld_stages
 from gldboxes.executor import RayExecutor, Resources, SerialExecutor, Shard, ShardFailedError
-from retrieval import sharded
-from retrieval.aggregation import aggregate_many
-from retrieval.inverted_file import InvertedFile
+from retrieval.index.aggregation import aggregate_many
+from retrieval.index.inverted_file import InvertedFile
+from retrieval.runner import sharded
 
 
 # ==================================================================== sharded index (no Ray)
@@ -245,8 +245,8 @@ class TestRay:
         sivf = sharded.ShardedInvertedFile.load(r.index)
         ranks = np.load(r.ranks)
         single = sivf.merge()
-        from retrieval.codebook import load_codebook
-        from retrieval.engine import resolve_conf
+        from retrieval.features.codebook import load_codebook
+        from retrieval.runner.engine import resolve_conf
 
         qnames = r.query_features.all_names
         q = sharded._aggregate_named(
@@ -262,9 +262,9 @@ class TestRay:
         ray_executor: RayExecutor,
         tmp_path: Path,
     ) -> None:
-        from retrieval.datasets import RevisitedDataset
-        from retrieval.engine import feature_conf, resolve_conf
+        from retrieval.evaluation.datasets import RevisitedDataset
         from retrieval.features import ImageItem
+        from retrieval.runner.engine import feature_conf, resolve_conf
 
         ds = RevisitedDataset.load(world / "retrieval")
         fc = feature_conf(resolve_conf(CONF))
@@ -382,8 +382,8 @@ def test_regional_sharded_equals_engine(
     """Regional kernels and regional search, sharded (serial and Ray) == the engine's run."""
     import json
 
-    from retrieval.engine import run as engine_run
     from retrieval.regions import read_regions_csv
+    from retrieval.runner.engine import run as engine_run
 
     conf = REGIONAL[kind]
     ref = engine_run(
@@ -465,7 +465,7 @@ def test_codebook_sets_under_both_engines(
     byte for byte."""
     from gldboxes.cli.main import main
     from gldboxes.synth import confs, generate_world
-    from retrieval.engine import run as engine_run
+    from retrieval.runner.engine import run as engine_run
 
     other_world = generate_world(tmp_path / "w2", dataclasses.replace(confs["tiny"], seed=7))
     other = tmp_path / "other"  # a second benchmark with a name of its own, like rparis6k

@@ -14,7 +14,7 @@ import pytest
 
 from gldboxes.boxes import read_boxes_csv
 from gldboxes.synth import confs, generate_world
-from retrieval.datasets import RevisitedDataset
+from retrieval.evaluation.datasets import RevisitedDataset
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.evaluate import evaluate_protocols
+from retrieval.evaluation.evaluate import evaluate_protocols
 from retrieval.verification import (
     Features,
     VerificationConf,
@@ -474,7 +474,7 @@ class TestVerificationConf:
     def test_feature_presets_carry_their_matching(self) -> None:
         """RootSIFT verifies with the ratio test + mutual NN and a minimum inlier count; DELF
         with the authors' absolute 0.8; run settings override the preset key by key."""
-        from retrieval.engine import resolve_conf, verification_conf
+        from retrieval.runner.engine import resolve_conf, verification_conf
 
         sift, top_n, _ = verification_conf(resolve_conf(verification={}))
         assert (sift.max_distance, sift.ratio, sift.mutual, sift.min_inliers) == (

@@ -32,8 +32,8 @@ from gldboxes.views import (
     read_annotation_metadata,
     resolve_image_path,
 )
-from retrieval.evaluate import REVISITED_CLASSES, protocol_labels, revisited_classes
-from retrieval.view import (
+from retrieval.evaluation.evaluate import REVISITED_CLASSES, protocol_labels, revisited_classes
+from retrieval.evaluation.view import (
     DEFAULT_MAX_QUERY_VIEWS,
     build_retrieval_dataset,
     protocol_chip,
@@ -631,7 +631,7 @@ class TestDatasets:
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        from retrieval.datasets import RevisitedDataset
+        from retrieval.evaluation.datasets import RevisitedDataset
 
         data = RevisitedDataset.load(world / "retrieval")
         rng = np.random.default_rng(7)

@@ -281,7 +281,7 @@ def run_real_data(
     """
     from detection import inference
     from gldboxes.io import write_config, write_json
-    from retrieval.datasets import RevisitedDataset
+    from retrieval.evaluation.datasets import RevisitedDataset
 
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, conf, name="pipeline.yaml")
@@ -503,7 +503,7 @@ def _retrieval(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method of the table on ``dataset``; ``codebook`` holds engine.run's codebook
     source (``codebook_images`` or ``codebook_dataset``)."""
-    from retrieval import engine
+    from retrieval.runner import engine
 
     rows: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
@@ -611,8 +611,8 @@ def _views(
     import numpy as np
 
     from gldboxes import fodb, views
-    from retrieval.datasets import load_gnd
-    from retrieval.view import build_retrieval_dataset
+    from retrieval.evaluation.datasets import load_gnd
+    from retrieval.evaluation.view import build_retrieval_dataset
 
     info: dict[str, Any] = {}
     with _stage("FiftyOne datasets"), fodb.database(out / "fiftyone-db"):

@@ -22,7 +22,7 @@ __all__ = ["register"]
 # Defaults mirrored from gldboxes.views (not imported here: the CLI imports lazily); a test
 # checks they agree.
 DEFAULT_MIN_SCORE = 0.3  # views.DEFAULT_MIN_SCORE
-DEFAULT_MAX_QUERY_VIEWS = 100  # retrieval.view.DEFAULT_MAX_QUERY_VIEWS
+DEFAULT_MAX_QUERY_VIEWS = 100  # retrieval.evaluation.view.DEFAULT_MAX_QUERY_VIEWS
 
 
 def register(subparsers: Any) -> None:
@@ -246,9 +246,9 @@ def _retrieval(args: argparse.Namespace) -> int:
 
     from gldboxes.boxes import read_boxes_csv
     from gldboxes.views import slug
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.evaluate import evaluate_protocols
-    from retrieval.view import build_retrieval_dataset
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.evaluation.evaluate import evaluate_protocols
+    from retrieval.evaluation.view import build_retrieval_dataset
 
     data = RevisitedDataset.load(args.dataset)
     arrays = {}

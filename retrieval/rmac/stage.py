@@ -227,7 +227,7 @@ class RmacResult:
     folder: Path
 
     def table(self) -> str:
-        from retrieval.evaluate import format_table
+        from retrieval.evaluation.evaluate import format_table
 
         return format_table({self.method: self.results})
 
@@ -299,8 +299,8 @@ def run_rmac(
         :class:`RmacResult`; ``results`` maps easy/medium/hard to ``ProtocolResult``, ``timings``
         holds seconds per query of the search and of AML re-ranking.
     """
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.evaluate import evaluate_protocols
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.evaluation.evaluate import evaluate_protocols
 
     conf = resolve_conf(conf)
     method = conf["method"]

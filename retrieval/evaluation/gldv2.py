@@ -81,7 +81,7 @@ __all__ = [
     "write_submission",
 ]
 
-logger = logging.getLogger("retrieval.gldv2")
+logger = logging.getLogger("retrieval.evaluation.gldv2")
 
 FORMAT_VERSION = 1
 Task = Literal["retrieval", "recognition"]
@@ -663,8 +663,8 @@ def export_revisited(
     """
     from PIL import Image, ImageOps
 
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.evaluate import protocol_gnd
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.evaluation.evaluate import protocol_gnd
 
     ds = RevisitedDataset.load(Path(dataset))
     out = Path(out)
@@ -837,7 +837,7 @@ def _ranges(lengths: np.ndarray) -> np.ndarray:
 
 
 def _load_benchmark(bench: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from retrieval.datasets import RevisitedDataset
+    from retrieval.evaluation.datasets import RevisitedDataset
 
     marker = bench / "gldv2.json"
     if not marker.is_file():
@@ -852,7 +852,7 @@ def _load_benchmark(bench: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _load_ranks(path: Path, n_queries: int, n_db: int) -> np.ndarray:
-    from retrieval.evaluate import validate_ranks
+    from retrieval.evaluation.evaluate import validate_ranks
 
     if not path.is_file():
         raise FileNotFoundError(f"ranks file not found: {path}")

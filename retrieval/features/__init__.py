@@ -11,7 +11,8 @@ Presets (:data:`confs`), hloc-style; the ``output`` name encodes the settings:
   image at ``max_side``.
 * ``rootsift-n4000``: the same with a budget of 4,000 features per image (the classical
   ASMK setups use several thousand; slower to extract, index and verify).
-* ``delf`` (:mod:`retrieval.delf`) and ``kaze`` (:mod:`retrieval.kaze`): plug-ins, listed in
+* ``delf`` (:mod:`retrieval.features.delf`) and ``kaze`` (:mod:`retrieval.features.kaze`):
+  plug-ins, listed in
   :data:`FEATURE_PLUGINS`.
 
 HDF5 layout (keyed by image id)::
@@ -126,7 +127,7 @@ confs: dict[str, dict[str, Any]] = {
 # ``make(model_conf)`` returning an extractor with ``dim``, ``pixel_scales`` (``scales`` are
 # keypoint sizes in pixels, rescaled with the image) and ``__call__(image) -> (keypoints (N, 2),
 # descriptors (N, D), scales (N,), scores (N,))``. Adding a feature = one module + this line.
-FEATURE_PLUGINS: tuple[str, ...] = ("retrieval.delf", "retrieval.kaze")
+FEATURE_PLUGINS: tuple[str, ...] = ("retrieval.features.delf", "retrieval.features.kaze")
 
 
 def _plugin(name: str) -> Any:
@@ -349,7 +350,8 @@ def make_extractor(conf: Mapping[str, Any]) -> Any:
 
     Returns:
         a RootSIFT extractor (OpenCV SIFT + RootSIFT) for ``model.name == "rootsift"``, or the
-        plug-in's (``delf``: :class:`retrieval.delf.DelfExtractor`, its SavedModel loaded here;
+        plug-in's (``delf``: :class:`retrieval.features.delf.DelfExtractor`, its SavedModel loaded
+        here;
         ``kaze``); each exposes ``dim`` and ``__call__(image) -> (keypoints (N, 2), descriptors
         (N, D), scales (N,), scores (N,))``.
 

@@ -1,6 +1,6 @@
 """``gldboxes retrieval gldv2`` and the GLDv2 side of ``retrieval evaluate`` (light imports only).
 
-Registered from :mod:`retrieval.cli`; the work is in :mod:`retrieval.gldv2`.
+Registered from :mod:`retrieval.cli`; the work is in :mod:`retrieval.evaluation.gldv2`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def evaluate_gldv2(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from retrieval.gldv2 import (
+    from retrieval.evaluation.gldv2 import (
         evaluate_benchmark,
         evaluate_submission,
         format_scores,
@@ -130,7 +130,7 @@ def evaluate_gldv2(args: argparse.Namespace) -> int:
 
 def _gldv2_export(args: argparse.Namespace) -> int:
     from gldboxes.io import read_json
-    from retrieval.gldv2 import export_revisited, read_solution
+    from retrieval.evaluation.gldv2 import export_revisited, read_solution
 
     out = export_revisited(args.dataset, args.out, protocol=args.protocol, overwrite=args.overwrite)
     sol = read_solution(out / "test" / "retrieval_solution_v2.1.csv")
@@ -145,7 +145,7 @@ def _gldv2_export(args: argparse.Namespace) -> int:
 
 def _gldv2(args: argparse.Namespace) -> int:
     from gldboxes.io import read_json
-    from retrieval.gldv2 import confs, main
+    from retrieval.evaluation.gldv2 import confs, main
 
     conf = {**confs[args.usage], "name": args.name}
     out = main(

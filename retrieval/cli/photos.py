@@ -2,9 +2,10 @@
 
 ``retrieval index --images DIR --out IDX`` creates a photo index or adds DIR's new photos to it
 as a new part; ``--remove PATH_OR_ID...`` tombstones photos, ``--compact`` merges the parts and
-drops them (:mod:`retrieval.photos`). ``retrieval query --index IDX PHOTO...`` prints the top-k,
+drops them (:mod:`retrieval.runner.photos`). ``retrieval query --index IDX PHOTO...`` prints the
+top-k,
 ``--verify`` re-ranks by spatial verification, ``--html DIR`` writes a self-contained page
-(:mod:`retrieval.report`) and ``--gt CSV`` scores the index on a ground-truth CSV.
+(:mod:`retrieval.runner.report`) and ``--gt CSV`` scores the index on a ground-truth CSV.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def add_index_options(p: argparse.ArgumentParser) -> None:
 
 def index(args: argparse.Namespace) -> int:
     """``retrieval index`` with ``--images``, ``--remove`` or ``--compact``."""
-    from retrieval import photos
     from retrieval.cli import _engine_conf
+    from retrieval.runner import photos
 
     out = args.out
     if args.remove:
@@ -113,15 +114,15 @@ def register_query(sub: Any) -> None:
 def _query(args: argparse.Namespace) -> int:
     import json
 
-    from retrieval import photos
     from retrieval.cli import _verification_conf
+    from retrieval.runner import photos
 
     if not args.photos and not args.gt:
         raise ValueError("retrieval query: give query PHOTOs and/or --gt CSV")
     idx = photos.PhotoIndex.load(args.index)
     out: dict[str, Any] = {}
     if args.gt:
-        from retrieval.evaluate import format_table
+        from retrieval.evaluation.evaluate import format_table
 
         res, _ = photos.evaluate_gt(idx, args.gt)
         out["gt"] = {p: r.as_dict() for p, r in res.items()}
@@ -159,7 +160,7 @@ def _query(args: argparse.Namespace) -> int:
                     inl = f"  {e['inliers']:4d} inliers" if "inliers" in e else ""
                     print(f"  {e['rank']:3d}  {e['score']:.4f}{inl}  {_shown(e['path'])}")
         if args.html:
-            from retrieval.report import write_report
+            from retrieval.runner.report import write_report
 
             page = write_report(results, args.html, title=f"gldboxes query: {args.index}")
             out["html"] = str(page)

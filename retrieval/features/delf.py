@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = ["DELF_SCALES", "NAME", "DelfExtractor", "confs", "make", "read_datum"]
 
-logger = logging.getLogger("retrieval.delf")
+logger = logging.getLogger("retrieval.features.delf")
 
 NAME = "delf"
 DELF_SCALES = [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0]

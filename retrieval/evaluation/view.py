@@ -7,7 +7,8 @@ regions indexed for that database image); a saved dynamic-group view ``by_query`
 followed by its ranked results, and one saved view per query (``query-<index>-<name>``, up to
 ``max_query_views``) shows the query first, then its results in rank order.
 
-The labels come from the evaluator's protocol rule (:data:`retrieval.evaluate.PROTOCOL_RULES`);
+The labels come from the evaluator's protocol rule
+(:data:`retrieval.evaluation.evaluate.PROTOCOL_RULES`);
 the dataset machinery shared with the box and detection views (fingerprints, bulk insertion,
 image metadata) from :mod:`gldboxes.views`. FiftyOne is imported lazily.
 """
@@ -38,7 +39,12 @@ from gldboxes.views import (
     image_metadata,
     slug,
 )
-from retrieval.evaluate import PROTOCOLS, REVISITED_CLASSES, protocol_labels, revisited_classes
+from retrieval.evaluation.evaluate import (
+    PROTOCOLS,
+    REVISITED_CLASSES,
+    protocol_labels,
+    revisited_classes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import fiftyone as fo
@@ -52,7 +58,7 @@ __all__ = [
     "revisited_chip",
 ]
 
-logger = logging.getLogger("retrieval.view")
+logger = logging.getLogger("retrieval.evaluation.view")
 
 # One saved view per query up to this many queries (R-Oxford and R-Paris have 70 each).
 DEFAULT_MAX_QUERY_VIEWS = 100
@@ -132,7 +138,7 @@ def build_retrieval_dataset(
     Args:
         gnd: Revisited ground truth ``{"imlist": [str] (n_db), "qimlist": [str] (n_q),
             "gnd": [{"bbx": [x1, y1, x2, y2] pixels, "easy", "hard", "junk"}]}`` (as
-            ``retrieval.datasets.load_gnd`` returns).
+            ``retrieval.evaluation.datasets.load_gnd`` returns).
         image_root: the dataset folder; images are ``image_root/jpg/<name>.jpg``.
         ranks: database ids best first, shape (n_ranked, n_q), as revisitop expects.
         scores: similarity of each ranked item, same shape as ``ranks`` (``scores[r, q]`` is the

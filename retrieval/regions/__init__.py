@@ -521,7 +521,7 @@ def regional_descriptors(
 ) -> list[np.ndarray]:
     """Per-region descriptor arrays from the whole image's features (the fast mode).
 
-    The output is what ``retrieval.aggregation.aggregate(..., regions=[...])`` takes for one
+    The output is what ``retrieval.index.aggregation.aggregate(..., regions=[...])`` takes for one
     image: entry ``j`` holds the descriptors of the keypoints inside region ``j``.
 
     Args:
@@ -703,7 +703,7 @@ def main(
     Returns:
         The regions CSV path.
     """
-    from retrieval.datasets import RevisitedDataset
+    from retrieval.evaluation.datasets import RevisitedDataset
 
     conf = dict(conf)
     src = region_source(conf)

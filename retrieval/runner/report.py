@@ -22,7 +22,7 @@ from gldboxes.io import atomic_write
 
 __all__ = ["MAX_LINES", "thumbnail", "write_report"]
 
-logger = logging.getLogger("retrieval.report")
+logger = logging.getLogger("retrieval.runner.report")
 
 #: Inlier lines drawn per result at most (the strongest page stays light).
 MAX_LINES = 150
@@ -115,7 +115,8 @@ def write_report(
     thumb_side: int = 240,
     query_side: int = 360,
 ) -> Path:
-    """Write ``out_dir/index.html`` for query results (:class:`retrieval.photos.QueryResult`).
+    """Write ``out_dir/index.html`` for query results
+    (:class:`retrieval.runner.photos.QueryResult`).
 
     Args:
         results: one result per query photo.

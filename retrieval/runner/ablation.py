@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gldboxes.io import atomic_write, read_json, write_config
-from retrieval.kernels import kernels as KERNEL_REGISTRY
+from retrieval.index.kernels import kernels as KERNEL_REGISTRY
 
 __all__ = [
     "METHODS",
@@ -44,7 +44,7 @@ __all__ = [
     "plot",
 ]
 
-logger = logging.getLogger("retrieval.ablation")
+logger = logging.getLogger("retrieval.runner.ablation")
 
 #: method name -> (paper label, engine options). Single-image methods have no regions.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -58,7 +58,8 @@ _SINGLE = frozenset(k.name for k in KERNEL_REGISTRY.values() if not k.regional)
 #: Named grids (hloc style); every key commented.
 confs: dict[str, dict[str, Any]] = {
     "paper": {
-        "engine": {},  # retrieval.engine options shared by every cell (features, codebook ...)
+        "engine": {},  # retrieval.runner.engine options shared by every cell (features, codebook
+        # ...)
         "methods": [  # rows of the grid (keys of METHODS); baselines run once
             "asmk_star",
             "r_asmk_star",
@@ -213,7 +214,7 @@ def main(
         overwrite: recompute every stage.
         name: the result folder under ``out_dir`` (several grids can share features).
     """
-    from retrieval import engine
+    from retrieval.runner import engine
 
     out = Path(out_dir)
     cells = grid(conf, boxes=boxes, gt_boxes=gt_boxes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from retrieval import cli_gldv2
+from retrieval.cli import gldv2 as cli_gldv2
 
 __all__ = ["register"]
 
@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--ranks", help="ranks .npy of shape (n_db, n_queries)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--kappas", default="1,5,10", help="k of mP@k, comma-separated")
-    cli_gldv2.add_evaluate_options(ev)  # --dataset/--solution/--submission (retrieval.cli_gldv2)
+    cli_gldv2.add_evaluate_options(ev)  # --dataset/--solution/--submission (retrieval.cli.gldv2)
     ev.set_defaults(func=_evaluate)
 
     dl = sub.add_parser(
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     _distractor_download_options(dl)
     dl.set_defaults(func=_download)
 
-    # Engine stages (retrieval.engine); all write config-named folders under --out.
+    # Engine stages (retrieval.runner.engine); all write config-named folders under --out.
     ex = sub.add_parser(
         "extract",
         help="local features of a dataset (db + cropped queries) or "
@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
     ix.add_argument("--dataset", help="Revisited-style folder")
     ix.add_argument("--codebook", help="codebook.npy (or its folder)")
     _engine_options(ix)
-    from retrieval.cli_photos import add_index_options, register_query
+    from retrieval.cli.photos import add_index_options, register_query
 
     add_index_options(ix)
     ix.set_defaults(func=_index)
@@ -114,7 +114,7 @@ def register(subparsers: Any) -> None:
     _region_options(rn)
     from gldboxes.executor import add_engine_options
 
-    add_engine_options(rn)  # --engine serial|ray: shard by shard (retrieval.sharded.run)
+    add_engine_options(rn)  # --engine serial|ray: shard by shard (retrieval.runner.sharded.run)
     rn.set_defaults(func=_run)
 
     ab = sub.add_parser(
@@ -132,7 +132,7 @@ def register(subparsers: Any) -> None:
     ab.add_argument(
         "--methods",
         default="asmk_star,r_asmk_star,naive_r_asmk_star,d2r_max,d2r_avg,vlad,r_vlad",
-        help="comma-separated methods (retrieval.ablation.METHODS)",
+        help="comma-separated methods (retrieval.runner.ablation.METHODS)",
     )
     ab.add_argument(
         "--region-features",
@@ -157,7 +157,7 @@ def register(subparsers: Any) -> None:
     ab.set_defaults(func=_ablation)
 
     _register_rmac(sub)  # R-MAC / AML / learned R-MAC (retrieval.rmac, retrieval.rmac.learned)
-    cli_gldv2.register(sub)  # GLDv2 benchmark folders (retrieval.cli_gldv2)
+    cli_gldv2.register(sub)  # GLDv2 benchmark folders (retrieval.cli.gldv2)
 
 
 def _feature_options(p: argparse.ArgumentParser) -> None:
@@ -257,13 +257,13 @@ def _feature_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output root of the config-named folders")
     _feature_options(p)
-    from retrieval.kernels import kernels
+    from retrieval.index.kernels import kernels
 
     p.add_argument(
         "--kernel",
         default="asmk_star",
         choices=list(kernels),
-        help="aggregation kernel (retrieval.kernels)",
+        help="aggregation kernel (retrieval.index.kernels)",
     )
     p.add_argument("--num-assignments", type=int, default=1, help="visual words per descriptor")
     p.add_argument("--top-k", type=int, help="ranks kept per query (default: all)")
@@ -307,7 +307,7 @@ def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    from retrieval.engine import resolve_conf
+    from retrieval.runner.engine import resolve_conf
 
     return resolve_conf(
         features=args.features,
@@ -320,8 +320,8 @@ def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.engine import extract, extract_folder
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.runner.engine import extract, extract_folder
 
     conf = _engine_conf(args)
     if args.images:
@@ -338,7 +338,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _codebook(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retrieval.engine import build_codebook
+    from retrieval.runner.engine import build_codebook
 
     cbconf = {
         "size": args.codebook_size,
@@ -357,9 +357,9 @@ def _codebook(args: argparse.Namespace) -> int:
 def _index_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     from pathlib import Path
 
-    from retrieval.codebook import load_codebook
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.engine import codebook_tag, extract
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.features.codebook import load_codebook
+    from retrieval.runner.engine import codebook_tag, extract
 
     ds = RevisitedDataset.load(args.dataset)
     k = load_codebook(args.codebook).shape[0]
@@ -369,10 +369,10 @@ def _index_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from retrieval.engine import build_index
+    from retrieval.runner.engine import build_index
 
     if args.images or args.remove or args.compact:
-        from retrieval.cli_photos import index
+        from retrieval.cli.photos import index
 
         if args.dataset:
             raise ValueError("retrieval index: give --dataset or --images/--remove/--compact")
@@ -388,7 +388,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from retrieval.engine import build_index, search
+    from retrieval.runner.engine import build_index, search
 
     conf, ds, feats, tag = _index_inputs(args)
     idx = build_index(conf, ds, feats[0], args.codebook, tag, args.out)
@@ -399,7 +399,7 @@ def _search(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from retrieval.engine import run
+    from retrieval.runner.engine import run
 
     conf = _engine_conf(
         args,
@@ -453,7 +453,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_distractors(index: Any) -> None:
     """One line on the distractor index of a run: folder, images, bytes per image."""
-    from retrieval.sharded import ShardedInvertedFile
+    from retrieval.runner.sharded import ShardedInvertedFile
 
     st = ShardedInvertedFile.load(index).stats()
     print(
@@ -485,7 +485,7 @@ def _floats(text: str, what: str) -> list[float]:
 def _ablation(args: argparse.Namespace) -> int:
     import copy
 
-    from retrieval.ablation import confs, main
+    from retrieval.runner.ablation import confs, main
 
     conf = copy.deepcopy(confs["paper"])
     conf["engine"] = {
@@ -525,8 +525,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from retrieval.datasets import load_gnd
-    from retrieval.evaluate import evaluate_protocols, format_table
+    from retrieval.evaluation.datasets import load_gnd
+    from retrieval.evaluation.evaluate import evaluate_protocols, format_table
 
     if cli_gldv2.uses_gldv2(args):
         return cli_gldv2.evaluate_gldv2(args)
@@ -575,7 +575,7 @@ def _download_revisitop1m(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gldboxes.executor import executor_from_args
-    from retrieval.distractors import REVISITOP1M_BASE_URL, download_revisitop1m
+    from retrieval.evaluation.distractors import REVISITOP1M_BASE_URL, download_revisitop1m
 
     with executor_from_args(args, Path(args.out) / "shards") as engine:
         engine.progress = engine.progress and not args.no_progress
@@ -604,7 +604,7 @@ def _download_revisitop1m(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from retrieval.datasets import download_revisited
+    from retrieval.evaluation.datasets import download_revisited
 
     if args.name == "revisitop1m":
         if args.gnd_base_url or args.images_base_url:
@@ -730,12 +730,13 @@ def _rmac_train(args: argparse.Namespace) -> int:
 
 
 def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
-    """``retrieval run --engine serial|ray``: the pipeline shard by shard (retrieval.sharded)."""
+    """``retrieval run --engine serial|ray``: the pipeline shard by shard
+    (retrieval.runner.sharded)."""
     import json
 
     from gldboxes.executor import executor_from_args
-    from retrieval.evaluate import format_table
-    from retrieval.sharded import run as run_sharded
+    from retrieval.evaluation.evaluate import format_table
+    from retrieval.runner.sharded import run as run_sharded
 
     with executor_from_args(args, args.out) as engine:
         res = run_sharded(

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.kernels import Kernel
-from retrieval.kernels import get as get_kernel
-from retrieval.kernels import kernels as KERNEL_REGISTRY
+from retrieval.index.kernels import Kernel
+from retrieval.index.kernels import get as get_kernel
+from retrieval.index.kernels import kernels as KERNEL_REGISTRY
 
 __all__ = [
     "BACKENDS",
@@ -68,9 +68,9 @@ __all__ = [
     "similarity",
 ]
 
-logger = logging.getLogger("retrieval.aggregation")
+logger = logging.getLogger("retrieval.index.aggregation")
 
-# Views of the kernel registry (retrieval.kernels), the one place kernels are defined.
+# Views of the kernel registry (retrieval.index.kernels), the one place kernels are defined.
 KERNELS: tuple[str, ...] = tuple(KERNEL_REGISTRY)
 REGIONAL_KERNELS: frozenset[str] = frozenset(k.name for k in KERNEL_REGISTRY.values() if k.regional)
 BINARY_KERNELS: frozenset[str] = frozenset(k.name for k in KERNEL_REGISTRY.values() if k.binary)
@@ -364,7 +364,7 @@ def similarity(
     ``sum over shared words w of selectivity(u_w, alpha, tau)``, divided by
     ``sqrt(|W_a| |W_b|)`` when ``normalize``. An image with no words scores -1. The sum runs
     sequentially in ascending word order in float64, exactly as
-    :class:`retrieval.inverted_file.InvertedFile` accumulates, so both give identical numbers.
+    :class:`retrieval.index.inverted_file.InvertedFile` accumulates, so both give identical numbers.
     """
     if a.binary != b.binary:
         raise ValueError("similarity: one image has binary words, the other float words")
@@ -497,7 +497,7 @@ def _residual_sums(
     key_s = key[order]
     first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
     if backend == "numba":
-        from retrieval._kernels import segment_residual_sums
+        from retrieval.index._kernels import segment_residual_sums
 
         sums = segment_residual_sums(x, rows, w, order, first, cb)
     else:

@@ -27,7 +27,7 @@ Detect-to-Retrieve (Teichmann et al. CVPR 2019) on the index side:
 * a regional ``kernel`` (``r_asmk_star``, ``naive_r_asmk_star``, ``r_vlad`` ...) aggregates the
   regions into one entry per image; ``regional_search="max"|"avg"`` instead indexes every region
   as its own entry with the (single-image) ``kernel`` and pools scores per image (D2R-ASMK*).
-* queries always stay single-region (``retrieval.aggregation.QUERY_KERNEL``), and regional
+* queries always stay single-region (``retrieval.index.aggregation.QUERY_KERNEL``), and regional
   kernels are compared without the ASMK score normalisation, as the authors do.
 * ``verification``: spatial verification of the top ``top_n`` (junk removed per protocol, one pass
   for all protocols, :mod:`retrieval.verification`), evaluated per protocol.
@@ -53,19 +53,19 @@ import numpy as np
 
 from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
 from gldboxes.progress import tqdm
-from retrieval import codebook as codebook_stage
 from retrieval import features as features_stage
 from retrieval import regions as regions_stage
-from retrieval.aggregation import (
+from retrieval.evaluation.datasets import RevisitedDataset
+from retrieval.evaluation.evaluate import evaluate_protocols, format_table
+from retrieval.features import codebook as codebook_stage
+from retrieval.index.aggregation import (
     KERNELS,
     QUERY_KERNEL,
     REGIONAL_KERNELS,
     AggregatedBatch,
     aggregate_many,
 )
-from retrieval.datasets import RevisitedDataset
-from retrieval.evaluate import evaluate_protocols, format_table
-from retrieval.inverted_file import InvertedFile
+from retrieval.index.inverted_file import InvertedFile
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -94,7 +94,7 @@ __all__ = [
     "verify",
 ]
 
-logger = logging.getLogger("retrieval.engine")
+logger = logging.getLogger("retrieval.runner.engine")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -103,14 +103,15 @@ default_conf: dict[str, Any] = {
     "features": "rootsift",  # preset of retrieval.features.confs
     "feature_model": {},  # overrides of the preset's "model" (e.g. {"max_features": 4000})
     "feature_preprocessing": {},  # overrides of the preset's "preprocessing" ({"max_side": 800})
-    "codebook": {  # see retrieval.codebook.confs
+    "codebook": {  # see retrieval.features.codebook.confs
         "size": 1024,
         "niter": 20,
         "seed": 0,
         "max_descriptors": 500_000,
         "max_points_per_centroid": 256,
     },
-    "kernel": "asmk_star",  # one of retrieval.aggregation.KERNELS (naive_r_asmk_star, r_vlad ...)
+    "kernel": "asmk_star",  # one of retrieval.index.aggregation.KERNELS (naive_r_asmk_star, r_vlad
+    # ...)
     "num_assignments": 1,  # visual words per descriptor
     "alpha": None,  # selectivity exponent (None: the kernel's default, 3 for ASMK)
     "tau": None,  # selectivity threshold (None: kernel default, 0 for ASMK)
@@ -124,7 +125,7 @@ default_conf: dict[str, Any] = {
     "region_features": "assign",  # "assign" (whole-image features in each box) | "reextract"
     "regional_search": None,  # None | "max" | "avg": D2R search, each region its own entry
     # Regional search: floor of a region's word count in the ASMK normalisation, as a fraction
-    # of its image's (retrieval.inverted_file; None: REGION_NORM_FLOOR = 0.1; 0: plain ASMK).
+    # of its image's (retrieval.index.inverted_file; None: REGION_NORM_FLOOR = 0.1; 0: plain ASMK).
     "region_norm_floor": None,
     # Spatial verification after search; None: off. A dict of VerificationConf fields
     # (max_distance, threshold, trials, seed, min_matches, min_inliers, max_scale) plus
@@ -618,7 +619,7 @@ def region_norm_floor(conf: Mapping[str, Any]) -> float | None:
     Args:
         conf: a run conf; ``region_norm_floor`` None means the library default.
     """
-    from retrieval.inverted_file import REGION_NORM_FLOOR
+    from retrieval.index.inverted_file import REGION_NORM_FLOOR
 
     if not conf.get("regional_search"):
         return None
@@ -757,9 +758,9 @@ def search(
     """Rank the database for every query; writes ``ranks.npy`` and ``scores.npy``.
 
     Queries are aggregated with the single-image kernel of the index's kernel
-    (:data:`retrieval.aggregation.QUERY_KERNEL`: one region, asymmetric regional search).
+    (:data:`retrieval.index.aggregation.QUERY_KERNEL`: one region, asymmetric regional search).
     Both arrays are (n_ranked, n_queries), best first. With ``distractors`` (a distractor
-    index, :func:`retrieval.distractors.distractor_index`) its images rank too, under ids
+    index, :func:`retrieval.evaluation.distractors.distractor_index`) its images rank too, under ids
     ``n_db ..``, into ``results/<index name>+<count>-<tag>/``.
     """
     index_path = Path(index_path)
@@ -772,7 +773,7 @@ def search(
     }
     index: Any = ivf
     if distractors is not None:
-        from retrieval.distractors import open_distractors, with_distractors
+        from retrieval.evaluation.distractors import open_distractors, with_distractors
 
         dis = open_distractors(distractors)
         folder = folder.with_name(f"{folder.name}{dis.label}-{dis.tag}")
@@ -815,7 +816,7 @@ def evaluate(
     metrics = {p: r.as_dict() for p, r in res.items()}
     body: dict[str, Any] = {"format_version": 1, "dataset": dataset.name, "metrics": metrics}
     if n_distractors:
-        from retrieval.distractors import count_label
+        from retrieval.evaluation.distractors import count_label
 
         body["dataset"] = f"{dataset.name}+{count_label(n_distractors)}"
         body["distractors"] = n_distractors
@@ -868,7 +869,7 @@ def verify(
     """
     from dataclasses import asdict
 
-    from retrieval.evaluate import Protocol, evaluate_protocols
+    from retrieval.evaluation.evaluate import Protocol, evaluate_protocols
     from retrieval.verification import read_features_h5, rerank_revisited
 
     vconf, top_n, workers = verification_conf(conf)
@@ -1007,12 +1008,13 @@ def run(
         codebook_path: or use an existing ``codebook.npy``.
         distractors: add these distractors to the database (an image folder, e.g. the
             extracted revisitop1m, or a distractor index built with the same settings; see
-            :func:`retrieval.distractors.distractor_index`, built here shard by shard with
+            :func:`retrieval.evaluation.distractors.distractor_index`, built here shard by shard
+            with
             ``distractor_shard_size`` images a part); the table row ends ``+<count>``.
     """
     rc = resolve_conf(conf)
     if distractors is not None:
-        from retrieval.distractors import check_run_conf
+        from retrieval.evaluation.distractors import check_run_conf
 
         check_run_conf(rc)  # before any work
     ds = RevisitedDataset.load(Path(dataset_dir))
@@ -1074,7 +1076,7 @@ def run(
         raise ValueError(f"{ds.root}: query features were not extracted")
     dis_index, n_dis, label = None, 0, None
     if distractors is not None:
-        from retrieval.distractors import distractor_index, open_distractors
+        from retrieval.evaluation.distractors import distractor_index, open_distractors
 
         dis_index = distractor_index(
             rc,

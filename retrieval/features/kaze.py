@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["NAME", "KazeExtractor", "confs", "make"]
 
-logger = logging.getLogger("retrieval.kaze")
+logger = logging.getLogger("retrieval.features.kaze")
 
 NAME = "kaze"
 

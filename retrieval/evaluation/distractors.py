@@ -22,7 +22,8 @@ whole archive was read (staging folder). Tasks run on the serial executor or on 
 
 :func:`distractor_index` turns a distractor image folder (the extracted revisitop1m, whose
 ``revisitop1m.txt`` fixes the image order, or any folder) into an index of parts
-(:class:`retrieval.sharded.ShardedInvertedFile`, ``sharded.json``) built with a run's features,
+(:class:`retrieval.runner.sharded.ShardedInvertedFile`, ``sharded.json``) built with a run's
+features,
 codebook and kernel, shard by shard on an executor, under
 ``OUT/index/<kernel>-k<K>-<features>-<trainset>-<distractor set>.parts/``. The index records
 what it was built with (codebook md5, kernel, features ...); an index given instead of a folder
@@ -49,8 +50,8 @@ from gldboxes.io import config_hash, read_json, write_json
 
 if TYPE_CHECKING:
     from gldboxes.executor import Executor, Resources, Shard, Stage
-    from retrieval.inverted_file import InvertedFile
-    from retrieval.sharded import ShardedInvertedFile
+    from retrieval.index.inverted_file import InvertedFile
+    from retrieval.runner.sharded import ShardedInvertedFile
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -72,7 +73,7 @@ __all__ = [
     "with_distractors",
 ]
 
-logger = logging.getLogger("retrieval.distractors")
+logger = logging.getLogger("retrieval.evaluation.distractors")
 
 REVISITOP1M_BASE_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
 REVISITOP1M_ARCHIVES = 100
@@ -133,7 +134,7 @@ def _archive_task(
     """Download, verify and extract the archives ``shard.items`` into ``root/jpg``."""
     from gldboxes.executor import NonRetryableError
     from gldboxes.http import DownloadError, download_file, md5sum, new_session
-    from retrieval.datasets import DatasetDownloadError, extract_images
+    from retrieval.evaluation.datasets import DatasetDownloadError, extract_images
 
     root, base = Path(conf["root"]), str(conf["base_url"])
     n_images = n_bytes = 0
@@ -278,7 +279,7 @@ def download_revisitop1m(
     """
     from gldboxes.executor import SerialExecutor, read_done
     from gldboxes.http import DownloadError, download_file
-    from retrieval.datasets import DatasetDownloadError
+    from retrieval.evaluation.datasets import DatasetDownloadError
 
     wanted = parse_archives(archives)
     root = Path(out)
@@ -369,7 +370,7 @@ def distractor_images(folder: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     Raises:
         FileNotFoundError: no such folder. ValueError: no image in it.
     """
-    from retrieval.engine import IMAGE_SUFFIXES
+    from retrieval.runner.engine import IMAGE_SUFFIXES
 
     root = Path(folder)
     if not root.is_dir():
@@ -408,8 +409,8 @@ def count_label(n: int) -> str:
 def _ident(conf: Mapping[str, Any], codebook_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings a distractor index must share with a run (scores comparable)."""
     from gldboxes.http import md5sum
-    from retrieval.codebook import load_codebook
-    from retrieval.engine import feature_conf
+    from retrieval.features.codebook import load_codebook
+    from retrieval.runner.engine import feature_conf
 
     cb = Path(codebook_path)
     cb = cb / "codebook.npy" if cb.is_dir() else cb
@@ -456,7 +457,7 @@ def distractor_index(
     """The distractor index of a run: built from an image folder, or an existing one checked.
 
     Args:
-        conf: the run's resolved conf (:data:`retrieval.engine.default_conf`).
+        conf: the run's resolved conf (:data:`retrieval.runner.engine.default_conf`).
         source: a distractor image folder (see :func:`distractor_images`) or a distractor
             index folder (``sharded.json``) built with the same features, codebook and kernel.
         codebook_path: the run's ``codebook.npy``; training_set: its tag (folder names).
@@ -473,8 +474,8 @@ def distractor_index(
     """
     from gldboxes.executor import SerialExecutor
     from retrieval import features as features_stage
-    from retrieval.engine import feature_conf, run_name
-    from retrieval.sharded import (
+    from retrieval.runner.engine import feature_conf, run_name
+    from retrieval.runner.sharded import (
         HEADER_NAME,
         FeatureShards,
         ShardedInvertedFile,
@@ -564,7 +565,7 @@ class Distractors:
 def open_distractors(folder: str | os.PathLike[str]) -> Distractors:
     """Read a distractor index's header: its parts, count and names for results."""
     from gldboxes.http import md5sum
-    from retrieval.sharded import HEADER_NAME
+    from retrieval.runner.sharded import HEADER_NAME
 
     root = Path(folder)
     h = read_json(root / HEADER_NAME)
@@ -591,7 +592,7 @@ def with_distractors(
     Raises:
         ValueError: the two disagree on kernel or parameters.
     """
-    from retrieval.sharded import ShardedInvertedFile
+    from retrieval.runner.sharded import ShardedInvertedFile
 
     d = ShardedInvertedFile.load(distractors, mmap=mmap)
     starts = np.r_[0, index.n_images + d.starts].astype(np.int64)

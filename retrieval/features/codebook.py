@@ -37,7 +37,7 @@ __all__ = [
     "train_codebook",
 ]
 
-logger = logging.getLogger("retrieval.codebook")
+logger = logging.getLogger("retrieval.features.codebook")
 
 FORMAT_VERSION = 1
 

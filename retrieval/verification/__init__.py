@@ -6,7 +6,7 @@ pairs with at least 4 putative matches run an affine RANSAC (3-point samples, 10
 threshold, 1000 trials); the shortlist is re-ranked by (inliers, first-stage score).
 
 Matching is per descriptor type (each features preset of :mod:`retrieval.features` carries
-its ``verification`` defaults, which :func:`retrieval.engine.verification_conf` applies):
+its ``verification`` defaults, which :func:`retrieval.runner.engine.verification_conf` applies):
 
 * DELF: 1-NN with L2 distance below ``max_distance`` (the authors' 0.8);
 * RootSIFT: Lowe's ratio test (``ratio`` 0.8: the nearest neighbour closer than 0.8 times the
@@ -695,7 +695,7 @@ def rerank_revisited(
         conf: verification settings.
         num_workers: threads (default: CPU count, at most 8).
     """
-    from retrieval.evaluate import protocol_gnd, validate_ranks
+    from retrieval.evaluation.evaluate import protocol_gnd, validate_ranks
 
     c = conf or VerificationConf()
     nq = len(gnd)

@@ -2,7 +2,8 @@
 
 Each function here is the fast twin of a vectorised numpy computation that stays in the calling
 module as the reference (``backend="numpy"``); the tests check both give the same numbers, bit
-for bit. The loops add in the order the numpy code and :func:`retrieval.aggregation.similarity`
+for bit. The loops add in the order the numpy code and
+:func:`retrieval.index.aggregation.similarity`
 add, so float rounding is the same (the numpy scoring path adds a batch's postings in chunks
 of ~1M, and only beyond one chunk may differ from both in the last bit):
 

@@ -6,9 +6,9 @@ executor; shard ``i`` of a database always covers the same range of image ids):
 * **features** (:func:`feature_stage`): RootSIFT or DELF (:mod:`retrieval.features`) of a
   shard of images into ``<shard>/features.h5`` (the features file layout); the extractor (a DELF
   SavedModel) is loaded once per worker process.
-* **aggregation** (:func:`aggregation_stage`): ASMK/ASMK*/VLAD (:mod:`retrieval.aggregation`)
+* **aggregation** (:func:`aggregation_stage`): ASMK/ASMK*/VLAD (:mod:`retrieval.index.aggregation`)
   of a features shard into an index part ``<shard>/index/`` (an
-  :class:`retrieval.inverted_file.InvertedFile` over the shard's images, local ids
+  :class:`retrieval.index.inverted_file.InvertedFile` over the shard's images, local ids
   ``0..n_part-1`` = global ids ``start..stop-1``); the codebook is loaded once per worker.
   With index-side regions (Detect-to-Retrieve) a part holds R-ASMK*-style regional entries or,
   for regional search, one item per region with a part-local ``item_image``.
@@ -19,7 +19,7 @@ executor; shard ``i`` of a database always covers the same range of image ids):
 
 Global steps run on the driver: the codebook's k-means on a seeded sample gathered from the
 feature shards (:meth:`FeatureShards.sample_descriptors`, the same sample as
-:func:`retrieval.codebook.sample_descriptors` on the merged file), merging index parts
+:func:`retrieval.features.codebook.sample_descriptors` on the merged file), merging index parts
 (:meth:`ShardedInvertedFile.merge`), merging top-k lists and the metrics.
 
 The **sharded inverted file** (:class:`ShardedInvertedFile`) is a list of index parts by
@@ -60,9 +60,9 @@ from gldboxes.io import (
     write_json,
 )
 from retrieval import features as features_stage
-from retrieval.aggregation import KERNELS, AggregatedBatch, aggregate_many
-from retrieval.codebook import sample_rows
-from retrieval.inverted_file import InvertedFile
+from retrieval.features.codebook import sample_rows
+from retrieval.index.aggregation import KERNELS, AggregatedBatch, aggregate_many
+from retrieval.index.inverted_file import InvertedFile
 
 __all__ = [
     "FORMAT_VERSION",
@@ -79,7 +79,7 @@ __all__ = [
     "verify_sharded",
 ]
 
-logger = logging.getLogger("retrieval.sharded")
+logger = logging.getLogger("retrieval.runner.sharded")
 
 FORMAT_VERSION = 1
 HEADER_NAME = "sharded.json"
@@ -240,7 +240,8 @@ class FeatureShards:
         """A seeded uniform sample of all shards' descriptors (driver-side, for k-means).
 
         The draw is over the images sorted by id, exactly as
-        :func:`retrieval.codebook.sample_descriptors` draws from one merged file, so sharded
+        :func:`retrieval.features.codebook.sample_descriptors` draws from one merged file, so
+        sharded
         and single-file runs train the same codebook.
 
         Returns:
@@ -280,7 +281,7 @@ class FeatureShards:
 
 # =================================================================================== aggregation
 def _load_codebook(path: str) -> np.ndarray:
-    from retrieval.codebook import load_codebook
+    from retrieval.features.codebook import load_codebook
 
     return load_codebook(path)
 
@@ -291,12 +292,12 @@ def _aggregation_shard(
     """Aggregate the images of one features shard into the index part ``out/index``.
 
     With regions (``shard.meta["regions"]``: the part's rows of the regions CSV) the part is
-    built by :func:`retrieval.engine.aggregate_database` exactly as the single index is: one
+    built by :func:`retrieval.runner.engine.aggregate_database` exactly as the single index is: one
     entry per image (regional kernel) or one item per region with a part-local ``item_image``
     (regional search; the part's images are ``0 .. n_part - 1``, ``start`` maps them back).
     """
-    from retrieval.engine import aggregate_database
     from retrieval.regions import read_regions_csv
+    from retrieval.runner.engine import aggregate_database
 
     names = [str(n) for n in shard.items]
     regions = None
@@ -392,10 +393,10 @@ def aggregation_stage(
     Args:
         conf: ``kernel``, ``num_assignments``, ``alpha``, ``tau``, ``normalize`` and, with
             regions, ``region_features`` and ``regional_search`` (the
-            :data:`retrieval.engine.default_conf` keys).
+            :data:`retrieval.runner.engine.default_conf` keys).
         features: the database's feature shards.
         codebook_path: ``codebook.npy`` (its md5 enters the config hash).
-        regions_csv: index-side regions (:func:`retrieval.engine.build_regions`); each part
+        regions_csv: index-side regions (:func:`retrieval.runner.engine.build_regions`); each part
             gets its images' rows in ``<regions stem>.parts/`` beside it.
         region_features: ``reextract`` mode: the crops' feature shards, shard ``i`` holding
             the crops of feature shard ``i``'s images.
@@ -403,7 +404,7 @@ def aggregation_stage(
     Returns:
         ``(stage, shards)``; open the parts with :meth:`ShardedInvertedFile.from_stage`.
     """
-    from retrieval.aggregation import REGIONAL_KERNELS
+    from retrieval.index.aggregation import REGIONAL_KERNELS
 
     if conf["kernel"] not in KERNELS:
         raise ValueError(f"unknown kernel {conf['kernel']!r}; expected one of {list(KERNELS)}")
@@ -444,7 +445,7 @@ def aggregation_stage(
         sconf["region_features"] = mode
         sconf["regional_search"] = pooling
         if pooling:
-            from retrieval.engine import region_norm_floor
+            from retrieval.runner.engine import region_norm_floor
 
             sconf["region_norm_floor"] = region_norm_floor(conf)
     sconf["config_hash"] = config_hash(sconf)
@@ -859,7 +860,7 @@ def _verification_shard(
     shard: Shard, out: Path, model: Any, *, conf: Mapping[str, Any]
 ) -> dict[str, int]:
     """Spatially verify a batch of queries (``shard.items`` = query indices)."""
-    from retrieval.datasets import RevisitedDataset
+    from retrieval.evaluation.datasets import RevisitedDataset
     from retrieval.verification import VerificationConf, rerank_revisited
 
     qidx = np.asarray(shard.items, np.int64)
@@ -916,7 +917,7 @@ def verification_stage(
     (n_db, n_batch) re-ranked by :func:`retrieval.verification.rerank_revisited` (one thread:
     the executor provides the parallelism).
     """
-    from retrieval.datasets import RevisitedDataset
+    from retrieval.evaluation.datasets import RevisitedDataset
 
     ds = RevisitedDataset.load(Path(dataset_dir))
     rp = os.fspath(Path(ranks_path).resolve())
@@ -1013,8 +1014,8 @@ def _train_codebook(
     rc: Mapping[str, Any], train: FeatureShards, training_set: str, out_dir: Path, fc_name: str
 ) -> Path:
     """k-means on a seeded sample gathered from the feature shards (driver), engine layout."""
-    from retrieval.codebook import FORMAT_VERSION as CB_VERSION
-    from retrieval.codebook import train_codebook
+    from retrieval.features.codebook import FORMAT_VERSION as CB_VERSION
+    from retrieval.features.codebook import train_codebook
 
     cb = rc["codebook"]
     folder = out_dir / "codebooks" / f"{fc_name}-k{cb['size']}-s{cb['seed']}-{training_set}"
@@ -1068,7 +1069,8 @@ def run(
     overwrite: bool = False,
     distractors: str | os.PathLike[str] | None = None,
 ) -> ShardedRun:
-    """The retrieval pipeline of :func:`retrieval.engine.run`, shard by shard on ``executor``.
+    """The retrieval pipeline of :func:`retrieval.runner.engine.run`, shard by shard on
+    ``executor``.
 
     Layout under ``out_dir`` (config-named, like the engine's)::
 
@@ -1081,14 +1083,15 @@ def run(
         results/<run name>.sharded/ranks.npy, metrics.json, search/, verify/
 
     Index-side regions (``regions``, ``region_features``, ``regional_search``) work as in the
-    engine: the regions CSV is written on the driver by :func:`retrieval.engine.build_regions`,
+    engine: the regions CSV is written on the driver by
+    :func:`retrieval.runner.engine.build_regions`,
     ``reextract`` crops are extracted shard by shard, and each index part is aggregated by
-    :func:`retrieval.engine.aggregate_database` (regional kernels: one entry per image;
+    :func:`retrieval.runner.engine.aggregate_database` (regional kernels: one entry per image;
     regional search: one item per region, pooled per image inside its part), so the ranks
-    equal :func:`retrieval.engine.run`'s.
+    equal :func:`retrieval.runner.engine.run`'s.
 
     Args:
-        conf: options of :data:`retrieval.engine.default_conf`.
+        conf: options of :data:`retrieval.runner.engine.default_conf`.
         executor: :class:`gldboxes.executor.SerialExecutor` or ``RayExecutor``.
         shard_size: images per feature shard and index part.
         codebook_images: train the codebook on this image folder, or on several pooled.
@@ -1096,18 +1099,21 @@ def run(
             protocol's way: Oxford with a Paris codebook).
         codebook_path: or use this ``codebook.npy``. None of them: the database itself
             (warned). A training set is extracted in shards on ``executor``, merged into the
-            single file :func:`retrieval.engine.extract_folder` / ``extract`` would write, and
-            trained by :func:`retrieval.engine.build_codebook`: the engine's codebook, byte
+            single file :func:`retrieval.runner.engine.extract_folder` / ``extract`` would write,
+            and
+            trained by :func:`retrieval.runner.engine.build_codebook`: the engine's codebook, byte
             for byte.
         verify: also spatially verify the top ``verify_top_n`` (batches of queries).
         distractors: a distractor image folder or index
-            (:func:`retrieval.distractors.distractor_index`, built here on ``executor`` with
+            (:func:`retrieval.evaluation.distractors.distractor_index`, built here on ``executor``
+            with
             ``shard_size`` images a part); its parts are searched after the dataset's, under
             ids ``n_db ..``, into ``results/<run name>+<count>-<tag>.sharded/``.
     """
-    from retrieval.aggregation import QUERY_KERNEL
-    from retrieval.datasets import RevisitedDataset
-    from retrieval.engine import (
+    from retrieval.evaluation.datasets import RevisitedDataset
+    from retrieval.index.aggregation import QUERY_KERNEL
+    from retrieval.regions import read_regions_csv
+    from retrieval.runner.engine import (
         IMAGE_SUFFIXES,
         build_codebook,
         build_regions,
@@ -1119,11 +1125,10 @@ def run(
         run_name,
         verification_conf,
     )
-    from retrieval.regions import read_regions_csv
 
     rc = resolve_conf(conf)
     if distractors is not None:
-        from retrieval.distractors import check_run_conf
+        from retrieval.evaluation.distractors import check_run_conf
 
         check_run_conf(rc, verify=verify)  # before any work
     fc = feature_conf(rc)
@@ -1163,7 +1168,7 @@ def run(
         "features-query",
     )
     if codebook_path is not None:
-        from retrieval.codebook import load_codebook as _load
+        from retrieval.features.codebook import load_codebook as _load
 
         cb_path = Path(codebook_path)
         training_set = codebook_tag(cb_path)
@@ -1241,13 +1246,13 @@ def run(
     part_dirs = [idx_dir / s.name / "index" for s in parts]
     sivf.save_header(idx_dir, part_dirs)
 
-    from retrieval.codebook import load_codebook
+    from retrieval.features.codebook import load_codebook
 
     res_dir = out / "results" / f"{name}.sharded"
     starts = [int(s.meta["start"]) for s in parts]
     n_dis, dis_index = 0, None
     if distractors is not None:  # appended after the dataset's images
-        from retrieval.distractors import distractor_index, open_distractors
+        from retrieval.evaluation.distractors import distractor_index, open_distractors
 
         dis_index = distractor_index(
             rc,
@@ -1322,7 +1327,7 @@ def _aggregate_named(
     """Aggregate ``names`` of feature shards on the driver, ``batch_images`` at a time.
 
     ``kernel`` overrides ``rc["kernel"]`` (queries: the single-image kernel, as in
-    :func:`retrieval.engine.search`).
+    :func:`retrieval.runner.engine.search`).
     """
     kern = kernel or rc["kernel"]
     step = int(rc.get("batch_images", 512))

@@ -81,7 +81,8 @@ class Kernel:
 
     @property
     def similarity(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`retrieval.aggregation.similarity` and the inverted file."""
+        """Keyword arguments of :func:`retrieval.index.aggregation.similarity` and the inverted
+        file."""
         return {"alpha": self.alpha, "tau": self.tau, "normalize": self.normalize}
 
 

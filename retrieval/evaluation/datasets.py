@@ -42,7 +42,7 @@ __all__ = [
     "save_gnd",
 ]
 
-logger = logging.getLogger("retrieval.datasets")
+logger = logging.getLogger("retrieval.evaluation.datasets")
 
 # Official sources (revisitop / VGG). Images come as tarballs; the ground truth as a pickle.
 DATASETS: dict[str, dict[str, Any]] = {

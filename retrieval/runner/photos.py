@@ -1,11 +1,12 @@
 """Search your own photos: an index of any image folder that grows, queries, and ground truth.
 
-The index is a folder built from the engine's stages (:mod:`retrieval.engine`): features of the
-image folder (:func:`retrieval.engine.extract_folder`, resumable chunk files), a codebook
-(:func:`retrieval.engine.build_codebook`, or a given ``codebook.npy`` copied in), per-image
-aggregation (:func:`retrieval.engine.aggregate_database`, with index-side regions when asked)
-into :class:`retrieval.inverted_file.InvertedFile` parts, searched together as a
-:class:`retrieval.sharded.ShardedInvertedFile`::
+The index is a folder built from the engine's stages (:mod:`retrieval.runner.engine`): features of
+the
+image folder (:func:`retrieval.runner.engine.extract_folder`, resumable chunk files), a codebook
+(:func:`retrieval.runner.engine.build_codebook`, or a given ``codebook.npy`` copied in), per-image
+aggregation (:func:`retrieval.runner.engine.aggregate_database`, with index-side regions when asked)
+into :class:`retrieval.index.inverted_file.InvertedFile` parts, searched together as a
+:class:`retrieval.runner.sharded.ShardedInvertedFile`::
 
     IDX/photos.json                      format_version, conf, codebook, images, parts, tombstones
     IDX/features/<preset>/<dir>-<hash>.h5  features of each indexed folder (engine layout)
@@ -17,7 +18,7 @@ into :class:`retrieval.inverted_file.InvertedFile` parts, searched together as a
 **Growing.** Indexing a folder again adds the photos not yet in the index as a new part (ids
 continue; the features file resumes, so only new photos are extracted). Removing puts ids on a
 tombstone list: they are never returned, and :func:`compact` merges the parts and drops them
-(:meth:`retrieval.inverted_file.InvertedFile.select_images`, nothing re-aggregated). The
+(:meth:`retrieval.index.inverted_file.InvertedFile.select_images`, nothing re-aggregated). The
 codebook and every option are fixed when the index is created.
 
 **Why results equal a fresh build.** An ASMK/ASMK*/VLAD score of (query, image) depends only on
@@ -48,9 +49,9 @@ from typing import Any
 import numpy as np
 
 from gldboxes.io import read_tagged_json, write_config, write_json
-from retrieval import engine
 from retrieval import features as features_stage
-from retrieval.inverted_file import InvertedFile
+from retrieval.index.inverted_file import InvertedFile
+from retrieval.runner import engine
 
 __all__ = [
     "FORMAT_VERSION",
@@ -64,7 +65,7 @@ __all__ = [
     "remove",
 ]
 
-logger = logging.getLogger("retrieval.photos")
+logger = logging.getLogger("retrieval.runner.photos")
 
 FORMAT_VERSION = 1
 HEADER_NAME = "photos.json"
@@ -78,7 +79,7 @@ _REGION_KEYS = ("regions", "region_boxes", "region_threshold")
 def folder_images(image_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     """Every image under a folder (recursive), sorted, as ``(features id, resolved path)``.
 
-    The ids are those of :func:`retrieval.engine.extract_folder` (the path relative to the
+    The ids are those of :func:`retrieval.runner.engine.extract_folder` (the path relative to the
     folder, ``/`` written ``__``).
     """
     root = Path(image_dir)
@@ -148,7 +149,7 @@ def _codebook(
     if codebook is not None:
         src = Path(codebook)
         src = src / "codebook.npy" if src.is_dir() else src
-        from retrieval.codebook import load_codebook
+        from retrieval.features.codebook import load_codebook
 
         k = int(load_codebook(src).shape[0])  # checks it
         dst = index_dir / "codebook" / "codebook.npy"
@@ -240,7 +241,7 @@ def main(
     """Index the photos of ``image_dir`` into ``index_dir``: create it, or add a new part.
 
     Args:
-        conf: options of :data:`retrieval.engine.default_conf` (features, kernel, codebook
+        conf: options of :data:`retrieval.runner.engine.default_conf` (features, kernel, codebook
             size, regions ...); fixed when the index is created.
         image_dir: any folder of photos (recursive; jpg, png, ...).
         index_dir: the index folder.
@@ -285,7 +286,7 @@ def main(
         logger.info("%s: every photo of %s is indexed already", idx, root)
         write_json(idx / HEADER_NAME, h)
         return idx / HEADER_NAME
-    from retrieval.codebook import load_codebook
+    from retrieval.features.codebook import load_codebook
 
     names = [n for n, _ in new]
     paths = [p for _, p in new]
@@ -385,8 +386,9 @@ def remove(index_dir: str | os.PathLike[str], targets: Sequence[str]) -> list[in
 def compact(index_dir: str | os.PathLike[str]) -> Path:
     """Merge every part into one and drop the tombstoned photos (ids renumbered from 0).
 
-    Nothing is re-aggregated (:meth:`retrieval.sharded.ShardedInvertedFile.merge`, then
-    :meth:`retrieval.inverted_file.InvertedFile.select_images`); the new part is written before
+    Nothing is re-aggregated (:meth:`retrieval.runner.sharded.ShardedInvertedFile.merge`, then
+    :meth:`retrieval.index.inverted_file.InvertedFile.select_images`); the new part is written
+    before
     the header switches to it, and the old parts are deleted last.
 
     Returns:
@@ -438,7 +440,7 @@ def compact(index_dir: str | os.PathLike[str]) -> Path:
 
 
 def _sharded(idx: Path, h: Mapping[str, Any]) -> Any:
-    from retrieval.sharded import ShardedInvertedFile
+    from retrieval.runner.sharded import ShardedInvertedFile
 
     parts = tuple(InvertedFile.load(idx / p["path"]) for p in h["parts"])
     starts = np.array([int(p["start"]) for p in h["parts"]], np.int64)
@@ -475,7 +477,7 @@ class PhotoIndex:
 
     Attributes:
         root: the index folder. header: ``photos.json``. conf: the resolved run conf.
-        index: the parts as a :class:`retrieval.sharded.ShardedInvertedFile`.
+        index: the parts as a :class:`retrieval.runner.sharded.ShardedInvertedFile`.
         codebook: float32 (K, D). live: bool (n_ids,) not tombstoned.
         order_key: int64 (n_ids,) rank of each id by (photo name, path): the tie-break.
     """
@@ -490,7 +492,7 @@ class PhotoIndex:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike[str]) -> PhotoIndex:
-        from retrieval.codebook import load_codebook
+        from retrieval.features.codebook import load_codebook
 
         idx = Path(index_dir)
         h = _read_header(idx)
@@ -548,7 +550,7 @@ class PhotoIndex:
             ``(ids, scores, features)``: int64 and float64 (n_queries, min(k, n_photos)),
             ordered by score desc then photo name / path; and the queries' features.
         """
-        from retrieval.aggregation import QUERY_KERNEL, aggregate_many
+        from retrieval.index.aggregation import QUERY_KERNEL, aggregate_many
 
         feats = self.extract(photos)
         n = self.live.shape[0]
@@ -736,12 +738,12 @@ def evaluate_gt(
     """Easy/Medium/Hard mAP and mP@k of the index's ranking for the CSV's queries.
 
     The ranking is over the live photos (positions as in :func:`read_gt_csv`) and is scored by
-    :func:`retrieval.evaluate.evaluate_protocols`.
+    :func:`retrieval.evaluation.evaluate.evaluate_protocols`.
 
     Returns:
         ``({protocol: ProtocolResult}, ranks int64 (n_photos, n_queries))``.
     """
-    from retrieval.evaluate import evaluate_protocols
+    from retrieval.evaluation.evaluate import evaluate_protocols
 
     queries, gnd = read_gt_csv(gt_csv, index)
     ids, _, _ = index.rank(queries)

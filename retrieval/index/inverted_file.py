@@ -45,7 +45,7 @@ reuse per-thread scratch buffers. Any D >= 1 works: the padding bits of the last
 in every word (checked when an index or a batch is made), so they agree and add nothing to the
 Hamming distance, and the table maps ``h`` to ``selectivity(1 - 2 h / D)`` with the true D
 (``dim`` in the header), never the padded ``8 ceil(D/8)``. The result equals
-:func:`retrieval.aggregation.similarity` against every image, number for number.
+:func:`retrieval.index.aggregation.similarity` against every image, number for number.
 
 On disk an inverted file is a folder: ``header.json`` (format version, kernel, parameters,
 shapes, dtypes, config hash) and one ``.npy`` per array, loadable with ``mmap_mode="r"``. No
@@ -68,14 +68,14 @@ import numpy as np
 import numpy.typing as npt
 
 from gldboxes.io import atomic_dir, read_json, write_json
-from retrieval.aggregation import (
+from retrieval.index.aggregation import (
     AggregatedBatch,
     AggregatedImage,
     check_packed_bits,
     pair_similarity,
     selectivity,
 )
-from retrieval.kernels import get as get_kernel
+from retrieval.index.kernels import get as get_kernel
 
 __all__ = [
     "BACKENDS",
@@ -88,7 +88,7 @@ __all__ = [
     "top_k",
 ]
 
-logger = logging.getLogger("retrieval.inverted_file")
+logger = logging.getLogger("retrieval.index.inverted_file")
 
 FORMAT_VERSION = 1
 #: Version written for regional-search indexes (an ``item_image`` array; older readers refuse
@@ -129,7 +129,7 @@ def top_k(scores: np.ndarray, k: int | None = None) -> np.ndarray:
         if s.dtype != np.float64 or np.isnan(s).any():
             # A stable sort of -s keeps tied images in ascending id order (lexsort by (-s, id)).
             return np.argsort(-s, axis=-1, kind="stable").astype(np.int64)
-        from retrieval._kernels import rank_descending
+        from retrieval.index._kernels import rank_descending
 
         # The same order by a stable radix sort of the float bits (3x faster at 5k images);
         # adding 0.0 turns -0.0 into 0.0, which the comparison sort treats as equal.
@@ -178,7 +178,7 @@ def _selectivity_tables(dim: int, alpha: float, tau: float) -> tuple[np.ndarray,
 
     Returns:
         ``table``: float64 (D + 1,), ``table[h] = selectivity(1 - 2 h / D)`` computed with the
-        very expressions of :func:`retrieval.aggregation.pair_similarity` and ``selectivity``,
+        very expressions of :func:`retrieval.index.aggregation.pair_similarity` and ``selectivity``,
         element by element, so a look-up gives the numbers the direct computation gives, bit
         for bit. ``pair_table``: float64 (65536,), indexed by the two uint8 popcounts of a row
         of two lanes read as one uint16: ``table[low byte + high byte]`` (native byte order;
@@ -202,7 +202,7 @@ class InvertedFile:
         offsets, image_ids, data, words_per_image: the CSR arrays (over items: the images, or
             the regions for regional search; ``image_ids`` hold item ids).
         dim: descriptor dimension D.
-        kernel: the aggregation kernel of the database (a name in :mod:`retrieval.kernels`).
+        kernel: the aggregation kernel of the database (a name in :mod:`retrieval.index.kernels`).
         alpha, tau, normalize: similarity parameters (defaults: the kernel's ``similarity``).
         meta: free JSON-able metadata saved in the header (config, config hash ...).
         item_image: regional search: uint32 (n_items,) image of each item, non-decreasing,
@@ -294,7 +294,7 @@ class InvertedFile:
         """Build from an aggregated database (image ``i`` of the batch gets id ``i``).
 
         Args:
-            batch: the database, as returned by :func:`retrieval.aggregation.aggregate_many`.
+            batch: the database, as returned by :func:`retrieval.index.aggregation.aggregate_many`.
             codebook_size: K, the number of visual words.
             kernel: the kernel that produced ``batch``; sets default similarity parameters.
             alpha, tau, normalize: override the kernel's defaults.
@@ -458,7 +458,7 @@ class InvertedFile:
         Args:
             queries: aggregated queries of the index's kind.
             backend: ``"numba"`` (default): binary words are scored by the compiled single pass
-                of :func:`retrieval._kernels.score_binary`; ``"numpy"``: the vectorised
+                of :func:`retrieval.index._kernels.score_binary`; ``"numpy"``: the vectorised
                 reference (gathered postings, ``np.bitwise_count``, ``np.bincount``). Both give
                 the same numbers, bit for bit. Float words always use the numpy path.
 
@@ -471,7 +471,7 @@ class InvertedFile:
         nq, n = q.n_images, self.n_items
         lanes, qlanes = self._binary_lanes(q)
         if lanes is not None and backend == "numba":
-            from retrieval._kernels import score_binary
+            from retrieval.index._kernels import score_binary
 
             table, _ = _selectivity_tables(self.dim, self.alpha, self.tau)
             out = np.zeros((nq, n), np.float64)
