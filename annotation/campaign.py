@@ -17,6 +17,9 @@ which ``annotate export`` copies into the snapshot for the agreement and gold-ac
 
 Pre-annotations travel inline in the import (one prediction per task with ``model_version`` and
 ``score``); that is ~280 tasks/s against ~5/s for one ``predictions.create`` per task.
+
+The raters (sign up, list, remove) are :mod:`annotation.raters` and the client
+(:func:`connect`) :mod:`annotation.client`; their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 
+from annotation.client import _check, _session, connect
 from annotation.config import (
     BOX_FROM_NAME,
     DEFAULT_INSTRUCTIONS,
@@ -41,6 +44,7 @@ from annotation.config import (
     box_to_rect_value,
     labeling_config,
 )
+from annotation.raters import Rater, add_rater, list_raters, remove_rater, removed_raters
 from gldboxes.boxes import Box, read_boxes_csv
 from gldboxes.io import read_json, write_json
 
@@ -90,18 +94,6 @@ class ImageItem:
 
 
 @dataclass(frozen=True, slots=True)
-class Rater:
-    """A Label Studio user who annotates: id, e-mail and API token (keep the token secret)."""
-
-    id: int
-    email: str
-    token: str
-
-    def __repr__(self) -> str:  # never print the token
-        return f"Rater(id={self.id}, email={self.email!r})"
-
-
-@dataclass(frozen=True, slots=True)
 class ImportResult:
     """What one import did: tasks added, images already present, the new ids by image id,
     and tasks already present whose prediction was replaced (``refresh_predictions``)."""
@@ -123,8 +115,8 @@ def read_split(
     writes it.
 
     Without a ``url`` column each image is found by id under ``image_root`` the way the other
-    stages do (:func:`gldboxes.views.resolve_image_path`: ``<id>.jpg``, ``jpg/<id>.jpg``, the GLD
-    layout ``[images/]a/b/c/<id>.jpg``).
+    stages do (:func:`gldboxes.views_base.resolve_image_path`: ``<id>.jpg``, ``jpg/<id>.jpg``,
+    the GLD layout ``[images/]a/b/c/<id>.jpg``).
 
     Args:
         image_root: folder the ``url`` column (or the id layout) is relative to (default: the
@@ -136,7 +128,7 @@ def read_split(
     """
     from PIL import Image
 
-    from gldboxes.views import resolve_image_path
+    from gldboxes.views_base import resolve_image_path
 
     csv_path = Path(csv_path)
     root = Path(image_root) if image_root is not None else csv_path.parent
@@ -164,27 +156,6 @@ def read_split(
                 ImageItem(row["id"], path, str(row.get("landmark_id") or ""), width, height)
             )
     return items
-
-
-def connect(url: str, token: str) -> Any:
-    """A ``label_studio_sdk.LabelStudio`` client for ``url`` (imported lazily)."""
-    from label_studio_sdk import LabelStudio
-
-    return LabelStudio(base_url=url.rstrip("/"), api_key=token, timeout=120)
-
-
-def _session(url: str, token: str) -> requests.Session:
-    """A plain HTTP session with the token header, for endpoints the SDK does not cover."""
-    sess = requests.Session()
-    sess.headers["Authorization"] = f"Token {token}"
-    sess.headers["User-Agent"] = "gldboxes"
-    return sess
-
-
-def _check(resp: requests.Response, what: str) -> Any:
-    if resp.status_code >= 400:
-        raise ValueError(f"Label Studio {what}: HTTP {resp.status_code}: {resp.text[:300]}")
-    return resp.json() if resp.content else None
 
 
 def create_campaign(
@@ -543,145 +514,6 @@ def import_images(
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, Box]:
     """Pre-annotations from a boxes CSV (detector or autobox output): best box per image."""
     return best_boxes(read_boxes_csv(path))
-
-
-def add_rater(url: str, admin_token: str, email: str, password: str) -> Rater:
-    """Sign a rater up through the organisation's invite link (or log in if the e-mail exists).
-
-    Label Studio only adds a user to the organisation via its invite link (signup without it is
-    disabled on our servers) and only hands a user's API token to that user, so this signs up /
-    logs in as the rater (``/user/signup/?token=...``, ``/user/login/``) and reads
-    ``/api/current-user/token``.
-    """
-    base = url.rstrip("/")
-    admin = _session(url, admin_token)
-    users = _check(admin.get(f"{base}/api/users/", timeout=60), "list users")
-    exists = any(u.get("email") == email for u in users)
-    sess = requests.Session()
-    if exists:
-        page = f"{base}/user/login/"
-    else:
-        invite = _check(admin.get(f"{base}/api/invite", timeout=60), "get the invite link")
-        page = f"{base}/user/signup/?token={invite['token']}"
-    sess.get(page, timeout=60)
-    csrf = sess.cookies.get("csrftoken", "")
-    resp = sess.post(
-        page,
-        data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
-        headers={"Referer": page},
-        timeout=60,
-        allow_redirects=False,
-    )
-    if resp.status_code not in (200, 302):
-        raise ValueError(
-            f"Label Studio {'login' if exists else 'signup'} of {email} failed: "
-            f"HTTP {resp.status_code}"
-        )
-    tok = sess.get(f"{base}/api/current-user/token", timeout=60)
-    who = sess.get(f"{base}/api/current-user/whoami", timeout=60)
-    if tok.status_code != 200 or who.status_code != 200 or "token" not in tok.json():
-        raise ValueError(
-            f"Label Studio {'login' if exists else 'signup'} of {email} failed "
-            f"(wrong password, or a password too short/common?): "
-            f"HTTP {tok.status_code}"
-        )
-    return Rater(int(who.json()["id"]), email, str(tok.json()["token"]))
-
-
-def _users(url: str, token: str) -> list[dict[str, Any]]:
-    """The organisation's active members (``/api/organizations/<id>/memberships``) as user dicts.
-
-    Label Studio lists removed members too, renamed "Deleted" (no e-mail): they are left out.
-    """
-    base = url.rstrip("/")
-    sess = _session(url, token)
-    orgs = _check(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
-    if not orgs:
-        raise ValueError(f"Label Studio at {url}: no organization")
-    out: list[dict[str, Any]] = []
-    page = 1
-    while True:
-        body = _check(
-            sess.get(
-                f"{base}/api/organizations/{int(orgs[0]['id'])}/memberships",
-                params={"page": str(page), "page_size": "1000"},
-                timeout=60,
-            ),
-            "list organization members",
-        )
-        out += [dict(m["user"]) for m in body["results"] if "@" in str(m["user"]["email"])]
-        if not body.get("next"):
-            return out
-        page += 1
-
-
-def list_raters(url: str, token: str) -> list[dict[str, Any]]:
-    """The users of the organisation: ``id``, ``email``, ``admin`` (the token's own user),
-    ``last_activity``, in id order."""
-    me = _check(
-        _session(url, token).get(f"{url.rstrip('/')}/api/current-user/whoami", timeout=60),
-        "who am I",
-    )
-    return [
-        {
-            "id": int(u["id"]),
-            "email": str(u["email"]),
-            "admin": int(u["id"]) == int(me["id"]),
-            "last_activity": u.get("last_activity"),
-        }
-        for u in sorted(_users(url, token), key=lambda u: int(u["id"]))
-    ]
-
-
-def remove_rater(
-    url: str, admin_token: str, email: str, *, data_dir: str | os.PathLike[str] | None = None
-) -> int:
-    """Take a rater out of the organisation (their annotations stay, attributed to them).
-
-    Label Studio soft-deletes the membership (``DELETE /api/organizations/<org>/memberships/
-    <user>/``): the user can no longer open the projects; deleting the user instead would
-    orphan their annotations (``completed_by`` becomes null). Label Studio then names the user
-    "Deleted", so the e-mail is recorded in ``<data_dir>/raters/removed.json`` for exports
-    (:func:`removed_raters`).
-
-    Returns:
-        The removed user's id.
-
-    Raises:
-        ValueError: no member with that e-mail, or it is the admin itself.
-    """
-    base = url.rstrip("/")
-    found = [u for u in list_raters(url, admin_token) if u["email"] == email]
-    if not found:
-        raise ValueError(f"rater {email}: not a member of the Label Studio organization at {url}")
-    if found[0]["admin"]:
-        raise ValueError(f"rater {email}: is the admin; refusing to remove it")
-    sess = _session(url, admin_token)
-    orgs = _check(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
-    uid = int(found[0]["id"])
-    if data_dir is not None:
-        path = Path(data_dir) / "raters" / "removed.json"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        known = {**removed_raters(data_dir), str(uid): email}
-        write_json(path, {"format_version": 1, "users": known})
-    _check(
-        sess.delete(
-            f"{base}/api/organizations/{int(orgs[0]['id'])}/memberships/{uid}/", timeout=60
-        ),
-        f"remove {email}",
-    )
-    return uid
-
-
-def removed_raters(data_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """``{user id: e-mail}`` of the raters :func:`remove_rater` took out (``{}`` when none)."""
-    path = Path(data_dir) / "raters" / "removed.json"
-    if not path.exists():
-        return {}
-    obj = read_json(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("users"), dict):
-        raise ValueError(f"{path}: not a removed-raters file (needs a 'users' mapping)")
-    return {str(k): str(v) for k, v in obj["users"].items()}
 
 
 def gold_path(data_dir: str | os.PathLike[str], project_id: int) -> Path:

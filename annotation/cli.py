@@ -191,14 +191,15 @@ def register(subparsers: Any) -> None:
 
 def _data_dir(args: argparse.Namespace) -> Any:
     """The data dir: ``--data-dir``, else ``$GLDBOXES_LS_DATA_DIR``, else ``runs/ls``."""
-    from annotation.server import default_data_dir
+    from annotation.data_dir import default_data_dir
 
     return default_data_dir(getattr(args, "data_dir", None))
 
 
 def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
     """URL and token of the server (``--url``, else the data dir's running server), checked up."""
-    from annotation.server import health, read_state, resolve_token
+    from annotation.data_dir import resolve_token
+    from annotation.server import health, read_state
 
     data_dir = _data_dir(args)
     url = args.url

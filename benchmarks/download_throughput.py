@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from gldboxes.gld import download_url_list, image_relpath  # noqa: E402
+from gldboxes.gld import image_relpath  # noqa: E402
+from gldboxes.gld_urls import download_url_list  # noqa: E402
 
 
 def make_images(n_distinct: int, seed: int = 0) -> list[bytes]:

@@ -36,21 +36,23 @@ from gldboxes.gld import (
     GLDV2_BASE_URL,
     GLDV2_SHARDS,
     GLDv2Report,
-    UrlListReport,
     _download_metadata,
     _gldv2_setup,
-    _iter_url_rows,
-    _read_failures,
-    _url_list_duplicates,
-    _warn_duplicates,
-    _write_failures,
     download_shard_tar,
-    download_url_list,
     extract_shard,
     fetch_shard_md5,
     image_relpath,
     parse_md5_file,
     shard_name,
+)
+from gldboxes.gld_urls import (
+    UrlListReport,
+    _iter_url_rows,
+    _read_failures,
+    _url_list_duplicates,
+    _warn_duplicates,
+    _write_failures,
+    download_url_list,
 )
 from gldboxes.http import DownloadError, new_session
 

@@ -12,17 +12,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gldboxes.boxes import (
+from gldboxes.box_formats import (
     COCO_CATEGORY,
-    Box,
     coco_instances,
     label_studio_image_id,
-    read_boxes_csv,
     read_coco_json,
     read_label_studio_json,
-    write_boxes_csv,
     write_coco_json,
 )
+from gldboxes.boxes import Box, read_boxes_csv, write_boxes_csv
 from gldboxes.synth import confs
 from gldboxes.synth import main as synth_main
 

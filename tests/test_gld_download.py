@@ -27,12 +27,12 @@ from gldboxes.executor import read_done
 from gldboxes.gld import (
     GLDV2_METADATA,
     download_gldv2,
-    download_url_list,
     extract_shard,
     image_relpath,
     parse_md5_file,
     parse_shard_spec,
 )
+from gldboxes.gld_urls import download_url_list
 from gldboxes.http import DownloadError, download_file, fetch_bytes
 from gldboxes.io import read_json
 

@@ -26,12 +26,10 @@ from gldboxes.synth import confs, generate_world
 from gldboxes.views import (
     COCO_IOU_SWEEP,
     DEFAULT_MIN_SCORE,
-    boxes_to_xywh,
     build_box_dataset,
     build_detection_dataset,
-    read_annotation_metadata,
-    resolve_image_path,
 )
+from gldboxes.views_base import boxes_to_xywh, read_annotation_metadata, resolve_image_path
 from retrieval.evaluation.evaluate import REVISITED_CLASSES, protocol_labels, revisited_classes
 from retrieval.evaluation.view import (
     DEFAULT_MAX_QUERY_VIEWS,

@@ -46,13 +46,8 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gldboxes.boxes import (
-        read_boxes_csv,
-        read_coco_json,
-        read_label_studio_json,
-        write_boxes_csv,
-        write_coco_json,
-    )
+    from gldboxes.box_formats import read_coco_json, read_label_studio_json, write_coco_json
+    from gldboxes.boxes import read_boxes_csv, write_boxes_csv
 
     inp = Path(args.inp)
     if not inp.is_file():

@@ -137,8 +137,8 @@ def _gldv2(args: argparse.Namespace) -> int:
 
 
 def _urls(args: argparse.Namespace) -> int:
-    from gldboxes.gld import download_url_list
     from gldboxes.gld_stages import download_url_list_sharded
+    from gldboxes.gld_urls import download_url_list
 
     if args.engine:
         with _executor(args, Path(args.out) / "shards") as engine:

@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace, build: Any) -> int:
 
     with fodb.database(args.db_dir, port=args.db_port):
         ds = build()
-        from gldboxes.views import dataset_summary
+        from gldboxes.views_base import dataset_summary
 
         summary = dataset_summary(ds).get("summary", {})
         print(
@@ -164,7 +164,7 @@ def _serve(port: int, name: str | None) -> None:
     import signal
     import sys
 
-    from gldboxes.views import start_app
+    from gldboxes.views_app import start_app
 
     def _term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -245,7 +245,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from gldboxes.boxes import read_boxes_csv
-    from gldboxes.views import slug
+    from gldboxes.views_base import slug
     from retrieval.evaluation.datasets import RevisitedDataset
     from retrieval.evaluation.evaluate import evaluate_protocols
     from retrieval.evaluation.view import build_retrieval_dataset

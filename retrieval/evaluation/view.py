@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gldboxes.boxes import Box
-from gldboxes.views import (
+from gldboxes.views_base import (
     _add_docs,
     _classification_doc,
     _detections_doc,
