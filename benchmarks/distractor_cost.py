@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     from gldboxes.executor import read_done
     from gldboxes.synth import confs, generate_world
     from retrieval.evaluation.distractors import REVISITOP1M_IMAGES, distractor_index
-    from retrieval.runner.engine import build_codebook, extract_folder, resolve_conf
-    from retrieval.runner.sharded import ShardedInvertedFile
+    from retrieval.index.sharded import ShardedInvertedFile
+    from retrieval.runner.conf import resolve_conf
+    from retrieval.runner.driver import build_codebook, extract_folder
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="distractor folder")

@@ -10,7 +10,7 @@ database images, ``--size`` pixels):
    the aggregation into index parts into a fresh folder and prints images/s (Ray start-up is
    timed apart and not counted) and the speed-up against serial; checks every engine wrote the
    same bytes;
-3. loads the index parts as a :class:`retrieval.runner.sharded.ShardedInvertedFile`, merges them
+3. loads the index parts as a :class:`retrieval.index.sharded.ShardedInvertedFile`, merges them
 into a
    single :class:`retrieval.index.inverted_file.InvertedFile`, checks the rankings are identical and
    prints the search time ratio (sharded / single), on the world's queries and on a random
@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.evaluation.datasets import RevisitedDataset
     from retrieval.features import ImageItem
     from retrieval.features.codebook import load_codebook
+    from retrieval.index import sharded as sharded_index
     from retrieval.index.aggregation import AggregatedBatch
     from retrieval.index.inverted_file import InvertedFile
-    from retrieval.runner import sharded
-    from retrieval.runner.engine import feature_conf, resolve_conf
+    from retrieval.runner import run as runner
+    from retrieval.runner import shards as shard_stages
+    from retrieval.runner.conf import feature_conf, resolve_conf
 
     work = Path(args.work or tempfile.mkdtemp(prefix="scaleout-"))
     t0 = time.perf_counter()
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     fc = feature_conf(rc)
     # Codebook once, on the training images (serial; a driver step).
     t0 = time.perf_counter()
-    base = sharded.run(
+    base = runner.run(
         world / "retrieval",
         work / "base",
         rc,
@@ -133,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         startup = time.perf_counter() - t_start
         out = work / name.replace(" ", "-")
         t0 = time.perf_counter()
-        stage, shards = sharded.feature_stage(fc, items, shard_size=args.shard_size)
-        frep = engine.run(stage, shards, out / "features")
-        feats = sharded.FeatureShards.from_run(frep, shards)
-        astage, parts = sharded.aggregation_stage(rc, feats, base.codebook)
+        assert base.codebook is not None
+        stage, fshards = shard_stages.feature_stage(fc, items, shard_size=args.shard_size)
+        frep = engine.run(stage, fshards, out / "features")
+        feats = shard_stages.FeatureShards.from_run(frep, fshards)
+        astage, parts = shard_stages.aggregation_stage(rc, feats, base.codebook)
         engine.run(astage, parts, out / "index")
         seconds = time.perf_counter() - t0
         engine.shutdown()
@@ -153,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outputs byte-identical across engines: {same} ({len(digests['serial'])} files)")
 
     # Sharded vs single search on the world's index parts.
-    sivf = sharded.ShardedInvertedFile.load(base.index)
+    assert base.index is not None and base.codebook is not None and base.query_features
+    sivf = sharded_index.ShardedInvertedFile.load(base.index)
     single = sivf.merge()
     cb = load_codebook(base.codebook)
-    q = sharded._aggregate_named(rc, base.query_features, base.query_features.all_names, cb)
+    q = runner.aggregate_named(rc, base.query_features, base.query_features.all_names, cb)
     ts, (i_s, _) = _time_search(sivf, q, args.repeat)
     t1, (i_1, _) = _time_search(single, q, args.repeat)
     print(
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = AggregatedBatch(offsets, words.ravel(), data, d)
     t0 = time.perf_counter()
     big = InvertedFile.build(batch, k, "asmk_star")
-    big_parts = sharded.ShardedInvertedFile.build(batch, k, "asmk_star", part_size=5000)
+    big_parts = sharded_index.ShardedInvertedFile.build(batch, k, "asmk_star", part_size=5000)
     build = time.perf_counter() - t0
     qb = AggregatedBatch(
         offsets[:51], words.ravel()[: 50 * words_per_image], data[: 50 * words_per_image] ^ 1, d

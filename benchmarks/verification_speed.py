@@ -21,7 +21,7 @@ Two data sources:
   (putative matches that are outliers) and 1 in 10 also shares 15-60 features under an affine
   map (inliers), so pairs have realistic putative-match counts;
 * ``--world OUT/retrieval --run-dir DIR``: the synthetic landmark world end to end: RootSIFT +
-  ASMK* first stage (``retrieval.runner.engine.run``), then spatial verification of the top-N under
+  ASMK* first stage (``retrieval.runner.run.run``), then spatial verification of the top-N under
   every
   protocol in one pass; prints mAP before/after and seconds per query.
 
@@ -51,7 +51,6 @@ from retrieval.verification import (
     VerificationConf,
     match_descriptors,
     match_descriptors_naive,
-    read_features_h5,
     rerank,
     rerank_revisited,
     verify_pair_naive,
@@ -240,22 +239,22 @@ def run_synthetic(args: argparse.Namespace) -> None:
 def run_world(args: argparse.Namespace) -> None:
     from retrieval.evaluation.datasets import RevisitedDataset
     from retrieval.evaluation.evaluate import evaluate_protocols
-    from retrieval.runner import engine
+    from retrieval.runner import run as runner
 
     ds = RevisitedDataset.load(args.world)
     train = Path(args.world).parent / "train" / "images"
-    res = engine.run(
+    res = runner.run(
         ds.root,
         args.run_dir,
         {"features": "rootsift", "kernel": "asmk_star", "codebook": {"size": args.codebook}},
         codebook_images=train if train.is_dir() else None,
     )
+    assert res.ranks is not None
     ranks = np.load(res.ranks, allow_pickle=False)
-    db_h5, q_h5 = res.features
-    assert q_h5 is not None
-    qf = read_features_h5(q_h5, ds.qimlist)
+    assert res.db_features is not None and res.query_features is not None
+    qf = res.query_features.read_local(ds.qimlist)
     db_names = sorted({ds.imlist[int(i)] for i in ranks[: 3 * args.top_n].ravel()})
-    dbf_by_name = read_features_h5(db_h5, db_names)
+    dbf_by_name = res.db_features.read_local(db_names)
     name_to_idx = {n: i for i, n in enumerate(ds.imlist)}
     dbf = {name_to_idx[n]: f for n, f in dbf_by_name.items()}
     conf = VerificationConf(max_distance=args.max_distance)

@@ -83,12 +83,24 @@ def atomic_write(
         yield fh
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
-    """Atomically write ``obj`` as JSON (sorted keys for stable bytes) and return the path."""
+def _write_text_if_changed(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write ``text`` unless the file already holds exactly it (a rerun that
+    produces the same content keeps the file and its time stamp)."""
+    path = Path(path)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
+        pass
     with atomic_write(path) as fh:
-        json.dump(obj, fh, indent=indent, sort_keys=True)
-        fh.write("\n")
-    return Path(path)
+        fh.write(text)
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
+    """Atomically write ``obj`` as JSON (sorted keys for stable bytes) and return the path;
+    an unchanged file is left as it is."""
+    return _write_text_if_changed(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -148,11 +160,11 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
 def write_config(
     directory: str | os.PathLike[str], conf: Mapping[str, Any], *, name: str = "config.yaml"
 ) -> Path:
-    """Write the resolved configuration of a stage as YAML beside its outputs."""
-    path = Path(directory) / name
-    with atomic_write(path) as fh:
-        yaml.safe_dump(_plain(conf), fh, sort_keys=True)
-    return path
+    """Write the resolved configuration of a stage as YAML beside its outputs (an unchanged
+    file is left as it is)."""
+    return _write_text_if_changed(
+        Path(directory) / name, yaml.safe_dump(_plain(conf), sort_keys=True)
+    )
 
 
 def config_hash(conf: Mapping[str, Any], length: int = 12) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrieval.runner.engine import extract_folder, feature_conf, resolve_conf
+from retrieval.runner.conf import feature_conf, resolve_conf
+from retrieval.runner.driver import extract_folder
 from retrieval.verification import VerificationConf, read_features_h5, verify_pair
 
 

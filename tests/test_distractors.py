@@ -270,13 +270,13 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def runs(worlds: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from retrieval.runner.engine import run
+    from retrieval.runner.run import run
 
     world, dis = worlds
     out = tmp_path_factory.mktemp("runs")
     kw: dict[str, Any] = {"codebook_images": world / "train" / "images"}
     plain = run(world / "retrieval", out, CONF, **kw)
-    with_d = run(world / "retrieval", out, CONF, distractors=dis, distractor_shard_size=20, **kw)
+    with_d = run(world / "retrieval", out, CONF, distractors=dis, shard_size=20, **kw)
     return {"out": out, "plain": plain, "dis": with_d}
 
 
@@ -324,7 +324,7 @@ class TestRunWithDistractors:
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        from retrieval.runner.engine import run
+        from retrieval.runner.run import run
 
         world, _ = worlds
         idx = next((runs["out"] / "index").glob("*-jpg-*.parts"))
@@ -368,7 +368,7 @@ class TestRunWithDistractors:
         n_dis = len(list(dis.glob("*.jpg")))
         assert f"-synth+{n_dis} | 100.00 |" in out
         assert f"({n_dis} images in 4 parts, " in out  # 54 distractors, 16 a part
-        ranks = list(tmp_path.glob(f"results/*-synth+{n_dis}-*.sharded/ranks.npy"))
+        ranks = list(tmp_path.glob(f"results/*-synth+{n_dis}-*/ranks.npy"))
         assert len(ranks) == 1
         assert ranks[0].read_bytes() == runs["dis"].ranks.read_bytes()
         assert (
@@ -406,7 +406,7 @@ def test_ray_same_bytes(
     assert cli_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["distractors"].endswith(".parts") and summary["mAP"]["easy"] == 1.0
-    ranks = list((tmp_path / "out").glob("results/*+*.sharded/ranks.npy"))
+    ranks = list((tmp_path / "out").glob("results/*+*/ranks.npy"))
     assert len(ranks) == 1 and ranks[0].read_bytes() == runs["dis"].ranks.read_bytes()
     summary = json.loads((ranks[0].parent / "metrics.json").read_text())
     assert summary["dataset"].startswith("synth+")

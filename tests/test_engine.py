@@ -12,7 +12,8 @@ import pytest
 from gldboxes.cli.main import main as cli_main
 from retrieval.evaluation.datasets import RevisitedDataset
 from retrieval.evaluation.evaluate import evaluate_protocols
-from retrieval.runner.engine import resolve_conf, run
+from retrieval.runner.conf import resolve_conf
+from retrieval.runner.run import run
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,13 @@ class TestRun:
         # a rerun skips every stage (nothing rewritten)
         stamps = {
             p: os.stat(p).st_mtime_ns
-            for p in (star.ranks, star.codebook, star.index / "data.npy", star.features[0])
+            for p in (
+                star.ranks,
+                star.codebook,
+                star.index / "sharded.json",
+                star.index / "part-00000" / "index" / "data.npy",
+                star.db_features.paths[0],
+            )
         }
         again = run(
             world / "retrieval",

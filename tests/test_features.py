@@ -295,7 +295,8 @@ class TestKillSafety:
         """A real ``kill -9`` of ``gldboxes retrieval extract`` once chunks are committed: the
         rerun extracts only the images of no committed chunk, and the final file equals a clean
         run's, image by image."""
-        from retrieval.runner.engine import extract_folder, resolve_conf
+        from retrieval.runner.conf import resolve_conf
+        from retrieval.runner.driver import extract_folder
 
         n = 40
         imgs = tmp_path / "imgs"
@@ -742,7 +743,7 @@ class TestBudgetAndUpright:
         )
 
     def test_budget_and_names(self) -> None:
-        from retrieval.runner.engine import feature_conf, resolve_conf
+        from retrieval.runner.conf import feature_conf, resolve_conf
 
         assert feature_conf(resolve_conf())["output"] == "rootsift-n1000"
         fc = feature_conf(resolve_conf(feature_model={"max_features": 4000, "upright": True}))

@@ -17,7 +17,8 @@ import pytest
 from retrieval import features as features_stage
 from retrieval.index.aggregation import AggregatedBatch
 from retrieval.index.inverted_file import InvertedFile
-from retrieval.runner import engine, photos
+from retrieval.runner import driver, photos
+from retrieval.runner.conf import resolve_conf
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def codebook(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cb")
-    conf = engine.resolve_conf(codebook={"size": 64, "niter": 5})
-    h5, name = engine.extract_folder(conf, world / "train" / "images", out)
-    return engine.build_codebook(conf, h5, name, out)
+    conf = resolve_conf(codebook={"size": 64, "niter": 5})
+    h5, name = driver.extract_folder(conf, world / "train" / "images", out)
+    return driver.build_codebook(conf, h5, name, out)
 
 
 def _db_photos(world: Path) -> list[Path]:

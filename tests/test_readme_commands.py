@@ -429,7 +429,7 @@ def check_views(s: Session, outputs: list[str]) -> None:
 def check_cluster(s: Session, outputs: list[str]) -> None:
     """The local-Ray run gives the serial run's rankings, and the Ray download every image."""
     serial = np.load(_one("runs/ret/results/asmk_star-k256-*-synth/ranks.npy", s.cwd))
-    ray = np.load(_one("runs/ret-ray/results/asmk_star-k256-*-synth.sharded/ranks.npy", s.cwd))
+    ray = np.load(_one("runs/ret-ray/results/asmk_star-k256-*-synth/ranks.npy", s.cwd))
     np.testing.assert_array_equal(serial, ray)
     shards = {p.stem for p in (s.cwd / "data/gldv2/train/images").rglob("*.jpg")}
     assert shards == set(s.mirror_ids)

@@ -4,6 +4,7 @@ brute force, the engine's regional runs and the ablation command on the tiny syn
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from gldboxes.boxes import Box
+from gldboxes.executor import read_done
 from retrieval.index.aggregation import (
     KERNEL_SIMILARITY,
     QUERY_KERNEL,
@@ -443,7 +445,7 @@ CONF = {"codebook": {"size": 128, "niter": 8}}
 
 class TestEngineConf:
     def test_exception(self) -> None:
-        from retrieval.runner.engine import resolve_conf
+        from retrieval.runner.conf import resolve_conf
 
         with pytest.raises(ValueError, match="region_features"):
             resolve_conf(region_features="crop")
@@ -460,7 +462,7 @@ class TestEngineConf:
 
     def test_assign_mode_matches_regions_module(self, tmp_path: Path) -> None:
         from retrieval.regions import assign_features_to_regions
-        from retrieval.runner.engine import regional_descriptor_lists
+        from retrieval.runner.driver import regional_descriptor_lists
 
         rng = np.random.default_rng(0)
         kp = rng.uniform(0, [200, 100], (50, 2)).astype(np.float32)
@@ -487,7 +489,7 @@ class TestEngineRegional:
     def test_regional_runs(self, world: Path, out_dir: Path) -> None:
         from retrieval.evaluation.datasets import RevisitedDataset
         from retrieval.regions import read_regions_csv
-        from retrieval.runner.engine import run
+        from retrieval.runner.run import run
 
         ds = RevisitedDataset.load(world / "retrieval")
         cbi = world / "train" / "images"
@@ -524,19 +526,26 @@ class TestEngineRegional:
         assert sorted(ranks[:, 0].tolist()) == list(range(ds.n_db))
         scores = np.load(d2r.ranks.parent / "scores.npy")
         assert np.all(np.diff(scores, axis=0) <= 0)
-        # the re-extracted crops: keys id/region_j, keypoints inside the crop, timing recorded
-        assert d2r.regions is not None
-        h5 = d2r.features[0].parent / f"synth-db-{d2r.regions.stem}.h5"
-        with h5py.File(h5, "r") as f:
-            name = next(n for n, b in regions.items() if len(b) > 1)
-            g = f[f"{name}/region_1"]
-            kp = g["keypoints"][()]
-            x0, y0, x1, y1 = g.attrs["bbx"]
-            assert kp.shape[0] > 0
-            assert np.all((kp[:, 0] >= x0) & (kp[:, 0] <= x1) & (kp[:, 1] >= y0) & (kp[:, 1] <= y1))
-        assert (
-            json.loads(h5.with_suffix(".timing.json").read_text())["crops"] == n_regions - ds.n_db
-        )
+        # the re-extracted crops, in shards paired with the images' shards: keys id/region_j,
+        # keypoints inside the crop, their time recorded
+        assert d2r.regions is not None and d2r.db_features is not None
+        crops = d2r.db_features.paths[0].parents[2] / f"synth-db-{d2r.regions.stem}.shards"
+        name = next(n for n, b in regions.items() if len(b) > 1)
+        n_crops, seen = 0, False
+        for shard in sorted(crops.glob("shard-*")):
+            n_crops += read_done(shard)["counts"]["images"]
+            with h5py.File(shard / "features.h5", "r") as f:
+                if f"{name}/region_1" not in f:
+                    continue
+                seen = True
+                g = f[f"{name}/region_1"]
+                kp = g["keypoints"][()]
+                x0, y0, x1, y1 = g.attrs["bbx"]
+                assert kp.shape[0] > 0
+                inside = (kp[:, 0] >= x0) & (kp[:, 0] <= x1) & (kp[:, 1] >= y0) & (kp[:, 1] <= y1)
+                assert np.all(inside)
+        assert seen and n_crops == n_regions - ds.n_db
+        assert d2r.seconds["features-regions"] > 0
         # verification: each protocol's head re-ranked, the tail untouched
         v = d2r.verification
         assert v["seconds_per_query"] > 0 and v["pairs"] >= 20 * ds.n_queries
@@ -557,8 +566,12 @@ class TestEngineRegional:
     ) -> None:
         """Easy's head skips junk + hard: with them all ranked first it lies past
         top_n + |junk| + |easy| (a fresh ``make demo`` once failed on exactly this)."""
+        from gldboxes.executor import SerialExecutor
         from retrieval.evaluation.datasets import RevisitedDataset
-        from retrieval.runner.engine import run, verify
+        from retrieval.evaluation.evaluate import evaluate_protocols
+        from retrieval.runner.conf import resolve_conf, verification_conf
+        from retrieval.runner.run import run
+        from retrieval.runner.shards import verify_sharded
 
         ds = RevisitedDataset.load(world / "retrieval")
         base = run(
@@ -571,17 +584,23 @@ class TestEngineRegional:
         ranks_dir = tmp_path / "results" / "adversarial"
         ranks_dir.mkdir(parents=True)
         np.save(ranks_dir / "ranks.npy", np.array(cols, dtype=np.int64).T)
-        q_h5 = base.features[1]
-        assert q_h5 is not None
-        _, res = verify(
-            {**CONF, "verification": {"top_n": 2, "max_distance": 0.5}},
-            ds,
-            ranks_dir / "ranks.npy",
-            q_h5,
-            base.features[0],
+        assert base.query_features is not None and base.db_features is not None
+        vc, top_n, _ = verification_conf(
+            resolve_conf({**CONF, "verification": {"top_n": 2, "max_distance": 0.5}})
         )
-        assert set(res["results"]) == {"easy", "medium", "hard"}
-        assert res["results"]["easy"].map > 0.5  # the easy positives were verified
+        paths, _, _ = verify_sharded(
+            SerialExecutor(progress=False),
+            ds.root,
+            ranks_dir / "ranks.npy",
+            base.query_features,
+            base.db_features,
+            tmp_path / "gv",
+            top_n=top_n,
+            verification=dataclasses.asdict(vc),
+        )
+        assert set(paths) == {"easy", "medium", "hard"}
+        easy = evaluate_protocols(np.load(paths["easy"]), ds.gnd, n_db=ds.n_db, protocols=["easy"])
+        assert easy["easy"].map > 0.5  # the easy positives were verified
 
     def test_ablation_cli(
         self, world: Path, out_dir: Path, capsys: pytest.CaptureFixture[str]

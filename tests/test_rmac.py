@@ -6,6 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -452,3 +453,114 @@ class TestRunRmac:
             ]
         )
         assert rc == 2
+
+
+def _h5_content(path: Path) -> dict[str, object]:
+    """Every attribute and array of an HDF5 file, by name (file bytes may differ)."""
+    import h5py
+
+    out: dict[str, object] = {}
+    with h5py.File(path, "r") as f:
+        out.update({f"@{k}": str(v) for k, v in f.attrs.items()})
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()].tobytes()
+            for k, v in getattr(obj, "attrs", {}).items():
+                out[f"{name}@{k}"] = np.asarray(v).tobytes()
+
+        f.visititems(visit)
+    return out
+
+
+@pytest.mark.slow
+class TestRmacStages:
+    def test_until_and_files_between_stages(self, world: Path, tmp_path: Path) -> None:
+        from retrieval.evaluation.datasets import RevisitedDataset
+        from retrieval.rmac import run_rmac
+        from retrieval.rmac.stage import STAGES
+
+        assert [n for n, _ in STAGES] == [
+            "features",
+            "whitening",
+            "describe",
+            "search",
+            "aml",
+            "evaluate",
+        ]
+        ds = RevisitedDataset.load(world / "retrieval")
+        conf = resolve_conf("tiny-rmac", method="rmac+aml", max_side=128, aml={"rerank": 6})
+        kw: dict[str, Any] = {"whitening_images": world / "train" / "images"}
+        first = run_rmac(world / "retrieval", tmp_path, conf, until="search", **kw)
+        assert first.folder is not None and first.ranks == first.folder / "search" / "ranks.npy"
+        assert first.metrics_path is None and not (first.folder / "metrics.json").exists()
+        assert not (first.folder / "ranks.npy").exists()
+        # the search stage's ranking is the descriptors' cosine order
+        assert first.descriptors is not None
+        db = np.load(first.descriptors / "db.npy")
+        q = np.load(first.descriptors / "query.npy")
+        assert db.shape[0] == ds.n_db and q.shape[0] == ds.n_queries
+        s0 = np.load(first.ranks)
+        want = np.argsort(-(q @ db.T), axis=1, kind="stable").T
+        np.testing.assert_array_equal(s0, want)
+        # the per-image extraction ran on the (serial) executor and its shards were merged away
+        assert set(first.features) == {"db", "query"}
+        assert not list(first.features["db"].parent.glob("*.shards"))
+        # resume: the remaining stages, AML re-ranks only the top 6 of the same ranking
+        res = run_rmac(world / "retrieval", tmp_path, conf, **kw)
+        assert res.ranks == res.folder / "ranks.npy"
+        ranks = np.load(res.ranks)
+        np.testing.assert_array_equal(ranks[6:], s0[6:])
+        np.testing.assert_array_equal(np.sort(ranks[:6], axis=0), np.sort(s0[:6], axis=0))
+        assert not np.array_equal(ranks[:6], s0[:6])
+        assert res.timings["aml_rerank_n"] == 6.0
+        with pytest.raises(ValueError, match="until"):
+            run_rmac(world / "retrieval", tmp_path, conf, until="index", **kw)
+
+    def test_sharded_extraction_equals_one_process(self, world: Path, tmp_path: Path) -> None:
+        from gldboxes.executor import SerialExecutor
+        from retrieval.evaluation.datasets import RevisitedDataset
+        from retrieval.features.images import ImageItem
+        from retrieval.rmac import extract
+
+        ds = RevisitedDataset.load(world / "retrieval")
+        items = [ImageItem(n, ds.image_path(n)) for n in ds.imlist[:7]]
+        conf = resolve_conf("tiny-rmac", max_side=96)
+        one = extract(conf, items, tmp_path / "one.h5", keep_maps=True)
+        sharded = extract(
+            conf,
+            items,
+            tmp_path / "sharded.h5",
+            keep_maps=True,
+            executor=SerialExecutor(progress=False),
+            shard_size=3,
+        )
+        a, b = _h5_content(one), _h5_content(sharded)
+        assert a == b
+        assert sum(k.endswith("/maps") for k in a) == 7
+        assert not (tmp_path / "sharded.shards").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_serial_and_ray_give_the_same_ranks(world: Path, tmp_path: Path) -> None:
+    import ray  # the `ray` extra: a missing install fails, never skips
+
+    from gldboxes.cli.main import main
+
+    assert ray.__version__
+    ranks: dict[str, object] = {}
+    for engine in ("serial", "ray"):
+        out = tmp_path / engine
+        argv = ["-q", "retrieval", "rmac", "--dataset", str(world / "retrieval")]
+        argv += ["--out", str(out), "--method", "rmac+aml", "--preset", "tiny-rmac"]
+        argv += ["--max-side", "96", "--rerank", "5", "--shard-size", "4", "--json"]
+        argv += ["--whitening-images", str(world / "train" / "images"), "--engine", engine]
+        argv += ["--num-cpus", "2"] if engine == "ray" else []
+        assert main(argv) == 0
+        res = next((out / "rmac" / "results").iterdir())
+        ranks[engine] = (res / "ranks.npy").read_bytes()
+        feats = next((out / "rmac" / "features").iterdir())
+        ranks[f"{engine}-db"] = _h5_content(feats / "synth-db.h5")
+    assert ranks["serial"] == ranks["ray"]
+    assert ranks["serial-db"] == ranks["ray-db"]

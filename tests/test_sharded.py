@@ -21,9 +21,11 @@ from test_executor import gld_files
 from gldboxes import executor as ex
 from gldboxes import gld_stages
 from gldboxes.executor import RayExecutor, Resources, SerialExecutor, Shard, ShardFailedError
+from retrieval.index import sharded as sharded_index
 from retrieval.index.aggregation import aggregate_many
 from retrieval.index.inverted_file import InvertedFile
-from retrieval.runner import sharded
+from retrieval.runner import run as runner
+from retrieval.runner import shards as shard_stages
 
 
 # ==================================================================== sharded index (no Ray)
@@ -59,7 +61,7 @@ class TestShardedInvertedFile:
         db, cb = _database(kernel)
         q, _ = _database(kernel, n=6, seed=1, cb=cb)
         single = InvertedFile.build(db, cb.shape[0], kernel)
-        parts = sharded.ShardedInvertedFile.build(db, cb.shape[0], kernel, part_size=7)
+        parts = sharded_index.ShardedInvertedFile.build(db, cb.shape[0], kernel, part_size=7)
         assert len(parts.parts) == 6 and parts.starts.tolist() == [0, 7, 14, 21, 28, 35]
         np.testing.assert_array_equal(parts.scores(q), single.scores(q))
         for k in (None, 1, 5, 41, 100):
@@ -76,7 +78,7 @@ class TestShardedInvertedFile:
         for a in ("offsets", "image_ids", "data", "words_per_image"):
             np.testing.assert_array_equal(getattr(merged, a), getattr(single, a))
         parts.save(tmp_path / "ix")
-        back = sharded.ShardedInvertedFile.load(tmp_path / "ix")
+        back = sharded_index.ShardedInvertedFile.load(tmp_path / "ix")
         np.testing.assert_array_equal(back.search(q, 5)[0], single.search(q, 5)[0])
         assert back.stats()["images"] == 41 and back.stats()["parts"] == 6
 
@@ -99,7 +101,7 @@ class TestShardedInvertedFile:
             [rng.standard_normal((6, d)).astype(np.float32) for _ in range(5)], cb, "asmk_star"
         )
         single = InvertedFile.build(db, 12, "asmk_star", item_image=owner, pooling=pooling)
-        parts = sharded.ShardedInvertedFile.build(
+        parts = sharded_index.ShardedInvertedFile.build(
             db, 12, "asmk_star", 5, item_image=owner, pooling=pooling
         )
         assert parts.starts.tolist() == [0, 5, 10, 15, 20] and parts.n_images == 23
@@ -125,21 +127,21 @@ class TestShardedInvertedFile:
             ids.append(order + start)
             scs.append(np.take_along_axis(s, order, 1))
         for k in (1, 4, 18):
-            got, _ = sharded.merge_topk(ids, scs, k)
+            got, _ = sharded_index.merge_topk(ids, scs, k)
             np.testing.assert_array_equal(got, _reference_merge(ids, scs, k))
 
     def test_exception(self, tmp_path: Path) -> None:
         db, cb = _database("asmk_star")
         part = InvertedFile.build(db, cb.shape[0], "asmk_star")
         with pytest.raises(ValueError, match="contiguous"):
-            sharded.ShardedInvertedFile((part, part), np.array([0, 5]))
+            sharded_index.ShardedInvertedFile((part, part), np.array([0, 5]))
         with pytest.raises(FileNotFoundError, match=r"sharded\.json"):
-            sharded.ShardedInvertedFile.load(tmp_path)
+            sharded_index.ShardedInvertedFile.load(tmp_path)
         (tmp_path / "sharded.json").write_text('{"format": "other"}')
         with pytest.raises(ValueError, match="not a gldboxes sharded"):
-            sharded.ShardedInvertedFile.load(tmp_path)
+            sharded_index.ShardedInvertedFile.load(tmp_path)
         with pytest.raises(ValueError, match="one \\(ids, scores\\) pair"):
-            sharded.merge_topk([], [])
+            sharded_index.merge_topk([], [])
 
 
 # ============================================================================ Ray fixtures
@@ -172,21 +174,21 @@ SHARD = 16
 
 
 @pytest.fixture(scope="module")
-def serial_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> sharded.ShardedRun:
-    return sharded.run(
+def serial_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> runner.RunResult:
+    return runner.run(
         world / "retrieval",
         tmp_path_factory.mktemp("serial"),
-        CONF,
+        {**CONF, "verification": {"top_n": 20}},
         executor=SerialExecutor(progress=False),
         shard_size=SHARD,
         codebook_images=world / "train" / "images",
-        verify=True,
-        verify_top_n=20,
         queries_per_shard=4,
     )
 
 
-def _files(root: Path, skip: tuple[str, ...] = ("done.json", "stage.yaml")) -> dict[str, bytes]:
+def _files(
+    root: Path, skip: tuple[str, ...] = ("done.json", "stage.yaml", "timing.json")
+) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
@@ -199,13 +201,13 @@ def _files(root: Path, skip: tuple[str, ...] = ("done.json", "stage.yaml")) -> d
 
 
 @pytest.mark.slow
-def test_cli_engine_serial(world: Path, serial_run: sharded.ShardedRun, tmp_path: Path) -> None:
+def test_cli_engine_serial(world: Path, serial_run: runner.RunResult, tmp_path: Path) -> None:
     from gldboxes.cli.main import main
 
     argv = ["-q", "retrieval", "run", "--dataset", str(world / "retrieval"), "--out"]
     argv += [str(tmp_path), "--codebook", str(serial_run.codebook), "--engine", "serial"]
     assert main([*argv, "--shard-size", str(SHARD), "--json"]) == 0
-    ranks = list(tmp_path.glob("results/*-k64-*.sharded/ranks.npy"))
+    ranks = list(tmp_path.glob("results/*-k64-*/ranks.npy"))
     assert len(ranks) == 1
     np.testing.assert_array_equal(np.load(ranks[0]), np.load(serial_run.ranks))
 
@@ -215,18 +217,16 @@ def test_cli_engine_serial(world: Path, serial_run: sharded.ShardedRun, tmp_path
 @pytest.mark.server
 class TestRay:
     def test_pipeline_byte_identical_to_serial(
-        self, world: Path, serial_run: sharded.ShardedRun, ray_executor: RayExecutor, tmp_path: Path
+        self, world: Path, serial_run: runner.RunResult, ray_executor: RayExecutor, tmp_path: Path
     ) -> None:
         s_root = serial_run.index.parents[1]
-        r = sharded.run(
+        r = runner.run(
             world / "retrieval",
             tmp_path,
-            CONF,
+            {**CONF, "verification": {"top_n": 20}},
             executor=ray_executor,
             shard_size=SHARD,
             codebook_path=serial_run.codebook,
-            verify=True,
-            verify_top_n=20,
             queries_per_shard=4,
         )
         assert r.reports["features-db"].done == ["shard-00000", "shard-00001", "shard-00002"]
@@ -242,14 +242,14 @@ class TestRay:
         done = ex.read_done(r.reports["features-db"].out_dir / "shard-00000")
         assert done is not None and done["pid"] != os.getpid()
         # Sharded search == the merged single index; the rankings retrieve the landmarks.
-        sivf = sharded.ShardedInvertedFile.load(r.index)
+        sivf = sharded_index.ShardedInvertedFile.load(r.index)
         ranks = np.load(r.ranks)
         single = sivf.merge()
         from retrieval.features.codebook import load_codebook
-        from retrieval.runner.engine import resolve_conf
+        from retrieval.runner.conf import resolve_conf
 
         qnames = r.query_features.all_names
-        q = sharded._aggregate_named(
+        q = runner.aggregate_named(
             resolve_conf(CONF), r.query_features, qnames, load_codebook(r.codebook)
         )
         np.testing.assert_array_equal(single.search(q)[0].T, ranks)
@@ -258,18 +258,18 @@ class TestRay:
     def test_kill_worker_then_rerun(
         self,
         world: Path,
-        serial_run: sharded.ShardedRun,
+        serial_run: runner.RunResult,
         ray_executor: RayExecutor,
         tmp_path: Path,
     ) -> None:
         from retrieval.evaluation.datasets import RevisitedDataset
         from retrieval.features import ImageItem
-        from retrieval.runner.engine import feature_conf, resolve_conf
+        from retrieval.runner.conf import feature_conf, resolve_conf
 
         ds = RevisitedDataset.load(world / "retrieval")
         fc = feature_conf(resolve_conf(CONF))
         items = [ImageItem(n, ds.image_path(n)) for n in ds.imlist]
-        stage, shards = sharded.feature_stage(fc, items, shard_size=SHARD)
+        stage, shards = shard_stages.feature_stage(fc, items, shard_size=SHARD)
         crash = functools.partial(
             _crash_once, inner=stage.fn, marks=str(tmp_path / "marks"), victim="shard-00001"
         )
@@ -294,7 +294,7 @@ class TestRay:
         self._same_as_serial(out2, serial_run, shards)
 
     @staticmethod
-    def _same_as_serial(out: Path, serial_run: sharded.ShardedRun, shards: list[Shard]) -> None:
+    def _same_as_serial(out: Path, serial_run: runner.RunResult, shards: list[Shard]) -> None:
         import h5py
 
         names = []
@@ -372,25 +372,31 @@ def regional_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.parametrize("kind", sorted(REGIONAL))
-def test_regional_sharded_equals_engine(
+def test_regional_parts_equal_one_index(
     kind: str,
     world: Path,
-    serial_run: sharded.ShardedRun,
+    serial_run: runner.RunResult,
     ray_executor: RayExecutor,
     regional_dirs: dict[str, Path],
 ) -> None:
-    """Regional kernels and regional search, sharded (serial and Ray) == the engine's run."""
+    """Regional kernels and regional search in 3 parts (serial and Ray) == one index part: the
+    same ranks and metrics, and the parts merged are the single index, array for array."""
     import json
 
     from retrieval.regions import read_regions_csv
-    from retrieval.runner.engine import run as engine_run
+    from retrieval.runner.run import run as one_part_run
 
     conf = REGIONAL[kind]
-    ref = engine_run(
-        world / "retrieval", regional_dirs["engine"], conf, codebook_path=serial_run.codebook
+    # the reference: one index part (a shard size above the database)
+    ref = one_part_run(
+        world / "retrieval",
+        regional_dirs["engine"],
+        conf,
+        codebook_path=serial_run.codebook,
+        shard_size=10_000,
     )
     runs = {
-        name: sharded.run(
+        name: runner.run(
             world / "retrieval",
             regional_dirs[name],
             conf,
@@ -405,7 +411,7 @@ def test_regional_sharded_equals_engine(
     want_items = n_regions if kind == "d2r_max" else 48
     assert n_regions > 48 and ref.index_stats["items"] == want_items
     for name, r in runs.items():
-        assert r.index.name == f"{ref.index.name}.parts", name
+        assert r.index.name == ref.index.name, name
         assert r.regions is not None and r.regions.read_bytes() == ref.regions.read_bytes()
         assert r.reports["aggregate"].counts["images"] == 48
         assert r.reports["aggregate"].counts["items"] == want_items
@@ -416,9 +422,9 @@ def test_regional_sharded_equals_engine(
             assert r.results[p].as_dict() == ref.results[p].as_dict()
         # The parts merged into one index are the engine's index, array for array (regional
         # search: postings of items shifted by the parts before, item_image made global).
-        sivf = sharded.ShardedInvertedFile.load(r.index)
+        sivf = sharded_index.ShardedInvertedFile.load(r.index)
         assert len(sivf.parts) == 3 and sivf.parts[0].pooling == conf.get("regional_search")
-        merged, single = sivf.merge(), InvertedFile.load(ref.index)
+        merged, single = sivf.merge(), InvertedFile.load(ref.index / "part-00000" / "index")
         for a in ("offsets", "image_ids", "data", "words_per_image", "item_image"):
             np.testing.assert_array_equal(getattr(merged, a), getattr(single, a), err_msg=a)
     if kind == "d2r_max":
@@ -461,20 +467,22 @@ def test_codebook_sets_under_both_engines(
 ) -> None:
     """``--codebook-dataset`` (the protocol's other dataset) and several pooled
     ``--codebook-images`` folders work under ``--engine serial`` and ``--engine ray``: the
-    training set is extracted in shards, and the codebook and the ranking are the engine's,
-    byte for byte."""
+    training set is extracted in shards, and the codebook and the ranking are those of a
+    one-shard run, byte for byte."""
     from gldboxes.cli.main import main
     from gldboxes.synth import confs, generate_world
-    from retrieval.runner.engine import run as engine_run
+    from retrieval.runner.run import run as one_part_run
 
     other_world = generate_world(tmp_path / "w2", dataclasses.replace(confs["tiny"], seed=7))
     other = tmp_path / "other"  # a second benchmark with a name of its own, like rparis6k
     shutil.copytree(other_world / "retrieval", other)
     (other / "gnd_synth.pkl").rename(other / "gnd_other.pkl")
-    ref = engine_run(world / "retrieval", tmp_path / "engine", CONF, codebook_dataset=other)
+    ref = one_part_run(
+        world / "retrieval", tmp_path / "engine", CONF, codebook_dataset=other, shard_size=10_000
+    )
     assert ref.codebook.parent.name.endswith("-other")
     for name, engine in (("serial", SerialExecutor(progress=False)), ("ray", ray_executor)):
-        r = sharded.run(
+        r = runner.run(
             world / "retrieval",
             tmp_path / name,
             CONF,
@@ -489,7 +497,9 @@ def test_codebook_sets_under_both_engines(
     # Two folders pooled, through the CLI as the README's protocol examples give them.
     folders = [str(world / "train" / "images"), str(other_world / "train" / "images")]
     conf = {"codebook": {"size": 64}, "kernel": "asmk_star"}  # the CLI's k-means defaults
-    ref2 = engine_run(world / "retrieval", tmp_path / "engine2", conf, codebook_images=folders)
+    ref2 = one_part_run(
+        world / "retrieval", tmp_path / "engine2", conf, codebook_images=folders, shard_size=10_000
+    )
     out = tmp_path / "cli"
     argv = ["-q", "retrieval", "run", "--dataset", str(world / "retrieval"), "--out", str(out)]
     argv += ["--codebook-size", "64", "--engine", "serial", "--shard-size", str(SHARD)]
@@ -497,5 +507,5 @@ def test_codebook_sets_under_both_engines(
     (cb,) = out.glob("codebooks/*/codebook.npy")
     assert cb.parent.name == ref2.codebook.parent.name and "+1-" in cb.parent.name
     assert cb.read_bytes() == ref2.codebook.read_bytes()
-    (ranks,) = out.glob("results/*.sharded/ranks.npy")
+    (ranks,) = out.glob("results/*/ranks.npy")
     np.testing.assert_array_equal(np.load(ranks), np.load(ref2.ranks))

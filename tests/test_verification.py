@@ -474,7 +474,7 @@ class TestVerificationConf:
     def test_feature_presets_carry_their_matching(self) -> None:
         """RootSIFT verifies with the ratio test + mutual NN and a minimum inlier count; DELF
         with the authors' absolute 0.8; run settings override the preset key by key."""
-        from retrieval.runner.engine import resolve_conf, verification_conf
+        from retrieval.runner.conf import resolve_conf, verification_conf
 
         sift, top_n, _ = verification_conf(resolve_conf(verification={}))
         assert (sift.max_distance, sift.ratio, sift.mutual, sift.min_inliers) == (

@@ -501,9 +501,9 @@ def _retrieval(
     gt_boxes: Path | None,
     out: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every method of the table on ``dataset``; ``codebook`` holds engine.run's codebook
+    """Every method of the table on ``dataset``; ``codebook`` holds the run's codebook
     source (``codebook_images`` or ``codebook_dataset``)."""
-    from retrieval.runner import engine
+    from retrieval.runner import run as runner
 
     rows: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
@@ -511,7 +511,7 @@ def _retrieval(
     for mc in _method_confs(conf, db_boxes, gt_boxes):
         label = mc.pop("method")
         with _stage(f"retrieval: {label}"):
-            res = engine.run(
+            res = runner.run(
                 dataset,
                 out / "retrieval",
                 mc,

@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     _distractor_download_options(dl)
     dl.set_defaults(func=_download)
 
-    # Engine stages (retrieval.runner.engine); all write config-named folders under --out.
+    # The run's stages (retrieval.runner.run); all write config-named folders under --out.
     ex = sub.add_parser(
         "extract",
         help="local features of a dataset (db + cropped queries) or "
@@ -114,7 +114,7 @@ def register(subparsers: Any) -> None:
     _region_options(rn)
     from gldboxes.executor import add_engine_options
 
-    add_engine_options(rn)  # --engine serial|ray: shard by shard (retrieval.runner.sharded.run)
+    add_engine_options(rn)  # --engine serial|ray: where the per-image stages run
     rn.set_defaults(func=_run)
 
     ab = sub.add_parser(
@@ -307,7 +307,7 @@ def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    from retrieval.runner.engine import resolve_conf
+    from retrieval.runner.conf import resolve_conf
 
     return resolve_conf(
         features=args.features,
@@ -320,25 +320,27 @@ def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from retrieval.evaluation.datasets import RevisitedDataset
-    from retrieval.runner.engine import extract, extract_folder
+    from retrieval.runner.driver import extract_folder
+    from retrieval.runner.run import run
 
     conf = _engine_conf(args)
     if args.images:
         path, name = extract_folder(conf, args.images, args.out, overwrite=args.overwrite)
         print(f"{name}: {path}")
-    else:
-        db, q = extract(
-            conf, RevisitedDataset.load(args.dataset), args.out, overwrite=args.overwrite
+    else:  # the run's first stage: the database and the cropped queries, in shards
+        res = run(args.dataset, args.out, conf, overwrite=args.overwrite, until="features")
+        assert res.db_features is not None and res.query_features is not None
+        print(
+            f"database: {res.db_features.paths[0].parent.parent}\n"
+            f"queries: {res.query_features.paths[0].parent.parent}"
         )
-        print(f"database: {db}\nqueries: {q}")
     return 0
 
 
 def _codebook(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retrieval.runner.engine import build_codebook
+    from retrieval.runner.driver import build_codebook
 
     cbconf = {
         "size": args.codebook_size,
@@ -354,23 +356,24 @@ def _codebook(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    from pathlib import Path
-
-    from retrieval.evaluation.datasets import RevisitedDataset
+def _stage_run(args: argparse.Namespace, until: str) -> Any:
+    """The run's stages up to ``until`` with a given codebook (``retrieval index`` / ``search``)."""
     from retrieval.features.codebook import load_codebook
-    from retrieval.runner.engine import codebook_tag, extract
+    from retrieval.runner.run import run
 
-    ds = RevisitedDataset.load(args.dataset)
     k = load_codebook(args.codebook).shape[0]
     conf = _engine_conf(args, codebook={"size": k})
-    feats = extract(conf, ds, args.out)
-    return conf, ds, feats, codebook_tag(Path(args.codebook))
+    return run(
+        args.dataset,
+        args.out,
+        conf,
+        codebook_path=args.codebook,
+        overwrite=args.overwrite,
+        until=until,
+    )
 
 
 def _index(args: argparse.Namespace) -> int:
-    from retrieval.runner.engine import build_index
-
     if args.images or args.remove or args.compact:
         from retrieval.cli.photos import index
 
@@ -381,44 +384,41 @@ def _index(args: argparse.Namespace) -> int:
         raise ValueError("--regions/--codebook-images/--codebook-size apply to --images")
     if not args.dataset or not args.codebook:
         raise ValueError("retrieval index: give --dataset and --codebook, or --images (photos)")
-    conf, ds, feats, tag = _index_inputs(args)
-    path = build_index(conf, ds, feats[0], args.codebook, tag, args.out, overwrite=args.overwrite)
-    print(path)
+    print(_stage_run(args, "index").index)
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
-    from retrieval.runner.engine import build_index, search
-
-    conf, ds, feats, tag = _index_inputs(args)
-    idx = build_index(conf, ds, feats[0], args.codebook, tag, args.out)
-    print(search(conf, ds, feats[1], idx, args.codebook, args.out, overwrite=args.overwrite))
+    print(_stage_run(args, "evaluate").ranks)
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``retrieval run``: the one runner, serial here or shard by shard on Ray (``--engine``)."""
     import json
 
-    from retrieval.runner.engine import run
+    from gldboxes.executor import executor_from_args
+    from retrieval.runner.run import run
 
     conf = _engine_conf(
         args,
         codebook={"size": args.codebook_size, "seed": args.codebook_seed},
         **_region_conf(args),
     )
-    if getattr(args, "engine", None):
-        return _run_sharded(args, conf)
-    res = run(
-        args.dataset,
-        args.out,
-        conf,
-        codebook_images=args.codebook_images,
-        codebook_dataset=args.codebook_dataset,
-        codebook_path=args.codebook,
-        overwrite=args.overwrite,
-        distractors=args.distractors,
-        distractor_shard_size=args.shard_size,
-    )
+    with executor_from_args(args, args.out) as engine:
+        res = run(
+            args.dataset,
+            args.out,
+            conf,
+            executor=engine,
+            shard_size=args.shard_size,
+            codebook_images=args.codebook_images,
+            codebook_dataset=args.codebook_dataset,
+            codebook_path=args.codebook,
+            overwrite=args.overwrite,
+            distractors=args.distractors,
+        )
+    ver = res.verification
     if args.json:
         print(
             json.dumps(
@@ -426,11 +426,12 @@ def _run(args: argparse.Namespace) -> int:
                     **_run_summary(res),
                     "verification": (
                         {
-                            "mAP": {p: r.map for p, r in res.verification["results"].items()},
-                            "seconds_per_query": res.verification["seconds_per_query"],
-                            "metrics": str(res.verification["metrics_path"]),
+                            "mAP": {p: r.map for p, r in ver["results"].items()},
+                            "seconds_per_query": ver["seconds_per_query"],
+                            "metrics": str(ver["metrics_path"]),
+                            "ranks": {p: str(v) for p, v in ver["ranks"].items()},
                         }
-                        if res.verification
+                        if ver
                         else None
                     ),
                 },
@@ -439,21 +440,20 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         print(res.table())
-        print(f"index: {res.index} ({res.index_stats.get('bytes_per_image', 0):.0f} bytes/image)")
         if res.distractors is not None:
             _print_distractors(res.distractors)
+        print(f"index: {res.index} ({res.index_stats.get('bytes_per_image', 0):.0f} bytes/image)")
         print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
-        if res.verification:
+        if ver:
             print(
-                f"verification: {res.verification['seconds_per_query']:.3f} s per query, "
-                f"{res.verification['metrics_path']}"
+                f"verification: {ver['seconds_per_query']:.3f} s per query, {ver['metrics_path']}"
             )
     return 0
 
 
 def _print_distractors(index: Any) -> None:
     """One line on the distractor index of a run: folder, images, bytes per image."""
-    from retrieval.runner.sharded import ShardedInvertedFile
+    from retrieval.index.sharded import ShardedInvertedFile
 
     st = ShardedInvertedFile.load(index).stats()
     print(
@@ -464,7 +464,7 @@ def _print_distractors(index: Any) -> None:
 
 
 def _run_summary(res: Any) -> dict[str, Any]:
-    """The JSON fields shared by the serial and the sharded ``retrieval run``."""
+    """The JSON fields of a ``retrieval run`` report."""
     return {
         "ranks": str(res.ranks),
         "metrics": str(res.metrics_path),
@@ -649,6 +649,9 @@ def _register_rmac(sub: Any) -> None:
     wsrc.add_argument("--whitening-dataset", help="... or on another Revisited folder's database")
     rm.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rm.add_argument("--overwrite", action="store_true")
+    from gldboxes.executor import add_engine_options
+
+    add_engine_options(rm)  # --engine serial|ray: where the per-image extraction runs
     rm.set_defaults(func=_rmac)
 
     tr = sub.add_parser("rmac-train", help="train learned R-MAC (triplet loss, hard mining)")
@@ -672,6 +675,7 @@ def _weights_arg(value: str | None) -> Any:
 def _rmac(args: argparse.Namespace) -> int:
     import json
 
+    from gldboxes.executor import executor_from_args
     from retrieval.rmac import resolve_conf, run_rmac
 
     over: dict[str, Any] = {"method": args.method}
@@ -682,14 +686,18 @@ def _rmac(args: argparse.Namespace) -> int:
             over[key] = getattr(args, key)
     if args.rerank is not None:
         over["aml"] = {"rerank": args.rerank}
-    res = run_rmac(
-        args.dataset,
-        args.out,
-        resolve_conf(args.preset, **over),
-        whitening_images=args.whitening_images,
-        whitening_dataset=args.whitening_dataset,
-        overwrite=args.overwrite,
-    )
+    conf = resolve_conf(args.preset, **over)
+    with executor_from_args(args, args.out) as engine:
+        res = run_rmac(
+            args.dataset,
+            args.out,
+            conf,
+            whitening_images=args.whitening_images,
+            whitening_dataset=args.whitening_dataset,
+            overwrite=args.overwrite,
+            executor=engine,
+            shard_size=args.shard_size,
+        )
     if args.json:
         print(
             json.dumps(
@@ -726,48 +734,4 @@ def _rmac_train(args: argparse.Namespace) -> int:
     if args.boxes is not None:
         conf["regions"] = "boxes"
     print(main(conf, args.train_csv, args.out, boxes=args.boxes, overwrite=args.overwrite))
-    return 0
-
-
-def _run_sharded(args: argparse.Namespace, conf: dict[str, Any]) -> int:
-    """``retrieval run --engine serial|ray``: the pipeline shard by shard
-    (retrieval.runner.sharded)."""
-    import json
-
-    from gldboxes.executor import executor_from_args
-    from retrieval.evaluation.evaluate import format_table
-    from retrieval.runner.sharded import run as run_sharded
-
-    with executor_from_args(args, args.out) as engine:
-        res = run_sharded(
-            args.dataset,
-            args.out,
-            conf,
-            executor=engine,
-            shard_size=args.shard_size,
-            codebook_images=args.codebook_images,
-            codebook_dataset=args.codebook_dataset,
-            codebook_path=args.codebook,
-            overwrite=args.overwrite,
-            distractors=args.distractors,
-        )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    **_run_summary(res),
-                    "verified": {p: str(v) for p, v in res.verified.items()},
-                },
-                indent=2,
-            )
-        )
-    else:
-        label = res.index.name
-        if args.distractors:  # results/<run>+<count>-<tag>.sharded: <run>+<count>
-            label = res.ranks.parent.name.removesuffix(".sharded").rsplit("-", 1)[0]
-        print(format_table({label: res.results}))
-        if res.distractors is not None:
-            _print_distractors(res.distractors)
-        print(f"index parts: {res.index} ({res.index_stats['bytes_per_image']:.0f} bytes/image)")
-        print(f"ranks: {res.ranks}\nmetrics: {res.metrics_path}")
     return 0

@@ -22,7 +22,7 @@ whole archive was read (staging folder). Tasks run on the serial executor or on 
 
 :func:`distractor_index` turns a distractor image folder (the extracted revisitop1m, whose
 ``revisitop1m.txt`` fixes the image order, or any folder) into an index of parts
-(:class:`retrieval.runner.sharded.ShardedInvertedFile`, ``sharded.json``) built with a run's
+(:class:`retrieval.index.sharded.ShardedInvertedFile`, ``sharded.json``) built with a run's
 features,
 codebook and kernel, shard by shard on an executor, under
 ``OUT/index/<kernel>-k<K>-<features>-<trainset>-<distractor set>.parts/``. The index records
@@ -51,7 +51,7 @@ from gldboxes.io import config_hash, read_json, write_json
 if TYPE_CHECKING:
     from gldboxes.executor import Executor, Resources, Shard, Stage
     from retrieval.index.inverted_file import InvertedFile
-    from retrieval.runner.sharded import ShardedInvertedFile
+    from retrieval.index.sharded import ShardedInvertedFile
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -370,7 +370,7 @@ def distractor_images(folder: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     Raises:
         FileNotFoundError: no such folder. ValueError: no image in it.
     """
-    from retrieval.runner.engine import IMAGE_SUFFIXES
+    from retrieval.runner.conf import IMAGE_SUFFIXES
 
     root = Path(folder)
     if not root.is_dir():
@@ -410,7 +410,7 @@ def _ident(conf: Mapping[str, Any], codebook_path: str | os.PathLike[str]) -> di
     """The settings a distractor index must share with a run (scores comparable)."""
     from gldboxes.http import md5sum
     from retrieval.features.codebook import load_codebook
-    from retrieval.runner.engine import feature_conf
+    from retrieval.runner.conf import feature_conf
 
     cb = Path(codebook_path)
     cb = cb / "codebook.npy" if cb.is_dir() else cb
@@ -457,7 +457,7 @@ def distractor_index(
     """The distractor index of a run: built from an image folder, or an existing one checked.
 
     Args:
-        conf: the run's resolved conf (:data:`retrieval.runner.engine.default_conf`).
+        conf: the run's resolved conf (:data:`retrieval.runner.conf.default_conf`).
         source: a distractor image folder (see :func:`distractor_images`) or a distractor
             index folder (``sharded.json``) built with the same features, codebook and kernel.
         codebook_path: the run's ``codebook.npy``; training_set: its tag (folder names).
@@ -474,14 +474,9 @@ def distractor_index(
     """
     from gldboxes.executor import SerialExecutor
     from retrieval import features as features_stage
-    from retrieval.runner.engine import feature_conf, run_name
-    from retrieval.runner.sharded import (
-        HEADER_NAME,
-        FeatureShards,
-        ShardedInvertedFile,
-        aggregation_stage,
-        feature_stage,
-    )
+    from retrieval.index.sharded import HEADER_NAME, ShardedInvertedFile
+    from retrieval.runner.conf import feature_conf, run_name
+    from retrieval.runner.shards import FeatureShards, aggregation_stage, feature_stage
 
     check_run_conf(conf)
     src = Path(source)
@@ -513,7 +508,7 @@ def distractor_index(
     finally:
         if own:
             engine.shutdown()
-    sivf = ShardedInvertedFile.from_stage(folder, parts)
+    sivf = ShardedInvertedFile.from_parts([folder / s.name / "index" for s in parts])
     meta = {
         _IDENT_KEY: {**ident, "name": name, "images": os.fspath(src.resolve())},
         "image_names": sivf.meta["image_names"],
@@ -565,7 +560,7 @@ class Distractors:
 def open_distractors(folder: str | os.PathLike[str]) -> Distractors:
     """Read a distractor index's header: its parts, count and names for results."""
     from gldboxes.http import md5sum
-    from retrieval.runner.sharded import HEADER_NAME
+    from retrieval.index.sharded import HEADER_NAME
 
     root = Path(folder)
     h = read_json(root / HEADER_NAME)
@@ -592,7 +587,7 @@ def with_distractors(
     Raises:
         ValueError: the two disagree on kernel or parameters.
     """
-    from retrieval.runner.sharded import ShardedInvertedFile
+    from retrieval.index.sharded import ShardedInvertedFile
 
     d = ShardedInvertedFile.load(distractors, mmap=mmap)
     starts = np.r_[0, index.n_images + d.starts].astype(np.int64)

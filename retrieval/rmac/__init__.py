@@ -32,14 +32,23 @@ Files (under ``OUT/rmac``)::
     features/<tag>/<name>.h5       per image: regional (R, C) L2-normalised regional max-pooled
                                    vectors, mac (C,), optionally maps uint8 (h, w, C) + scale (C,)
     whitening/<tag>-<trainset>/whitening.npz   mean (C,), proj (d, C), eigvals (d,)
+    descriptors/<mac|rmac|learned-rmac>-<tag>-<trainset>-<dataset>/db.npy, query.npy
     results/<method>-<tag>-<trainset>-<dataset>/ranks.npy, metrics.json, config.yaml
+                                   (AML methods: search/ranks.npy, the ranking AML re-ranks)
+
+:func:`run_rmac` is written like the retrieval runner (:mod:`retrieval.runner.run`): a tuple of
+stages (:data:`~retrieval.rmac.stage.STAGES`: features, whitening, describe, search, aml,
+evaluate) from files to files, each skipping what is done, ``until=`` to stop early, and the
+per-image activations extracted shard by shard on ``gldboxes.executor`` (serial or Ray).
 
 Modules: :mod:`~retrieval.rmac.backbone` (Keras backbones, image loading),
 :mod:`~retrieval.rmac.pooling` (R-MAC grid, regional max-pooling), :mod:`~retrieval.rmac.whitening`
 (PCA whitening, R-MAC aggregation), :mod:`~retrieval.rmac.aml` (AML localisation and re-ranking,
 query expansion), :mod:`~retrieval.rmac.learned` (learned R-MAC, Gordo et al.) and
-:mod:`~retrieval.rmac.stage` (presets, feature files, :func:`run_rmac`). TensorFlow/Keras is
-imported inside the functions that need it.
+:mod:`~retrieval.rmac.activations` (the activation files, their executor stage),
+:mod:`~retrieval.rmac.triplets` (triplet loss and mining for learned R-MAC) and
+:mod:`~retrieval.rmac.stage` (presets, :data:`~retrieval.rmac.stage.STAGES`,
+:func:`run_rmac`). TensorFlow/Keras is imported inside the functions that need it.
 """
 
 from retrieval.rmac.aml import (
@@ -61,6 +70,7 @@ from retrieval.rmac.pooling import (
 )
 from retrieval.rmac.stage import (
     METHODS,
+    STAGES,
     RmacResult,
     confs,
     extract,
@@ -74,6 +84,7 @@ __all__ = [
     "BACKBONES",
     "FORMAT_VERSION",
     "METHODS",
+    "STAGES",
     "Backbone",
     "RmacResult",
     "Whitening",

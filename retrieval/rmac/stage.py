@@ -1,31 +1,49 @@
-"""The R-MAC stage: presets, feature files, and ``run_rmac`` from images to a ranking.
+"""The R-MAC run: presets, feature files, and ``run_rmac`` from images to a ranking.
 
-Part of :mod:`retrieval.rmac`; see its docstring for the method."""
+Part of :mod:`retrieval.rmac`; see its docstring for the method. :func:`run_rmac` is written as
+the retrieval runner is (:mod:`retrieval.runner.run`): :data:`STAGES`, a tuple of ``(name,
+function)`` over a small state object, each stage reading the files the stages before it wrote
+and skipping what is done (all under ``OUT/rmac/``)::
+
+    features   features/<tag>/<dataset>-db.h5, <dataset>-query.h5   MAC + regional vectors
+               (+ 8-bit activation maps of the database for AML)
+    whitening  whitening/<tag>-<training set>/whitening.npz  (its images' features beside the
+               others: features/<tag>/<training set>.h5)
+    describe   descriptors/<mac|rmac|learned-rmac>-<tag>-<training set>-<dataset>/db.npy,
+               query.npy  (n, D) global vectors, descriptors.json
+    search     results/<name>/ranks.npy  int64 (n_db, n_queries), revisitop layout
+               (AML methods: results/<name>/search/ranks.npy, re-ranked next)
+    aml        results/<name>/ranks.npy  the top N re-ranked by AML (+QE)
+    evaluate   results/<name>/metrics.json (Easy / Medium / Hard, timings), config.yaml
+"""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
+from gldboxes.executor import Executor, SerialExecutor
+from gldboxes.http import md5sum
+from gldboxes.io import config_hash, read_json, write_config, write_json
 from gldboxes.progress import tqdm
+from retrieval.evaluation.datasets import RevisitedDataset
+from retrieval.features.images import ImageItem
+from retrieval.rmac.activations import extract, read_features, read_maps
 from retrieval.rmac.aml import aml_rerank, query_expansion, search
-from retrieval.rmac.backbone import BACKBONES, Backbone, build_backbone, load_rgb
-from retrieval.rmac.pooling import map_descriptors
+from retrieval.rmac.backbone import BACKBONES
 from retrieval.rmac.whitening import FORMAT_VERSION, Whitening, aggregate_rmac, learn_whitening
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "METHODS",
+    "STAGES",
     "RmacResult",
     "confs",
     "extract",
@@ -38,7 +56,6 @@ logger = logging.getLogger("retrieval.rmac.stage")
 
 
 METHODS = ("mac", "rmac", "rmac+aml", "rmac+aml+qe", "learned-rmac")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _conf(backbone: str, weights: str | None, max_side: int) -> dict[str, Any]:
@@ -103,7 +120,7 @@ def resolve_conf(
     return conf
 
 
-# =========================================================================== features I/O
+# =========================================================================== output names
 def _feature_tag(conf: Mapping[str, Any]) -> str:
     w = conf.get("weights")
     wtag = (
@@ -117,114 +134,29 @@ def _feature_tag(conf: Mapping[str, Any]) -> str:
     return f"{conf['backbone']}-{wtag}{seed}-s{conf['max_side']}-L{conf['levels']}"
 
 
-@dataclass(frozen=True)
-class _Item:
-    name: str
-    path: Path
-    bbx: tuple[float, float, float, float] | None = None
-
-
-def extract(
-    conf: Mapping[str, Any],
-    items: Sequence[_Item],
-    out_h5: str | os.PathLike[str],
-    *,
-    keep_maps: bool = False,
-    backbone: Backbone | Callable[[], Backbone] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Activations -> MAC and regional vectors (and optionally quantised maps) of images.
-
-    Writes an HDF5 file with one group per image id: ``mac`` (C,), ``regional`` (R, C), and with
-    ``keep_maps`` ``maps`` uint8 (h, w, C) + ``scale`` (C,) (value = maps / 255 * scale). Skipped
-    when the file exists with the same configuration (and maps when needed). ``backbone`` may be
-    a built :class:`Backbone` or a factory called only when there is work to do.
-    """
-    import h5py
-
-    out_h5 = Path(out_h5)
-    key = config_hash(
-        {k: conf[k] for k in ("backbone", "weights", "seed", "max_side", "levels", "overlap")}
-        | {"items": [[it.name, str(it.path), it.bbx] for it in items]}
-    )
-    if out_h5.exists() and not overwrite:
-        with h5py.File(out_h5, "r") as f:
-            if f.attrs.get("config_hash") == key and (not keep_maps or f.attrs.get("maps")):
-                logger.info("features exist, skipping: %s", out_h5)
-                return out_h5
-    names = [it.name for it in items]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{out_h5}: image ids are not unique")
-    if isinstance(backbone, Backbone):
-        bb = backbone
-    elif backbone is not None:
-        bb = backbone()
-    else:
-        bb = build_backbone(conf["backbone"], conf.get("weights"), seed=int(conf.get("seed", 0)))
-    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["config_hash"] = key
-        f.attrs["maps"] = bool(keep_maps)
-        f.attrs["config"] = json.dumps(
-            {k: conf[k] for k in ("backbone", "weights", "seed", "max_side", "levels", "overlap")}
-        )
-        for it in tqdm(items, desc=f"R-MAC {out_h5.stem}", disable=len(items) < 20):
-            img = load_rgb(it.path, int(conf["max_side"]), it.bbx)
-            fmap = bb(img)[0]
-            mac, reg = map_descriptors(fmap, int(conf["levels"]), float(conf["overlap"]))
-            grp = f.create_group(it.name)
-            grp.create_dataset("mac", data=mac)
-            grp.create_dataset("regional", data=reg)
-            grp.attrs["image_size"] = (img.shape[1], img.shape[0])
-            if keep_maps:
-                sc = fmap.max(axis=(0, 1)).astype(np.float32)
-                qm = np.round(fmap / np.where(sc > 0, sc, 1.0) * 255.0).astype(np.uint8)
-                grp.create_dataset("maps", data=qm, compression="gzip", compression_opts=1)
-                grp.create_dataset("scale", data=sc)
-    return out_h5
-
-
-def read_features(
-    path: str | os.PathLike[str], names: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mac (n, C), regional (sum R, C), counts (n,))`` of the named images."""
-    import h5py
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"R-MAC features not found: {path}")
-    with h5py.File(path, "r") as f:
-        if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-            raise ValueError(f"{path}: not an R-MAC features file of format {FORMAT_VERSION}")
-        missing = [n for n in names if n not in f]
-        if missing:
-            raise ValueError(f"{path}: no features for {len(missing)} images (e.g. {missing[:3]})")
-        mac = np.stack([f[n]["mac"][()] for n in names])
-        regs = [f[n]["regional"][()] for n in names]
-    return mac, np.concatenate(regs), np.array([len(r) for r in regs], np.int64)
-
-
-def _read_maps(path: Path, names: Sequence[str]) -> list[np.ndarray]:
-    """Dequantised float32 (h, w, C) activation maps of the named images."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if not f.attrs.get("maps"):
-            raise ValueError(f"{path}: holds no activation maps (extract with keep_maps)")
-        return [f[n]["maps"][()].astype(np.float32) * (f[n]["scale"][()] / 255.0) for n in names]
-
-
-# =========================================================================== the stage
+# =========================================================================== the run
 @dataclass
 class RmacResult:
-    """What :func:`run_rmac` wrote and measured."""
+    """What :func:`run_rmac` wrote and measured (fields of stages not run stay None / empty).
+
+    Attributes:
+        method: the conf's method. ranks: ``ranks.npy`` (n_db, n_queries) of the last ranking
+            stage run. metrics_path: ``metrics.json``. results: ``{protocol: ProtocolResult}``.
+        timings: seconds per query of the search (and of AML re-ranking and QE).
+        folder: the results folder ``OUT/rmac/results/<name>/``.
+        features: ``{"db": h5, "query": h5}`` (R-MAC methods). whitening: ``whitening.npz``.
+        descriptors: the folder of the global descriptors (``db.npy``, ``query.npy``).
+    """
 
     method: str
-    ranks: Path
-    metrics_path: Path
-    results: dict[str, Any]
-    timings: dict[str, float]
-    folder: Path
+    ranks: Path | None = None
+    metrics_path: Path | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    folder: Path | None = None
+    features: dict[str, Path] = field(default_factory=dict)
+    whitening: Path | None = None
+    descriptors: Path | None = None
 
     def table(self) -> str:
         from retrieval.evaluation.evaluate import format_table
@@ -232,45 +164,263 @@ class RmacResult:
         return format_table({self.method: self.results})
 
 
-def _folder_items(root: Path) -> list[_Item]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return [_Item(p.relative_to(root).as_posix().replace("/", "__"), p) for p in files]
+@dataclass
+class _Rmac:
+    """The state handed from stage to stage (inputs first, then what each stage wrote)."""
+
+    conf: dict[str, Any]
+    ds: RevisitedDataset
+    dataset_dir: Path
+    out: Path  # OUT/rmac
+    whitening_images: str | os.PathLike[str] | None
+    whitening_dataset: str | os.PathLike[str] | None
+    overwrite: bool
+    tag: str  # features (backbone, weights, size, levels) or the learned model
+    trainset: str  # what the whitening was learned on ("none", "learned", "<dataset>-self" ...)
+    key: str  # config hash of the results (``metrics.json``)
+    done: bool  # the results exist with this key: search, aml and evaluate only read them
+    res: RmacResult
+    executor: Executor  # where the per-image extraction runs
+    shard_size: int
+
+    @property
+    def method(self) -> str:
+        return str(self.conf["method"])
+
+    @property
+    def use_aml(self) -> bool:
+        return "aml" in self.method
+
+    @property
+    def folder(self) -> Path:
+        extra = f"-n{self.conf['aml']['rerank']}" if self.use_aml else ""
+        return (
+            self.out / "results" / f"{self.method}-{self.tag}-{self.trainset}-{self.ds.name}{extra}"
+        )
+
+    def db_items(self) -> list[ImageItem]:
+        return [ImageItem(n, self.ds.image_path(n)) for n in self.ds.imlist]
+
+    def query_items(self) -> list[ImageItem]:
+        ds = self.ds
+        return [ImageItem(n, ds.image_path(n), ds.query_bbx(i)) for i, n in enumerate(ds.qimlist)]
 
 
-def _whitening(
-    conf: Mapping[str, Any],
-    out: Path,
-    tag: str,
-    train_items: Sequence[_Item],
-    trainset: str,
-    backbone: Callable[[], Backbone],
-    overwrite: bool,
-) -> Path:
-    folder = out / "whitening" / f"{tag}-{trainset}"
-    path = folder / "whitening.npz"
-    if path.exists() and not overwrite:
-        return path
-    h5 = extract(
-        conf,
-        train_items,
-        out / "features" / tag / f"{trainset}.h5",
-        backbone=backbone,
-        overwrite=overwrite,
+# ========================================================================== the stages
+def _features(r: _Rmac) -> None:
+    """MAC and regional vectors of the database (+ quantised maps for AML) and of the cropped
+    queries: ``features/<tag>/<dataset>-db.h5``, ``-query.h5`` (learned R-MAC: none, its model
+    describes the images itself)."""
+    if r.method == "learned-rmac":
+        return
+    fdir = r.out / "features" / r.tag
+    r.res.features["db"] = extract(
+        r.conf,
+        r.db_items(),
+        fdir / f"{r.ds.name}-db.h5",
+        keep_maps=r.use_aml,
+        overwrite=r.overwrite,
+        executor=r.executor,
+        shard_size=r.shard_size,
     )
-    _, reg, _ = read_features(h5, [it.name for it in train_items])
+    r.res.features["query"] = extract(
+        r.conf,
+        r.query_items(),
+        fdir / f"{r.ds.name}-query.h5",
+        overwrite=r.overwrite,
+        executor=r.executor,
+        shard_size=r.shard_size,
+    )
+
+
+def _whitening(r: _Rmac) -> None:
+    """The PCA-whitening of regional vectors (R-MAC methods): learned on ``whitening_images``,
+    ``whitening_dataset``'s database or (warned) the benchmark's own database, into
+    ``whitening/<tag>-<training set>/whitening.npz``."""
+    if r.method in ("mac", "learned-rmac"):
+        return
+    folder = r.out / "whitening" / f"{r.tag}-{r.trainset}"
+    path = folder / "whitening.npz"
+    r.res.whitening = path
+    if path.exists() and not r.overwrite:
+        return
+    if r.whitening_images is not None:
+        from retrieval.runner.driver import folder_items
+
+        items = folder_items(r.whitening_images)[1]
+    elif r.whitening_dataset is not None:
+        other = RevisitedDataset.load(Path(r.whitening_dataset))
+        items = [ImageItem(n, other.image_path(n)) for n in other.imlist]
+    else:
+        logger.warning(
+            "no whitening training set given: learning it on %s's own database (optimistic; "
+            "Tolias et al. use another dataset)",
+            r.ds.name,
+        )
+        items = r.db_items()
+    h5 = extract(
+        r.conf,
+        items,
+        r.out / "features" / r.tag / f"{r.trainset}.h5",
+        overwrite=r.overwrite,
+        executor=r.executor,
+        shard_size=r.shard_size,
+    )
+    _, reg, _ = read_features(h5, [it.name for it in items])
     wh = learn_whitening(
         reg,
-        dim=conf.get("whitening_dim"),
-        eps=float(conf["whitening_eps"]),
-        meta={"training_set": trainset, "features": tag},
+        dim=r.conf.get("whitening_dim"),
+        eps=float(r.conf["whitening_eps"]),
+        meta={"training_set": r.trainset, "features": r.tag},
     )
     wh.save(path)
-    write_config(folder, {**conf, "training_set": trainset})
-    return path
+    write_config(folder, {**r.conf, "training_set": r.trainset})
+
+
+def _describe(r: _Rmac) -> None:
+    """One global vector per image: MAC, whitened R-MAC or the learned model's, into
+    ``descriptors/<family>-<tag>-<training set>-<dataset>/db.npy`` (n_db, D) and ``query.npy``
+    (n_queries, D), ``descriptors.json`` last (skipped when its inputs hash is the same)."""
+    family = {"mac": "mac", "learned-rmac": "learned-rmac"}.get(r.method, "rmac")
+    folder = r.out / "descriptors" / f"{family}-{r.tag}-{r.trainset}-{r.ds.name}"
+    r.res.descriptors = folder
+    if family == "learned-rmac":
+        items = r.db_items(), r.query_items()
+        inputs: dict[str, Any] = {
+            "model": r.tag,
+            "items": [[[it.name, str(it.path), it.bbx] for it in its] for its in items],
+        }
+    else:
+        inputs = {k: _h5_hash(p) for k, p in r.res.features.items()}
+        inputs["whitening"] = md5sum(r.res.whitening) if r.res.whitening else None
+    key = config_hash(inputs)
+    meta = folder / "descriptors.json"
+    if meta.exists() and not r.overwrite and read_json(meta).get("inputs") == key:
+        return
+    from retrieval.runner.shards import save_npy
+
+    if family == "learned-rmac":
+        from retrieval.rmac.learned import load_model
+
+        model = load_model(r.conf["model"])
+        db = model.describe_paths([it.path for it in items[0]])
+        qv = model.describe_paths([it.path for it in items[1]], [it.bbx for it in items[1]])
+    else:
+        db_mac, db_reg, db_cnt = read_features(r.res.features["db"], r.ds.imlist)
+        q_mac, q_reg, q_cnt = read_features(r.res.features["query"], r.ds.qimlist)
+        if r.res.whitening is None:
+            db, qv = db_mac, q_mac
+        else:
+            wh = Whitening.load(r.res.whitening)
+            db, qv = aggregate_rmac(db_reg, db_cnt, wh), aggregate_rmac(q_reg, q_cnt, wh)
+    save_npy(folder / "db.npy", db)
+    save_npy(folder / "query.npy", qv)
+    write_json(
+        meta,
+        {"format_version": FORMAT_VERSION, "inputs": key, "dim": int(db.shape[1])},
+    )
+
+
+def _h5_hash(path: Path) -> str:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return str(f.attrs["config_hash"])
+
+
+def _search(r: _Rmac) -> None:
+    """Cosine similarity ranking of the database for every query: ``results/<name>/ranks.npy``
+    int64 (n_db, n_queries) (``search/ranks.npy`` there for the AML methods, re-ranked next)."""
+    from retrieval.runner.shards import save_npy
+
+    folder = r.folder
+    if r.done:
+        r.res.ranks = folder / "ranks.npy"
+        return
+    assert r.res.descriptors is not None
+    db = np.load(r.res.descriptors / "db.npy", allow_pickle=False)
+    qv = np.load(r.res.descriptors / "query.npy", allow_pickle=False)
+    t0 = time.perf_counter()
+    ranks, _ = search(qv, db)
+    r.res.timings["search_s_per_query"] = (time.perf_counter() - t0) / max(r.ds.n_queries, 1)
+    path = folder / "search" / "ranks.npy" if r.use_aml else folder / "ranks.npy"
+    r.res.ranks = save_npy(path, ranks.astype(np.int64))
+
+
+def _aml(r: _Rmac) -> None:
+    """AML re-ranking (+QE) of every query's top N into ``results/<name>/ranks.npy``."""
+    if not r.use_aml or r.done:
+        return
+    from retrieval.runner.shards import save_npy
+
+    assert r.res.ranks is not None and r.res.descriptors is not None
+    ranks = np.load(r.res.ranks, allow_pickle=False)
+    qv = np.load(r.res.descriptors / "query.npy", allow_pickle=False)
+    q_mac = read_features(r.res.features["query"], r.ds.qimlist)[0]
+    wh = Whitening.load(r.res.whitening) if r.res.whitening else None
+    ranks = _aml_all(
+        r.conf,
+        r.ds,
+        r.res.features["db"],
+        r.res.features["query"],
+        ranks,
+        qv,
+        q_mac,
+        wh,
+        r.res.timings,
+    )
+    r.res.ranks = save_npy(r.folder / "ranks.npy", ranks.astype(np.int64))
+
+
+def _evaluate(r: _Rmac) -> None:
+    """Easy / Medium / Hard mAP and mP@k: ``metrics.json`` (with the conf's hash and the
+    timings) and ``config.yaml`` beside the ranking."""
+    from retrieval.evaluation.evaluate import evaluate_protocols
+    from retrieval.runner.driver import evaluate
+
+    assert r.res.ranks is not None
+    folder = r.folder
+    r.res.metrics_path = folder / "metrics.json"
+    if r.done:
+        meta = read_json(r.res.metrics_path)
+        ranks = np.load(r.res.ranks, allow_pickle=False)
+        r.res.results = evaluate_protocols(ranks, r.ds.gnd, n_db=r.ds.n_db)
+        r.res.timings = meta.get("timings", {})
+        return
+    _, ev = evaluate(
+        r.ds,
+        r.res.ranks,
+        extra={"method": r.method, "config_hash": r.key, "timings": r.res.timings},
+    )
+    write_config(
+        folder,
+        {
+            **r.conf,
+            "whitening_images": r.whitening_images,
+            "whitening_dataset": r.whitening_dataset,
+            "dataset": str(r.dataset_dir),
+        },
+    )
+    r.res.results = ev["results"]
+    logger.info(
+        "%s on %s: medium mAP %.2f, hard mAP %.2f",
+        r.method,
+        r.ds.name,
+        100 * r.res.results["medium"].map,
+        100 * r.res.results["hard"].map,
+    )
+
+
+#: The run, stage by stage: ``(name, function)`` in order; ``run_rmac(..., until=name)`` stops
+#: after that stage.
+STAGES: tuple[tuple[str, Callable[[_Rmac], None]], ...] = (
+    ("features", _features),
+    ("whitening", _whitening),
+    ("describe", _describe),
+    ("search", _search),
+    ("aml", _aml),
+    ("evaluate", _evaluate),
+)
 
 
 def run_rmac(
@@ -281,8 +431,15 @@ def run_rmac(
     whitening_images: str | os.PathLike[str] | None = None,
     whitening_dataset: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    until: str | None = None,
+    executor: Executor | None = None,
+    shard_size: int = 256,
 ) -> RmacResult:
     """Rank a Revisited-style dataset with MAC / R-MAC (+AML re-ranking, +QE) or learned R-MAC.
+
+    Runs :data:`STAGES` in order; each reads the files the stages before it wrote and skips
+    what is done (the results with the same configuration: search, AML and evaluation only
+    read them back).
 
     Args:
         dataset_dir: ``gnd_<name>.pkl`` + ``jpg/`` (roxford5k, rparis6k, the world's
@@ -294,31 +451,32 @@ def run_rmac(
             folder's database. Without either the benchmark's own database is used (optimistic,
             a warning says so). Not used by ``learned-rmac`` (its head holds the projection).
         overwrite: redo finished work.
+        until: stop after this stage of :data:`STAGES` (default: all).
+        executor: where the per-image extraction runs, ``shard_size`` images a shard
+            (:func:`retrieval.rmac.activations.feature_stage`; default: this process,
+            :class:`gldboxes.executor.SerialExecutor`); the files are the same on any.
 
     Returns:
         :class:`RmacResult`; ``results`` maps easy/medium/hard to ``ProtocolResult``, ``timings``
         holds seconds per query of the search and of AML re-ranking.
     """
-    from retrieval.evaluation.datasets import RevisitedDataset
-    from retrieval.evaluation.evaluate import evaluate_protocols
-
+    names = [n for n, _ in STAGES]
+    if until is not None and until not in names:
+        raise ValueError(f"until: unknown stage {until!r}; expected one of {names}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     conf = resolve_conf(conf)
     method = conf["method"]
     ds = RevisitedDataset.load(Path(dataset_dir))
     missing = ds.missing_images()
     if missing:
         raise ValueError(f"{ds.root}: {len(missing)} images missing (first: {missing[:3]})")
-    out = Path(out_dir) / "rmac"
-    db_items = [_Item(n, ds.image_path(n)) for n in ds.imlist]
-    q_items = [_Item(n, ds.image_path(n), ds.query_bbx(i)) for i, n in enumerate(ds.qimlist)]
-
     if method == "learned-rmac":
         if not conf.get("model"):
             raise ValueError("method learned-rmac needs conf['model'] (a trained model folder)")
-        from retrieval.rmac.learned import load_model, model_tag
+        from retrieval.rmac.learned import model_tag
 
-        mpath = Path(conf["model"])
-        tag, trainset = model_tag(mpath), "learned"
+        tag, trainset = model_tag(Path(conf["model"])), "learned"
     else:
         tag = _feature_tag(conf)
         if whitening_images is not None:
@@ -332,9 +490,6 @@ def run_rmac(
             trainset = "none"
         else:
             trainset = f"{ds.name}-self"
-    extra = f"-n{conf['aml']['rerank']}" if "aml" in method else ""
-    folder = out / "results" / f"{method}-{tag}-{trainset}-{ds.name}{extra}"
-    ranks_path, metrics_path = folder / "ranks.npy", folder / "metrics.json"
     key = config_hash(
         {
             **conf,
@@ -342,110 +497,33 @@ def run_rmac(
             "whitening_dataset": str(whitening_dataset),
         }
     )
-    if ranks_path.exists() and metrics_path.exists() and not overwrite:
-        meta = read_json(metrics_path)
-        if meta.get("config_hash") == key:
-            logger.info("results exist, skipping: %s", folder)
-            ranks = np.load(ranks_path, allow_pickle=False)
-            res = evaluate_protocols(ranks, ds.gnd, n_db=ds.n_db)
-            return RmacResult(
-                method, ranks_path, metrics_path, res, meta.get("timings", {}), folder
-            )
-
-    timings: dict[str, float] = {}
-    if method == "learned-rmac":
-        model = load_model(mpath)
-        db = model.describe_paths([it.path for it in db_items])
-        qv = model.describe_paths([it.path for it in q_items], [it.bbx for it in q_items])
-        t0 = time.perf_counter()
-        ranks, _ = search(qv, db)
-        timings["search_s_per_query"] = (time.perf_counter() - t0) / max(ds.n_queries, 1)
-    else:
-        bb_cache: list[Backbone] = []
-
-        def backbone() -> Backbone:
-            if not bb_cache:
-                bb_cache.append(
-                    build_backbone(
-                        conf["backbone"], conf.get("weights"), seed=int(conf.get("seed", 0))
-                    )
-                )
-            return bb_cache[0]
-
-        use_aml = "aml" in method
-        db_h5 = extract(
-            conf,
-            db_items,
-            out / "features" / tag / f"{ds.name}-db.h5",
-            keep_maps=use_aml,
-            backbone=backbone,
-            overwrite=overwrite,
-        )
-        q_h5 = extract(
-            conf,
-            q_items,
-            out / "features" / tag / f"{ds.name}-query.h5",
-            backbone=backbone,
-            overwrite=overwrite,
-        )
-        db_mac, db_reg, db_cnt = read_features(db_h5, ds.imlist)
-        q_mac, q_reg, q_cnt = read_features(q_h5, ds.qimlist)
-        wh: Whitening | None = None
-        if method != "mac":
-            if whitening_images is not None:
-                t_items = _folder_items(Path(whitening_images))
-            elif whitening_dataset is not None:
-                other = RevisitedDataset.load(Path(whitening_dataset))
-                t_items = [_Item(n, other.image_path(n)) for n in other.imlist]
-            else:
-                logger.warning(
-                    "no whitening training set given: learning it on %s's own "
-                    "database (optimistic; Tolias et al. use another dataset)",
-                    ds.name,
-                )
-                t_items = db_items
-            wpath = _whitening(conf, out, tag, t_items, trainset, backbone, overwrite)
-            wh = Whitening.load(wpath)
-            db = aggregate_rmac(db_reg, db_cnt, wh)
-            qv = aggregate_rmac(q_reg, q_cnt, wh)
-        else:
-            db, qv = db_mac, q_mac
-        t0 = time.perf_counter()
-        ranks, _ = search(qv, db)
-        timings["search_s_per_query"] = (time.perf_counter() - t0) / max(ds.n_queries, 1)
-        if use_aml:
-            ranks = _aml_all(conf, ds, db_h5, q_h5, ranks, qv, q_mac, wh, timings)
-    with atomic_path(ranks_path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(ranks.astype(np.int64)), allow_pickle=False)
-    res = evaluate_protocols(ranks, ds.gnd, n_db=ds.n_db)
-    write_json(
-        metrics_path,
-        {
-            "format_version": FORMAT_VERSION,
-            "dataset": ds.name,
-            "method": method,
-            "config_hash": key,
-            "timings": timings,
-            "metrics": {p: r.as_dict() for p, r in res.items()},
-        },
+    r = _Rmac(
+        conf=conf,
+        ds=ds,
+        dataset_dir=Path(dataset_dir),
+        out=Path(out_dir) / "rmac",
+        whitening_images=whitening_images,
+        whitening_dataset=whitening_dataset,
+        overwrite=overwrite,
+        tag=tag,
+        trainset=trainset,
+        key=key,
+        done=False,
+        res=RmacResult(method),
+        executor=executor or SerialExecutor(),
+        shard_size=int(shard_size),
     )
-    write_config(
-        folder,
-        {
-            **conf,
-            "whitening_images": whitening_images,
-            "whitening_dataset": whitening_dataset,
-            "dataset": str(dataset_dir),
-        },
-    )
-    logger.info(
-        "%s on %s: medium mAP %.2f, hard mAP %.2f",
-        method,
-        ds.name,
-        100 * res["medium"].map,
-        100 * res["hard"].map,
-    )
-    return RmacResult(method, ranks_path, metrics_path, res, timings, folder)
+    r.res.folder = r.folder
+    mpath = r.folder / "metrics.json"
+    if not overwrite and (r.folder / "ranks.npy").exists() and mpath.exists():
+        r.done = read_json(mpath).get("config_hash") == key
+        if r.done:
+            logger.info("results exist, skipping search and evaluation: %s", r.folder)
+    for name, stage in STAGES:
+        stage(r)
+        if name == until:
+            break
+    return r.res
 
 
 def _aml_all(
@@ -468,7 +546,7 @@ def _aml_all(
         nbytes = sum(int(np.prod(f[n]["maps"].shape)) * 4 for n in ds.imlist)
     cache: dict[int, np.ndarray] | None = None
     if nbytes <= float(conf.get("maps_memory_mb", 2048)) * 2**20:
-        cache = dict(enumerate(_read_maps(db_h5, ds.imlist)))
+        cache = dict(enumerate(read_maps(db_h5, ds.imlist)))
     with h5py.File(q_h5, "r") as f:
         sizes = [tuple(f[n].attrs["image_size"]) for n in ds.qimlist]
     out = ranks.copy()
@@ -478,7 +556,7 @@ def _aml_all(
         if cache is not None:
             maps = [cache[int(i)] for i in top]
         else:
-            maps = _read_maps(db_h5, [ds.imlist[int(i)] for i in top])
+            maps = read_maps(db_h5, [ds.imlist[int(i)] for i in top])
         w, h = sizes[qi]
         t0 = time.perf_counter()
         ids, _, vecs, _ = aml_rerank(

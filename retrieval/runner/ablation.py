@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gldboxes.io import atomic_write, read_json, write_config
+from gldboxes.io import atomic_write, write_config
 from retrieval.index.kernels import kernels as KERNEL_REGISTRY
 
 __all__ = [
@@ -58,8 +58,7 @@ _SINGLE = frozenset(k.name for k in KERNEL_REGISTRY.values() if not k.regional)
 #: Named grids (hloc style); every key commented.
 confs: dict[str, dict[str, Any]] = {
     "paper": {
-        "engine": {},  # retrieval.runner.engine options shared by every cell (features, codebook
-        # ...)
+        "engine": {},  # run options shared by every cell (retrieval.runner.conf: features ...)
         "methods": [  # rows of the grid (keys of METHODS); baselines run once
             "asmk_star",
             "r_asmk_star",
@@ -210,11 +209,12 @@ def main(
             with ``gldboxes retrieval run`` there).
         boxes: a detector's boxes CSV (``id,box,score``) for the threshold rows.
         gt_boxes: ground-truth boxes CSV (default ``DATASET/boxes_gt.csv`` when ``gt``).
-        codebook_images, codebook_dataset, codebook_path: the codebook (see engine.run).
+        codebook_images, codebook_dataset, codebook_path: the codebook (see
+            :func:`retrieval.runner.run.run`).
         overwrite: recompute every stage.
         name: the result folder under ``out_dir`` (several grids can share features).
     """
-    from retrieval.runner import engine
+    from retrieval.runner import run as runner
 
     out = Path(out_dir)
     cells = grid(conf, boxes=boxes, gt_boxes=gt_boxes)
@@ -226,7 +226,7 @@ def main(
         eng = dict(cell.engine)
         if conf.get("verification") is not None:
             eng["verification"] = dict(conf["verification"])
-        res = engine.run(
+        res = runner.run(
             dataset,
             out,
             eng,
@@ -239,11 +239,9 @@ def main(
         st = res.index_stats
         if not baseline:
             baseline = {"items": float(st["items"]), "bytes": float(st["bytes"])}
-        meta = read_json(res.index / "header.json").get("meta", {})
         rx = 0.0
         if cell.region_features == "reextract" and res.regions is not None:
-            timing = _timing_file(res)
-            rx = float(read_json(timing)["seconds"]) if timing is not None else float("nan")
+            rx = res.seconds.get("features-regions", float("nan"))
         row: dict[str, Any] = {
             "method": cell.method,
             "label": cell.label,
@@ -259,8 +257,8 @@ def main(
             "bytes": int(st["bytes"]),
             "bytes_rel": st["bytes"] / baseline["bytes"],
             "region_features_seconds": rx,
-            "aggregate_seconds": float(meta.get("aggregate_seconds", float("nan"))),
-            "index": res.index.name,
+            "aggregate_seconds": res.seconds.get("aggregate", float("nan")),
+            "index": res.index.name if res.index else "",
         }
         if res.verification:
             for p in ("easy", "medium", "hard"):
@@ -301,14 +299,6 @@ def main(
         },
     )
     return csv_path
-
-
-def _timing_file(res: Any) -> Path | None:
-    """The ``.timing.json`` of a run's re-extracted regional features (None if absent)."""
-    stem = Path(res.regions).stem
-    db_h5 = Path(res.features[0])
-    cand = db_h5.parent / f"{db_h5.stem}-{stem}.timing.json"
-    return cand if cand.exists() else None
 
 
 def _fmt(v: Any) -> Any:

@@ -1,15 +1,16 @@
 """Search your own photos: an index of any image folder that grows, queries, and ground truth.
 
-The index is a folder built from the engine's stages (:mod:`retrieval.runner.engine`): features of
-the
-image folder (:func:`retrieval.runner.engine.extract_folder`, resumable chunk files), a codebook
-(:func:`retrieval.runner.engine.build_codebook`, or a given ``codebook.npy`` copied in), per-image
-aggregation (:func:`retrieval.runner.engine.aggregate_database`, with index-side regions when asked)
-into :class:`retrieval.index.inverted_file.InvertedFile` parts, searched together as a
-:class:`retrieval.runner.sharded.ShardedInvertedFile`::
+The index is a folder built from the runner's one-process stages
+(:mod:`retrieval.runner.driver`): features of the image folder
+(:func:`~retrieval.runner.driver.extract_folder`, resumable chunk files), a codebook
+(:func:`~retrieval.runner.driver.build_codebook`, or a given ``codebook.npy`` copied in),
+per-image aggregation (:func:`~retrieval.runner.driver.aggregate_database`, with index-side
+regions when asked) into :class:`retrieval.index.inverted_file.InvertedFile` parts, searched
+together as a
+:class:`retrieval.index.sharded.ShardedInvertedFile`::
 
     IDX/photos.json                      format_version, conf, codebook, images, parts, tombstones
-    IDX/features/<preset>/<dir>-<hash>.h5  features of each indexed folder (engine layout)
+    IDX/features/<preset>/<dir>-<hash>.h5  features of each indexed folder (one file per folder)
     IDX/codebooks/<...>/codebook.npy     trained here (--codebook-images, or the photos)
     IDX/codebook/codebook.npy            or a given codebook, copied
     IDX/parts/part-XXXXX/                one inverted file per add (global ids start..stop-1)
@@ -51,7 +52,8 @@ import numpy as np
 from gldboxes.io import read_tagged_json, write_config, write_json
 from retrieval import features as features_stage
 from retrieval.index.inverted_file import InvertedFile
-from retrieval.runner import engine
+from retrieval.runner import conf as run_conf
+from retrieval.runner import driver
 
 __all__ = [
     "FORMAT_VERSION",
@@ -79,14 +81,11 @@ _REGION_KEYS = ("regions", "region_boxes", "region_threshold")
 def folder_images(image_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     """Every image under a folder (recursive), sorted, as ``(features id, resolved path)``.
 
-    The ids are those of :func:`retrieval.runner.engine.extract_folder` (the path relative to the
+    The ids are those of :func:`retrieval.runner.driver.extract_folder` (the path relative to the
     folder, ``/`` written ``__``).
     """
-    root = Path(image_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in engine.IMAGE_SUFFIXES)
-    return [(p.relative_to(root).as_posix().replace("/", "__"), p.resolve()) for p in files]
+    _, items = driver.folder_items(image_dir, empty_ok=True)
+    return [(it.name, Path(it.path).resolve()) for it in items]
 
 
 def _empty_header(conf: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,7 +115,7 @@ def _read_header(index_dir: Path) -> dict[str, Any]:
 def _check_same_conf(index_dir: Path, stored: Mapping[str, Any], asked: Mapping[str, Any]) -> None:
     """An existing index keeps its options: refuse asked values that differ from both the
     stored ones and the defaults (a default is taken as 'not given')."""
-    base = engine.resolve_conf()
+    base = run_conf.resolve_conf()
     bad = [
         k
         for k, v in asked.items()
@@ -158,12 +157,12 @@ def _codebook(
         if src.with_suffix(".json").exists():
             shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
         h["codebook_source"] = {"file": os.fspath(src.resolve())}
-        h["training_set"] = engine.codebook_tag(src)
+        h["training_set"] = run_conf.codebook_tag(src)
         h["conf"]["codebook"]["size"] = k
         h["codebook"] = os.path.relpath(dst, index_dir)
         return
     if codebook_images is not None:
-        train, name = engine.extract_folder(conf, codebook_images, index_dir)
+        train, name = driver.extract_folder(conf, codebook_images, index_dir)
         h["codebook_source"] = {"images": os.fspath(Path(codebook_images).resolve())}
     else:
         logger.warning(
@@ -172,7 +171,7 @@ def _codebook(
         )
         train, name = photos_h5, f"{photos_name}-self"
         h["codebook_source"] = {"self": photos_name}
-    path = engine.build_codebook(conf, train, name, index_dir)
+    path = driver.build_codebook(conf, train, name, index_dir)
     h["training_set"] = name
     h["codebook"] = os.path.relpath(path, index_dir)
 
@@ -193,7 +192,7 @@ def _photo_regions(
     from gldboxes.boxes import read_boxes_csv
     from retrieval import regions as regions_stage
 
-    rc = engine.region_conf(conf)
+    rc = run_conf.region_conf(conf)
     if rc is None:
         return None
     if conf.get("region_features") != "assign":
@@ -241,7 +240,7 @@ def main(
     """Index the photos of ``image_dir`` into ``index_dir``: create it, or add a new part.
 
     Args:
-        conf: options of :data:`retrieval.runner.engine.default_conf` (features, kernel, codebook
+        conf: options of :data:`retrieval.runner.conf.default_conf` (features, kernel, codebook
             size, regions ...); fixed when the index is created.
         image_dir: any folder of photos (recursive; jpg, png, ...).
         index_dir: the index folder.
@@ -258,17 +257,17 @@ def main(
     idx = Path(index_dir)
     if overwrite and idx.exists():
         shutil.rmtree(idx)
-    rc = engine.resolve_conf(conf)
+    rc = run_conf.resolve_conf(conf)
     root = Path(image_dir).resolve()
     photos = folder_images(root)
     if not photos:
-        raise ValueError(f"{image_dir}: no images ({', '.join(engine.IMAGE_SUFFIXES)}) found")
+        raise ValueError(f"{image_dir}: no images ({', '.join(run_conf.IMAGE_SUFFIXES)}) found")
     if (idx / HEADER_NAME).exists():
         h = _read_header(idx)
         _check_same_conf(idx, h["conf"], rc)
         if codebook is not None or codebook_images is not None:
             logger.warning("%s: the codebook stays fixed when an index grows; ignoring it", idx)
-        rc = engine.resolve_conf(h["conf"])
+        rc = run_conf.resolve_conf(h["conf"])
     else:
         h = _empty_header(rc)
     dead = set(h["tombstones"])
@@ -278,10 +277,10 @@ def main(
     skipped = sum(os.fspath(p) in removed for _, p in photos)
     if skipped:
         logger.info("%s: %d photos of %s were removed and stay out", idx, skipped, root)
-    h5, folder_name = engine.extract_folder(rc, root, idx)  # resumable; skips extracted photos
+    h5, folder_name = driver.extract_folder(rc, root, idx)  # resumable; skips extracted photos
     if h["codebook"] is None:
         _codebook(rc, idx, h, h5, folder_name, codebook=codebook, codebook_images=codebook_images)
-        rc = h["conf"] = engine.resolve_conf(h["conf"])
+        rc = h["conf"] = run_conf.resolve_conf(h["conf"])
     if not new:
         logger.info("%s: every photo of %s is indexed already", idx, root)
         write_json(idx / HEADER_NAME, h)
@@ -291,10 +290,10 @@ def main(
     names = [n for n, _ in new]
     paths = [p for _, p in new]
     cb = load_codebook(idx / h["codebook"])
-    regions = _photo_regions(rc, names, paths, root, engine._image_sizes(h5, names))
+    regions = _photo_regions(rc, names, paths, root, driver.image_sizes(h5, names))
     start = int(h["next_id"])
     part_name = f"part-{int(h['next_part']):05d}"
-    batch, item_image = engine.aggregate_database(rc, names, h5, cb, regions=regions)
+    batch, item_image = driver.aggregate_database(rc, names, h5, cb, regions=regions)
     ivf = InvertedFile.build(
         batch,
         cb.shape[0],
@@ -305,7 +304,7 @@ def main(
         meta={"start": start, "image_names": names, "features": os.fspath(h5)},
         item_image=item_image,
         pooling=rc.get("regional_search") if item_image is not None else None,
-        region_norm_floor=engine.region_norm_floor(rc) if item_image is not None else None,
+        region_norm_floor=run_conf.region_norm_floor(rc) if item_image is not None else None,
     )
     ivf.save(idx / "parts" / part_name)
     part: dict[str, Any] = {
@@ -386,7 +385,7 @@ def remove(index_dir: str | os.PathLike[str], targets: Sequence[str]) -> list[in
 def compact(index_dir: str | os.PathLike[str]) -> Path:
     """Merge every part into one and drop the tombstoned photos (ids renumbered from 0).
 
-    Nothing is re-aggregated (:meth:`retrieval.runner.sharded.ShardedInvertedFile.merge`, then
+    Nothing is re-aggregated (:meth:`retrieval.index.sharded.ShardedInvertedFile.merge`, then
     :meth:`retrieval.index.inverted_file.InvertedFile.select_images`); the new part is written
     before
     the header switches to it, and the old parts are deleted last.
@@ -440,7 +439,7 @@ def compact(index_dir: str | os.PathLike[str]) -> Path:
 
 
 def _sharded(idx: Path, h: Mapping[str, Any]) -> Any:
-    from retrieval.runner.sharded import ShardedInvertedFile
+    from retrieval.index.sharded import ShardedInvertedFile
 
     parts = tuple(InvertedFile.load(idx / p["path"]) for p in h["parts"])
     starts = np.array([int(p["start"]) for p in h["parts"]], np.int64)
@@ -477,7 +476,7 @@ class PhotoIndex:
 
     Attributes:
         root: the index folder. header: ``photos.json``. conf: the resolved run conf.
-        index: the parts as a :class:`retrieval.runner.sharded.ShardedInvertedFile`.
+        index: the parts as a :class:`retrieval.index.sharded.ShardedInvertedFile`.
         codebook: float32 (K, D). live: bool (n_ids,) not tombstoned.
         order_key: int64 (n_ids,) rank of each id by (photo name, path): the tie-break.
     """
@@ -510,7 +509,7 @@ class PhotoIndex:
         return cls(
             idx,
             h,
-            engine.resolve_conf(h["conf"]),
+            run_conf.resolve_conf(h["conf"]),
             sivf,
             load_codebook(idx / h["codebook"]),
             live,
@@ -527,7 +526,7 @@ class PhotoIndex:
 
     def extract(self, photos: Sequence[str | os.PathLike[str]]) -> list[Any]:
         """Features of query photos, in memory: ``[(ExtractedFeatures, (w, h)), ...]``."""
-        fc = engine.feature_conf(self.conf)
+        fc = run_conf.feature_conf(self.conf)
         extractor = features_stage.make_extractor(fc)
         out = []
         for p in photos:
@@ -584,7 +583,7 @@ class PhotoIndex:
             sizes: dict[str, Any] = {}
             for rel in {im["features"] for im in ims}:
                 names = [im["name"] for im in ims if im["features"] == rel]
-                sizes.update(engine._image_sizes(self.root / rel, names))
+                sizes.update(driver.image_sizes(self.root / rel, names))
             keys = [im["name"] for im in ims]
             paths = [Path(im["path"]) for im in ims]
             got = _photo_regions(conf, keys, paths, None, sizes) or {}
@@ -621,13 +620,13 @@ class PhotoIndex:
             raise ValueError(f"--top-k must be >= 1, got {k}")
         rconf = None
         if regions is not None and regions.get("regions"):
-            rconf = engine.resolve_conf(
+            rconf = run_conf.resolve_conf(
                 {**{key: regions.get(key) for key in _REGION_KEYS}, "region_features": "assign"}
             )
         verify = verification is not None
         vc = top_n = None
         if verify:
-            vc, top_n, _ = engine.verification_conf(
+            vc, top_n, _ = run_conf.verification_conf(
                 {**self.conf, "verification": dict(verification or {})}
             )
         depth = max(k, int(top_n or 0))
@@ -659,7 +658,7 @@ class PhotoIndex:
         """Verify the head of one ranking; returns it re-ranked with inliers and matches."""
         from retrieval.verification import Features, read_features_h5, rerank, verify_pair
 
-        max_side = int(engine.feature_conf(self.conf)["preprocessing"].get("max_side", 1024))
+        max_side = int(run_conf.feature_conf(self.conf)["preprocessing"].get("max_side", 1024))
         f, size = qfeat
         q = Features(f.keypoints.astype(np.float64), f.descriptors, max(1.0, max(size) / max_side))
         head = [int(i) for i in ids[:top_n]]
