@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     st = single.stats()
     fixed = single.offsets.nbytes
     per_image = (st["bytes"] - fixed) / st["images"]
-    per_posting = single.image_ids.itemsize + single.data.shape[1]
+    per_posting = single.id_stream.nbytes / single.n_postings + single.data.shape[1]
     r1m = per_image * R1M_IMAGES + 65537 * 8
     print(
         f"index: {st['images']} images, {st['words_per_image_mean']:.1f} words/image, "

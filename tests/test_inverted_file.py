@@ -177,10 +177,24 @@ class TestFiles:
         db, _, cb = _world(9, "asmk_star", d=128)
         ivf = InvertedFile.build(db, cb.shape[0], "asmk_star")
         n_post = int(db.words.size)
-        # 16 bytes of bits + 4 bytes of image id per posting, 8 per word offset, 4 per image.
-        expect = n_post * (16 + 4) + (cb.shape[0] + 1) * 8 + db.n_images * 4
-        assert ivf.nbytes == expect
+        # per word, its ids as the first id then the gaps, each in 1, 2 or 4 bytes (the width
+        # holding the word's largest gap), worked out here the plain way
+        owner = np.repeat(np.arange(db.n_images), np.diff(db.offsets))
+        id_bytes = 0
+        for w in range(cb.shape[0]):
+            ids = sorted(int(i) for i in owner[db.words == w])
+            gaps = [b - a for a, b in zip([0, *ids][:-1], ids, strict=True)]
+            width = 1 if max(gaps, default=0) < 256 else 2 if max(gaps) < 65536 else 4
+            id_bytes += width * len(ids)
+        # 16 bytes of bits per posting, the ids, 8 per word offset (postings and id bytes),
+        # 4 per image.
+        expect = n_post * 16 + id_bytes + 2 * (cb.shape[0] + 1) * 8 + db.n_images * 4
+        assert ivf.nbytes == expect == ivf.stats()["bytes"]
         assert ivf.bytes_per_image == pytest.approx(expect / db.n_images)
+        # before the encoding: 4 bytes an id, one offsets array
+        before = n_post * (16 + 4) + (cb.shape[0] + 1) * 8 + db.n_images * 4
+        assert id_bytes == n_post  # 60 images: every gap fits a byte
+        assert ivf.nbytes < before
 
     def test_wrong_version(self, tmp_path: Path) -> None:
         db, _, cb = _world(10, "asmk")
@@ -205,6 +219,6 @@ class TestFiles:
             InvertedFile.load(tmp_path / "nothing")
         db, _, cb = _world(12, "asmk")
         path = InvertedFile.build(db, cb.shape[0], "asmk").save(tmp_path / "idx")
-        (path / "image_ids.npy").unlink()
-        with pytest.raises(ValueError, match=r"image_ids\.npy is missing"):
+        (path / "id_stream.npy").unlink()
+        with pytest.raises(ValueError, match=r"id_stream\.npy is missing"):
             InvertedFile.load(path)

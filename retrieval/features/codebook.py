@@ -8,6 +8,10 @@ result can always be traced to its codebook.
 
 Files: ``<dir>/codebook.npy`` float32 (K, D) and ``<dir>/codebook.json`` (``format_version``,
 size, dim, seed, iterations, training set, number of training descriptors, config hash).
+Approximate assignment (``assignment="hnsw"``) caches its graph over the centroids beside them
+(:func:`load_word_index`): ``<dir>/codebook.hnsw-m<M>-efc<EF>.faiss`` (``faiss.write_index``)
+and its tagged JSON header ``<dir>/codebook.hnsw-m<M>-efc<EF>.json`` (``format``
+``gldboxes-word-index``, ``format_version``, the codebook's SHA-1, the graph's parameters).
 """
 
 from __future__ import annotations
@@ -24,22 +28,44 @@ from typing import Any
 import h5py
 import numpy as np
 
-from gldboxes.io import atomic_path, config_hash, read_json, write_config, write_json
+from gldboxes.io import (
+    atomic_path,
+    config_hash,
+    read_json,
+    read_tagged_json,
+    write_config,
+    write_json,
+)
+from retrieval.index.assignment import (
+    ASSIGNMENTS,
+    HNSW_DEFAULTS,
+    WordIndex,
+    codebook_fingerprint,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "MIN_DESCRIPTORS_PER_WORD",
+    "WORD_INDEX_FORMAT",
+    "WORD_INDEX_VERSION",
     "confs",
     "load_codebook",
+    "load_word_index",
     "main",
     "sample_descriptors",
     "sample_rows",
     "train_codebook",
+    "word_assignment",
+    "word_index_paths",
 ]
 
 logger = logging.getLogger("retrieval.features.codebook")
 
 FORMAT_VERSION = 1
+
+#: The tag and version of a cached word index's JSON header (:func:`load_word_index`).
+WORD_INDEX_FORMAT = "gldboxes-word-index"
+WORD_INDEX_VERSION = 1
 
 #: Fewer training descriptors per visual word than this draw a warning: k-means cannot place
 #: the words well (faiss itself asks for at least 39 per centroid).
@@ -290,3 +316,114 @@ def _names(features: Any, *, full: bool = False) -> str:
     """The training file name(s), joined with ``+``."""
     paths = [features] if isinstance(features, str | os.PathLike) else list(features)
     return "+".join(os.fspath(p) if full else Path(p).name for p in paths)
+
+
+def _codebook_npy(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p / "codebook.npy" if p.is_dir() else p
+
+
+def word_index_paths(
+    codebook_path: str | os.PathLike[str],
+    *,
+    m: int = HNSW_DEFAULTS["m"],
+    ef_construction: int = HNSW_DEFAULTS["ef_construction"],
+) -> tuple[Path, Path]:
+    """The cached HNSW graph of a codebook and its JSON header: ``(<stem>.hnsw-m<M>-efc<EF>.faiss,
+    <stem>.hnsw-m<M>-efc<EF>.json)`` beside ``codebook.npy`` (or the folder's)."""
+    npy = _codebook_npy(codebook_path)
+    stem = npy.with_suffix("")
+    name = f"{stem.name}.hnsw-m{int(m)}-efc{int(ef_construction)}"
+    return npy.with_name(f"{name}.faiss"), npy.with_name(f"{name}.json")
+
+
+def load_word_index(
+    codebook_path: str | os.PathLike[str],
+    *,
+    m: int = HNSW_DEFAULTS["m"],
+    ef_construction: int = HNSW_DEFAULTS["ef_construction"],
+    ef_search: int = HNSW_DEFAULTS["ef_search"],
+    overwrite: bool = False,
+) -> WordIndex:
+    """The HNSW word index of a codebook file: read from its cache beside ``codebook.npy``, or
+    built (single-threaded, deterministic) and cached there on first use.
+
+    A cache whose header names another codebook (retrained: its SHA-1 differs) or whose graph
+    does not hold the codebook's K x D is rebuilt, with a log line.
+
+    Args:
+        codebook_path: ``codebook.npy`` or its folder.
+        m, ef_construction: the graph's parameters (part of the cache's file name).
+        ef_search: the search beam of the returned index (a search setting, not cached).
+        overwrite: rebuild even when a valid cache exists.
+
+    Returns:
+        a :class:`retrieval.index.assignment.WordIndex`, for ``aggregate_many(...,
+        assignment=...)``.
+
+    Raises:
+        FileNotFoundError: no codebook. ValueError: the cache header is not ours or of another
+            version, or the graph file is unreadable.
+    """
+    import faiss
+
+    npy = _codebook_npy(codebook_path)
+    cb = load_codebook(npy)
+    fingerprint = codebook_fingerprint(cb)
+    graph, header = word_index_paths(npy, m=m, ef_construction=ef_construction)
+    if graph.exists() and header.exists() and not overwrite:
+        head = read_tagged_json(header, WORD_INDEX_FORMAT, WORD_INDEX_VERSION, "word index header")
+        if head.get("codebook_sha1") == fingerprint and head.get("bytes") == graph.stat().st_size:
+            try:
+                index = faiss.read_index(os.fspath(graph))
+            except RuntimeError as exc:
+                raise ValueError(f"{graph}: unreadable faiss index ({exc})") from exc
+            if (int(index.ntotal), int(index.d)) == cb.shape:
+                return WordIndex(
+                    index,
+                    fingerprint=fingerprint,
+                    m=m,
+                    ef_construction=ef_construction,
+                    ef_search=ef_search,
+                )
+        logger.info("%s: cached word index does not match %s; rebuilding", graph, npy)
+    t0 = time.perf_counter()
+    built = WordIndex.build(cb, m=m, ef_construction=ef_construction, ef_search=ef_search)
+    with atomic_path(graph) as tmp:
+        faiss.write_index(built.index, os.fspath(tmp))
+    write_json(
+        header,
+        {
+            "format": WORD_INDEX_FORMAT,
+            "format_version": WORD_INDEX_VERSION,
+            "method": "hnsw",
+            "codebook": npy.name,
+            "codebook_sha1": fingerprint,
+            "size": int(cb.shape[0]),
+            "dim": int(cb.shape[1]),
+            "m": int(m),
+            "ef_construction": int(ef_construction),
+            "bytes": graph.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
+    logger.info("word index (HNSW m=%d) of %s built in %.1f s", m, npy, time.perf_counter() - t0)
+    return built
+
+
+def word_assignment(
+    codebook_path: str | os.PathLike[str],
+    assignment: str,
+    *,
+    m: int = HNSW_DEFAULTS["m"],
+    ef_construction: int = HNSW_DEFAULTS["ef_construction"],
+    ef_search: int = HNSW_DEFAULTS["ef_search"],
+) -> str | WordIndex:
+    """What a run passes as ``aggregate_many(..., assignment=...)`` for its conf value:
+    ``"exact"`` as is, ``"hnsw"`` as the codebook's cached :class:`WordIndex`
+    (:func:`load_word_index`)."""
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")
+    if assignment == "exact":
+        return "exact"
+    return load_word_index(codebook_path, m=m, ef_construction=ef_construction, ef_search=ef_search)

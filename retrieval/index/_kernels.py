@@ -16,6 +16,14 @@ of ~1M, and only beyond one chunk may differ from both in the last bit):
 * :func:`segment_residual_sums`: per (item, word) segment of sorted descriptors, the float32 sum
   of ``x - c_word`` in order (what the sparse 0/1 matrix product computes), without
   materialising the (N, D) residuals.
+* :func:`encode_ids` / :func:`decode_ids`: the posting ids of each word as its first id and
+  the gaps between consecutive ids, in the narrowest of 1, 2 or 4 little-endian bytes that holds
+  the word's largest gap (the scoring loops decode them on the fly).
+* :func:`search_binary`: :func:`score_binary` into a scratch row reset after each query, the
+  items touched listed as they come (or, when the query's postings outnumber half the items,
+  found by one pass over the row), then the top-k by a bounded heap or the full ranking by a
+  radix sort of the items with a nonzero score, merged with the others (all scoring exactly
+  0, or -1 without words) in id order: the order of ``top_k`` on the full score matrix.
 * :func:`rank_descending`: the full ranking by decreasing score, ties by ascending id, as a
   stable LSD radix sort on the float bits (``np.argsort(-s, kind="stable")``, 3x faster).
 
@@ -32,7 +40,14 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["rank_descending", "score_binary", "segment_residual_sums"]
+__all__ = [
+    "decode_ids",
+    "encode_ids",
+    "rank_descending",
+    "score_binary",
+    "search_binary",
+    "segment_residual_sums",
+]
 
 
 @intrinsic
@@ -56,7 +71,8 @@ _popcount: Any = _ctpop
 @njit(cache=True, nogil=True)
 def score_binary(  # pragma: no cover - compiled
     offsets: np.ndarray,
-    image_ids: np.ndarray,
+    id_offsets: np.ndarray,
+    id_stream: np.ndarray,
     lanes: np.ndarray,
     q_offsets: np.ndarray,
     q_words: np.ndarray,
@@ -68,7 +84,8 @@ def score_binary(  # pragma: no cover - compiled
 
     Args:
         offsets: int64 (K + 1,) CSR offsets of the inverted file.
-        image_ids: uint32 (N,) item id of each posting.
+        id_offsets, id_stream: int64 (K + 1,) and uint8 the delta-encoded item id of each
+            posting (:func:`encode_ids`).
         lanes: unsigned (N, L) packed sign bits of each posting: the ``ceil(D/8)`` bytes of a
             row viewed as L lanes of 8, 16, 32 or 64 bits (L = 2 of uint64 at D = 128); the
             padding bits after bit D are zero.
@@ -80,26 +97,34 @@ def score_binary(  # pragma: no cover - compiled
         out: float64 (n_queries, n_items), accumulated in place.
     """
     n_lanes = lanes.shape[1]
+    ids = np.empty(_longest_list(offsets, q_words), np.int64)
     for qi in range(q_offsets.shape[0] - 1):
         row = out[qi]
         for j in range(q_offsets[qi], q_offsets[qi + 1]):
             w = q_words[j]
             lo = offsets[w]
-            hi = offsets[w + 1]
+            cnt = offsets[w + 1] - lo
+            if cnt == 0:
+                continue
+            _decode_word(
+                id_stream, id_offsets[w], (id_offsets[w + 1] - id_offsets[w]) // cnt, cnt, ids
+            )
             if n_lanes == 2:  # D = 128: lanes held in registers, 2x the generic loop's speed
                 a0 = np.uint64(q_lanes[j, 0])
                 a1 = np.uint64(q_lanes[j, 1])
-                for p in range(lo, hi):
+                for t in range(cnt):
+                    p = lo + t
                     h = _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(
                         np.uint64(lanes[p, 1]) ^ a1
                     )
-                    row[image_ids[p]] += table[h]
+                    row[ids[t]] += table[h]
             else:
-                for p in range(lo, hi):
+                for t in range(cnt):
+                    p = lo + t
                     h = np.uint64(0)
-                    for t in range(n_lanes):
-                        h += _popcount(np.uint64(lanes[p, t]) ^ np.uint64(q_lanes[j, t]))
-                    row[image_ids[p]] += table[h]
+                    for b in range(n_lanes):
+                        h += _popcount(np.uint64(lanes[p, b]) ^ np.uint64(q_lanes[j, b]))
+                    row[ids[t]] += table[h]
 
 
 @njit(cache=True, nogil=True)
@@ -185,3 +210,468 @@ def rank_descending(bits: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
             keys, keys2 = keys2, keys
             idx, idx2 = idx2, idx
         out[r] = idx
+
+
+@njit(cache=True, nogil=True)
+def _read_delta(stream: np.ndarray, pos: int, width: int) -> Any:  # pragma: no cover - compiled
+    """The little-endian unsigned integer of ``width`` (1, 2 or 4) bytes at ``stream[pos]``."""
+    if width == 1:
+        return np.int64(stream[pos])
+    if width == 2:
+        return np.int64(stream[pos]) | (np.int64(stream[pos + 1]) << 8)
+    return (
+        np.int64(stream[pos])
+        | (np.int64(stream[pos + 1]) << 8)
+        | (np.int64(stream[pos + 2]) << 16)
+        | (np.int64(stream[pos + 3]) << 24)
+    )
+
+
+@njit(cache=True, nogil=True)
+def _decode_word(  # pragma: no cover - compiled
+    stream: np.ndarray, pos: int, width: int, cnt: int, buf: np.ndarray
+) -> None:
+    """The ``cnt`` absolute ids of one word (``width`` bytes a gap from ``stream[pos]``) into
+    ``buf[:cnt]``: one tight loop per width, so the scoring loop reads plain ids."""
+    v = np.int64(0)
+    if width == 1:
+        for t in range(cnt):
+            v += np.int64(stream[pos + t])
+            buf[t] = v
+    elif width == 2:
+        for t in range(cnt):
+            q = pos + 2 * t
+            v += np.int64(stream[q]) | (np.int64(stream[q + 1]) << 8)
+            buf[t] = v
+    else:
+        for t in range(cnt):
+            q = pos + 4 * t
+            v += (
+                np.int64(stream[q])
+                | (np.int64(stream[q + 1]) << 8)
+                | (np.int64(stream[q + 2]) << 16)
+                | (np.int64(stream[q + 3]) << 24)
+            )
+            buf[t] = v
+
+
+@njit(cache=True, nogil=True)
+def _longest_list(offsets: np.ndarray, q_words: np.ndarray) -> int:  # pragma: no cover
+    """The most postings of any word in ``q_words``."""
+    best = 0
+    for j in range(q_words.shape[0]):
+        w = q_words[j]
+        c = offsets[w + 1] - offsets[w]
+        if c > best:
+            best = c
+    return best
+
+
+@njit(cache=True, nogil=True)
+def encode_ids(  # pragma: no cover - compiled
+    offsets: np.ndarray, ids: np.ndarray, id_offsets: np.ndarray
+) -> np.ndarray:
+    """Delta-encode the posting ids of every word in the narrowest width that holds its gaps.
+
+    Args:
+        offsets: int64 (K + 1,) CSR offsets.
+        ids: unsigned (N,) absolute item ids, non-decreasing within each word.
+        id_offsets: int64 (K + 1,) written: word ``w`` owns bytes ``id_offsets[w]:[w + 1]`` of
+            the stream, ``width = bytes / postings`` (1, 2 or 4) bytes a gap.
+
+    Returns:
+        uint8 (id_offsets[K],) the stream: per word, its first id then the gaps to the previous
+        id, little-endian. Empty (0 bytes) with ``id_offsets[0] = -1`` when ids decrease inside
+        a word (the caller raises).
+    """
+    n_words = offsets.shape[0] - 1
+    id_offsets[0] = 0
+    for w in range(n_words):
+        prev = np.int64(0)
+        big = np.int64(0)
+        for p in range(offsets[w], offsets[w + 1]):
+            v = np.int64(ids[p])
+            d = v - prev
+            if d < 0:
+                id_offsets[0] = -1
+                return np.empty(0, np.uint8)
+            if d > big:
+                big = d
+            prev = v
+        width = 1 if big < 256 else 2 if big < 65536 else 4
+        id_offsets[w + 1] = id_offsets[w] + width * (offsets[w + 1] - offsets[w])
+    stream = np.empty(id_offsets[n_words], np.uint8)
+    for w in range(n_words):
+        cnt = offsets[w + 1] - offsets[w]
+        if cnt == 0:
+            continue
+        width = (id_offsets[w + 1] - id_offsets[w]) // cnt
+        pos = id_offsets[w]
+        prev = np.int64(0)
+        for p in range(offsets[w], offsets[w + 1]):
+            v = np.int64(ids[p])
+            d = v - prev
+            prev = v
+            for b in range(width):
+                stream[pos + b] = np.uint8((d >> (8 * b)) & 255)
+            pos += width
+    return stream
+
+
+@njit(cache=True, nogil=True)
+def decode_ids(  # pragma: no cover - compiled
+    offsets: np.ndarray, id_offsets: np.ndarray, stream: np.ndarray, out: np.ndarray
+) -> None:
+    """Inverse of :func:`encode_ids`: the absolute ids of every posting into ``out`` (N,)."""
+    for w in range(offsets.shape[0] - 1):
+        lo = offsets[w]
+        cnt = offsets[w + 1] - lo
+        if cnt == 0:
+            continue
+        width = (id_offsets[w + 1] - id_offsets[w]) // cnt
+        pos = id_offsets[w]
+        v = np.int64(0)
+        for p in range(lo, lo + cnt):
+            v += _read_delta(stream, pos, width)
+            pos += width
+            out[p] = v
+
+
+@njit(cache=True, nogil=True)
+def _better(s_a: float, i_a: int, s_b: float, i_b: int) -> bool:  # pragma: no cover - compiled
+    """Whether (score a, id a) ranks before (score b, id b): higher score, then lower id."""
+    return s_a > s_b or (s_a == s_b and i_a < i_b)
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(hs: np.ndarray, hi: np.ndarray, size: int, r: int) -> None:  # pragma: no cover
+    """Restore the heap below ``r``: the root holds the entry that ranks last."""
+    while True:
+        c = 2 * r + 1
+        if c >= size:
+            return
+        if c + 1 < size and _better(hs[c], hi[c], hs[c + 1], hi[c + 1]):
+            c += 1
+        if _better(hs[c], hi[c], hs[r], hi[r]):
+            return
+        hs[r], hs[c] = hs[c], hs[r]
+        hi[r], hi[c] = hi[c], hi[r]
+        r = c
+
+
+@njit(cache=True, nogil=True)
+def _radix_low32(  # pragma: no cover - compiled
+    keys: np.ndarray,
+    idx: np.ndarray,
+    keys2: np.ndarray,
+    idx2: np.ndarray,
+    lo: int,
+    hi: int,
+    counts: np.ndarray,
+) -> None:
+    """Stable LSD radix sort of ``keys[lo:hi]`` (with ``idx``) on their lower 32 bits, in place
+    (``keys2``/``idx2`` as the other buffer)."""
+    a_k = keys[lo:hi]
+    a_i = idx[lo:hi]
+    b_k = keys2[lo:hi]
+    b_i = idx2[lo:hi]
+    n = hi - lo
+    flips = 0
+    for shift in range(0, 32, 8):
+        sh = np.uint64(shift)
+        counts[:] = 0
+        for t in range(n):
+            counts[(a_k[t] >> sh) & np.uint64(255)] += 1
+        if counts.max() == n:
+            continue
+        total = 0
+        for c in range(256):
+            cc = counts[c]
+            counts[c] = total
+            total += cc
+        for t in range(n):
+            c = (a_k[t] >> sh) & np.uint64(255)
+            p = counts[c]
+            counts[c] = p + 1
+            b_k[p] = a_k[t]
+            b_i[p] = a_i[t]
+        a_k, b_k = b_k, a_k
+        a_i, b_i = b_i, a_i
+        flips += 1
+    if flips % 2 == 1:  # the result is in the other buffer
+        for t in range(n):
+            b_k[t] = a_k[t]
+            b_i[t] = a_i[t]
+
+
+@njit(cache=True, nogil=True)
+def search_binary(  # pragma: no cover - compiled
+    offsets: np.ndarray,
+    id_offsets: np.ndarray,
+    id_stream: np.ndarray,
+    lanes: np.ndarray,
+    q_offsets: np.ndarray,
+    q_words: np.ndarray,
+    q_lanes: np.ndarray,
+    table: np.ndarray,
+    item_words: np.ndarray,
+    normalize: bool,
+    out_ids: np.ndarray,
+    out_scores: np.ndarray,
+    acc: np.ndarray,
+    flag: np.ndarray,
+    touched: np.ndarray,
+    sort_keys: np.ndarray,
+    sort_ids: np.ndarray,
+    ids: np.ndarray,
+) -> None:
+    """Top-k (or the full ranking) of a batch of queries, scoring only the items they touch.
+
+    Per query: the selectivity of every (query word, posting) pair is added to ``acc`` in the
+    order of :func:`score_binary` (query words ascending, postings in list order); the sums of
+    the touched items are normalised as ``InvertedFile._normalise`` does
+    (``s / sqrt(|W_q| |W_item|)``, -1 for items without words). Every other item scores
+    exactly 0 (-1 without words), so the ranking by decreasing score, ties by ascending id, is
+    the merge of the order of the items with a nonzero score with the rest in id order. Those
+    are ranked by a bounded heap (top-k) or by a stable radix sort (the full ranking: LSD on
+    the upper 32 bits of the order key, then runs of equal upper bits by the whole key), never
+    by sorting all n scores. A query without words scores -1 everywhere (ids in order).
+
+    Args:
+        offsets, id_offsets, id_stream: the CSR offsets and the delta-encoded posting ids
+            (:func:`encode_ids`).
+        lanes, q_offsets, q_words, q_lanes, table: as :func:`score_binary`.
+        item_words: float64 (n_items,) ``|W_item|``.
+        normalize: divide by ``sqrt(|W_q| |W_item|)``.
+        out_ids: int64 (n_queries, kk) written, kk <= n_items (kk = n_items: full ranking).
+        out_scores: float64 (n_queries, kk) written.
+        acc, flag: float64 and uint8 (n_items,) scratch, all zero on entry and on return.
+        touched: int64 (n_items + 1,) scratch (one spare slot: written before it is kept).
+        sort_keys, sort_ids: uint64 and int64 (2, n_items) scratch of the radix sort (kept by
+            the caller: fresh pages for every query would cost as much as the sort).
+        ids: int64 scratch holding the decoded ids of the longest posting list of the queries.
+    """
+    n = item_words.shape[0]
+    kk = out_ids.shape[1]
+    n_lanes = lanes.shape[1]
+    top = np.uint64(1) << np.uint64(63)
+    acc_bits = acc.view(np.uint64)
+    counts = np.empty(256, np.int64)
+    for qi in range(q_offsets.shape[0] - 1):
+        qn = q_offsets[qi + 1] - q_offsets[qi]
+        if qn == 0:
+            for r in range(kk):
+                out_ids[qi, r] = r
+                out_scores[qi, r] = -1.0
+            continue
+        # dense mode (the query's postings outnumber half the items: most are touched): no
+        # touched list, the candidates are found by one pass over the row afterwards
+        n_post = 0
+        for j in range(q_offsets[qi], q_offsets[qi + 1]):
+            n_post += offsets[q_words[j] + 1] - offsets[q_words[j]]
+        dense = 2 * n_post >= n
+        m = 0
+        for j in range(q_offsets[qi], q_offsets[qi + 1]):
+            w = q_words[j]
+            lo = offsets[w]
+            cnt = offsets[w + 1] - lo
+            if cnt == 0:
+                continue
+            width = (id_offsets[w + 1] - id_offsets[w]) // cnt
+            _decode_word(id_stream, id_offsets[w], width, cnt, ids)
+            if n_lanes == 2 and dense:
+                a0 = np.uint64(q_lanes[j, 0])
+                a1 = np.uint64(q_lanes[j, 1])
+                for t in range(cnt):
+                    p = lo + t
+                    h = _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(
+                        np.uint64(lanes[p, 1]) ^ a1
+                    )
+                    acc[ids[t]] += table[h]
+            elif n_lanes == 2:
+                a0 = np.uint64(q_lanes[j, 0])
+                a1 = np.uint64(q_lanes[j, 1])
+                for t in range(cnt):
+                    p = lo + t
+                    item = ids[t]
+                    h = _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(
+                        np.uint64(lanes[p, 1]) ^ a1
+                    )
+                    touched[m] = item  # kept only when new (branch-free)
+                    m += 1 - flag[item]
+                    flag[item] = 1
+                    acc[item] += table[h]
+            else:
+                for t in range(cnt):
+                    p = lo + t
+                    item = ids[t]
+                    h = np.uint64(0)
+                    for b in range(n_lanes):
+                        h += _popcount(np.uint64(lanes[p, b]) ^ np.uint64(q_lanes[j, b]))
+                    if not dense:
+                        touched[m] = item
+                        m += 1 - flag[item]
+                        flag[item] = 1
+                    acc[item] += table[h]
+        # Normalise; the candidates are the items with a nonzero score (a touched item whose
+        # sum is exactly 0 scores 0 like an untouched one and ranks with them by id). Items
+        # without words score -1 whether touched or not (never touched in a consistent index).
+        qf = np.float64(qn)
+        if dense:
+            for i in range(n):
+                if acc[i] != 0.0:
+                    touched[m] = i
+                    m += 1
+        for t in range(m):
+            i = touched[t]
+            flag[i] = 0
+            dn = item_words[i]
+            if dn == 0.0:
+                acc[i] = 0.0
+            elif normalize:
+                acc[i] = acc[i] / np.sqrt(qf * dn)
+        # the candidates in ranking order: ti, length nt
+        if kk == n:
+            # full ranking: candidates in ascending id, a stable LSD radix sort on the upper 32
+            # bits of their order keys, then runs of equal upper bits ordered by the full key
+            # (insertion sort, or 4 more radix passes on a long run): the order of
+            # np.argsort(-s, kind="stable")
+            nt = 0
+            if dense:
+                for t in range(m):
+                    if acc[touched[t]] != 0.0:
+                        touched[nt] = touched[t]
+                        nt += 1
+            else:
+                for i in range(n):  # touched (now zero-flagged) items in id order
+                    if acc[i] != 0.0:
+                        touched[nt] = i
+                        nt += 1
+            keys = sort_keys[0, :nt]
+            keys2 = sort_keys[1, :nt]
+            ti = sort_ids[0, :nt]
+            ti2 = sort_ids[1, :nt]
+            for t in range(nt):
+                i = touched[t]
+                ti[t] = i
+                bits = acc_bits[i]
+                if bits == top:  # -0.0 as 0.0
+                    bits = np.uint64(0)
+                a = ~bits if (bits & top) else (bits | top)
+                keys[t] = ~a
+            for shift in range(32, 64, 8):
+                sh = np.uint64(shift)
+                counts[:] = 0
+                for t in range(nt):
+                    counts[(keys[t] >> sh) & np.uint64(255)] += 1
+                if nt == 0 or counts.max() == nt:
+                    continue
+                total = 0
+                for c in range(256):
+                    cc = counts[c]
+                    counts[c] = total
+                    total += cc
+                for t in range(nt):
+                    c = (keys[t] >> sh) & np.uint64(255)
+                    p = counts[c]
+                    counts[c] = p + 1
+                    keys2[p] = keys[t]
+                    ti2[p] = ti[t]
+                keys, keys2 = keys2, keys
+                ti, ti2 = ti2, ti
+            high = np.uint64(32)
+            r0 = 0
+            while r0 < nt:
+                r1 = r0 + 1
+                while r1 < nt and (keys[r1] >> high) == (keys[r0] >> high):
+                    r1 += 1
+                if r1 - r0 > 32:
+                    _radix_low32(keys, ti, keys2, ti2, r0, r1, counts)
+                else:
+                    for x in range(r0 + 1, r1):  # stable: moves past strictly greater keys
+                        kx = keys[x]
+                        ix = ti[x]
+                        y = x - 1
+                        while y >= r0 and keys[y] > kx:
+                            keys[y + 1] = keys[y]
+                            ti[y + 1] = ti[y]
+                            y -= 1
+                        keys[y + 1] = kx
+                        ti[y + 1] = ix
+                r0 = r1
+        else:
+            # top-k: a bounded heap whose root is the entry ranked last
+            size = 0
+            hs = np.empty(kk, np.float64)
+            hi = np.empty(kk, np.int64)
+            for t in range(m):
+                i = touched[t]
+                s = acc[i]
+                if s == 0.0:
+                    continue
+                if size < kk:
+                    c = size  # sift up
+                    hs[c] = s
+                    hi[c] = i
+                    size += 1
+                    while c > 0:
+                        par = (c - 1) // 2
+                        if _better(hs[c], hi[c], hs[par], hi[par]):
+                            break
+                        hs[c], hs[par] = hs[par], hs[c]
+                        hi[c], hi[par] = hi[par], hi[c]
+                        c = par
+                elif _better(s, i, hs[0], hi[0]):
+                    hs[0] = s
+                    hi[0] = i
+                    _sift_down(hs, hi, size, 0)
+            nt = size
+            ti = sort_ids[0, :nt]
+            for r in range(nt - 1, -1, -1):  # pop the last-ranked entry each time
+                ti[r] = hi[0]
+                size -= 1
+                hs[0] = hs[size]
+                hi[0] = hi[size]
+                _sift_down(hs, hi, size, 0)
+        # merge with the items scoring exactly 0 (with words) and then -1 (without), by id;
+        # looked up only when the next candidate does not score above 0
+        t = 0
+        zs = 0  # next item scoring 0 (n: none left)
+        es = 0  # next item without words
+        z_ok = False
+        e_ok = False
+        for r in range(kk):
+            if t < nt and acc[ti[t]] > 0.0:
+                out_ids[qi, r] = ti[t]
+                out_scores[qi, r] = acc[ti[t]]
+                t += 1
+                continue
+            if not z_ok:
+                while zs < n and (acc[zs] != 0.0 or item_words[zs] == 0.0):
+                    zs += 1
+                z_ok = True
+            if zs < n:
+                rs = 0.0
+                ri = zs
+            else:
+                if not e_ok:
+                    while es < n and item_words[es] != 0.0:
+                        es += 1
+                    e_ok = True
+                rs = -1.0
+                ri = es
+            if t < nt and (ri >= n or _better(acc[ti[t]], ti[t], rs, ri)):
+                out_ids[qi, r] = ti[t]
+                out_scores[qi, r] = acc[ti[t]]
+                t += 1
+            else:
+                out_ids[qi, r] = ri
+                out_scores[qi, r] = rs
+                if zs < n:
+                    zs += 1
+                    z_ok = False
+                else:
+                    es += 1
+                    e_ok = False
+        for t in range(m):
+            acc[touched[t]] = 0.0

@@ -12,12 +12,9 @@ An image is aggregated into a set of visual words, each carrying one vector:
   (``regions[0]`` is the whole image) is VLAD-aggregated and L2-normalised as a whole; the region
   vectors are averaged; then ``r_vlad`` L2-normalises the whole vector, ``r_asmk`` each word and
   ``r_asmk_star`` keeps the sign bits.
-* ``naive_r_asmk`` / ``naive_r_asmk_star`` (the paper's Naive-R-ASMK baseline): each region is
-  ASMK-aggregated (every word's residual sum L2-normalised on its own, no VLAD normalisation of
-  the region), the per-region unit word vectors are averaged over the image's regions, then each
-  word is L2-normalised again (``naive_r_asmk``) or binarised (``naive_r_asmk_star``). A word
-  seen in a region with one stray descriptor thus weighs as much as a word aggregated over
-  hundreds: the flaw the per-region VLAD normalisation of R-ASMK removes.
+* ``naive_r_asmk`` / ``naive_r_asmk_star`` (the paper's Naive-R-ASMK baseline): regions
+  ASMK-aggregated instead (see :mod:`retrieval.index.regional`, which computes the regional
+  forms).
 
 Words whose aggregated residual has a norm below :data:`ZERO_NORM` are dropped (they carry no
 direction). The similarity (:func:`similarity`) sums the selectivity
@@ -28,26 +25,37 @@ to ``h``, and ``D`` is the descriptor dimension, never the padded ``8 ceil(D/8)`
 with ``normalize=True`` the sum is divided by ``sqrt(|W_a| |W_b|)`` (the ASMK normalisation of
 images whose words have unit self-similarity). An image without words scores -1 against anything.
 
-Everything is vectorised over descriptors and images: :func:`aggregate_many` assigns all
-descriptors of a batch of images with one exact-L2 faiss search and reduces residuals with a
-single sort and a sparse segment-sum product; :func:`aggregate` is its one-image face.
+Everything is vectorised: :func:`aggregate_many` assigns a chunk of images' descriptors at once
+(exact GEMM or approximate HNSW, :mod:`retrieval.index.assignment`) and reduces them with one
+sort and a compiled segment sum, chunks on parallel threads (same bits for any thread count).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.index.assignment import (
+    ASSIGNMENTS,
+    WordIndex,
+    _check_codebook,
+    assign,
+    n_threads,
+    resolve_assignment,
+)
+from retrieval.index.assignment import _nearest_word as _nearest_word
 from retrieval.index.kernels import Kernel
 from retrieval.index.kernels import get as get_kernel
 from retrieval.index.kernels import kernels as KERNEL_REGISTRY
 
 __all__ = [
+    "ASSIGNMENTS",
     "BACKENDS",
     "BINARY_KERNELS",
     "KERNELS",
@@ -57,6 +65,7 @@ __all__ = [
     "ZERO_NORM",
     "AggregatedBatch",
     "AggregatedImage",
+    "WordIndex",
     "aggregate",
     "aggregate_many",
     "assign",
@@ -397,91 +406,19 @@ def pack_signs(residuals: np.ndarray) -> np.ndarray:
     return np.packbits(residuals > 0, axis=1, bitorder="big")
 
 
-def _check_codebook(codebook: np.ndarray) -> np.ndarray:
-    cb = np.asarray(codebook)
-    if cb.ndim != 2 or cb.shape[0] < 1 or cb.shape[1] < 1:
-        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {cb.shape}")
-    return np.ascontiguousarray(cb, dtype=np.float32)
-
-
-def assign(descriptors: np.ndarray, codebook: np.ndarray, num_assignments: int = 1) -> np.ndarray:
-    """Nearest visual words by exact L2 (brute force, BLAS-blocked; faiss for several words).
-
-    Args:
-        descriptors: float32 (N, D).
-        codebook: float32 (K, D).
-        num_assignments: words per descriptor (1 = hard assignment).
-
-    Returns:
-        int64 (N, num_assignments) word ids, nearest first.
-    """
-    import faiss
-
-    cb = _check_codebook(codebook)
-    x = np.ascontiguousarray(descriptors, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != cb.shape[1]:
-        raise ValueError(f"descriptors must be (N, {cb.shape[1]}), got shape {x.shape}")
-    if not 1 <= num_assignments <= cb.shape[0]:
-        raise ValueError(f"num_assignments must be in [1, {cb.shape[0]}], got {num_assignments}")
-    if x.shape[0] == 0:
-        return np.zeros((0, num_assignments), np.int64)
-    if num_assignments > 1:
-        _, ids = faiss.knn(x, cb, num_assignments)
-        return ids.astype(np.int64, copy=False)
-    return _nearest_word(x, cb)[:, None]
-
-
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def _nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarray:
-    """argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), by GEMM blocks of 4096 x 4096.
-
-    The GEMM computes ``[x, 1] . [-2 c, ||c||^2]`` (D + 1 columns: the norms ride along for
-    0.8% more work instead of a pass over the block), then ``argmin`` per row and, across blocks
-    of codewords, a running minimum (the first minimum wins ties). The distance matrix is never
-    materialised, so memory stays at ~64 MB whatever N and K.
-    """
-    n, (k, dim) = x.shape[0], cb.shape
-    aug = np.empty((k, dim + 1), np.float32)  # [-2 c, ||c||^2], row by row (no transpose)
-    np.multiply(cb, -2.0, out=aug[:, :dim])
-    aug[:, dim] = np.einsum("ij,ij->i", cb, cb)
-    out = np.empty(n, np.int64)
-    rows = min(block, n)
-    xa = np.empty((rows, dim + 1), np.float32)
-    xa[:, dim] = 1.0
-    buf = np.empty((rows, min(block, k)), np.float32)
-    for r in range(0, n, block):
-        m = min(block, n - r)
-        xa[:m, :dim] = x[r : r + m]
-        best = np.full(m, np.inf, np.float32)
-        arg = np.zeros(m, np.int64)
-        for c in range(0, k, block):
-            cs = slice(c, min(k, c + block))
-            d = buf[:m, : cs.stop - c]
-            np.matmul(xa[:m], aug[cs].T, out=d)
-            j = d.argmin(axis=1)
-            if c == 0 and cs.stop == k:  # one block of codewords: no running minimum
-                out[r : r + m] = j
-                break
-            v = d[np.arange(m), j]
-            better = v < best
-            best[better] = v[better]
-            arg[better] = j[better] + c
-        else:
-            out[r : r + m] = arg
-    return out
-
-
 def _residual_sums(
-    x: np.ndarray, item: np.ndarray, cb: np.ndarray, num_assignments: int, backend: str = "numba"
+    x: np.ndarray, item: np.ndarray, ids: np.ndarray, cb: np.ndarray, backend: str = "numba"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (item, word) residual sums, sorted by item then word.
 
     Args:
-        x: float32 (N, D) descriptors; item: int64 (N,) non-decreasing item index of each row.
+        x: float32 (N, D) descriptors; item: int64 (N,) non-decreasing item index of each row;
+        ids: int64 (N, m) the words of each row (:func:`assign`).
 
     Returns:
         ``(items, words, sums)``: int64 (M,), int64 (M,), float32 (M, D).
@@ -489,9 +426,8 @@ def _residual_sums(
     k = cb.shape[0]
     if x.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, cb.shape[1]), np.float32)
-    ids = assign(x, cb, num_assignments)  # (N, m)
     w = ids.ravel()
-    rows = np.repeat(np.arange(x.shape[0]), num_assignments)
+    rows = np.repeat(np.arange(x.shape[0]), ids.shape[1])
     key = item[rows] * k + w
     order = np.argsort(key, kind="stable")
     key_s = key[order]
@@ -595,8 +531,15 @@ def aggregate_many(
     regions: Sequence[Sequence[np.ndarray]] | None = None,
     num_assignments: int = 1,
     backend: str = "numba",
+    assignment: str | WordIndex = "exact",
+    threads: int | None = None,
 ) -> AggregatedBatch:
     """Aggregate a batch of images at once (vectorised over all their descriptors).
+
+    The images are cut into chunks of whole images of ~``_ASSIGN_CHUNK`` descriptors, assigned
+    one after the other and reduced on parallel threads; the chunks do not depend on
+    ``threads`` and each is computed the same way on any thread, so the result is the same, bit
+    for bit, for every thread count.
 
     Args:
         descriptors: per image, float32 (N_i, D) local descriptors (N_i may be 0).
@@ -607,6 +550,13 @@ def aggregate_many(
         num_assignments: visual words per descriptor.
         backend: ``"numba"`` (compiled argmin and residual sums) or ``"numpy"`` (the
             vectorised reference); the results are identical.
+        assignment: ``"exact"`` (nearest word by GEMM, the default), ``"hnsw"`` (approximate:
+            faiss HNSW over the centroids, built once per process) or a
+            :class:`~retrieval.index.assignment.WordIndex` of this codebook (e.g. the cached one
+            of :func:`retrieval.features.codebook.load_word_index`).
+        threads: threads at work (``None``: every core this process may use): this one
+            assigns the chunks' descriptors (BLAS / faiss with their own thread pools), the
+            ``threads - 1`` others reduce the assigned chunks into words meanwhile.
 
     Returns:
         an :class:`AggregatedBatch` with one entry per image.
@@ -614,6 +564,8 @@ def aggregate_many(
     _check_backend(backend)
     kern = get_kernel(kernel)
     cb = _check_codebook(codebook)
+    words_index = resolve_assignment(assignment, cb)
+    workers = n_threads(threads)
     dim = cb.shape[1]
     n = len(descriptors)
     if not kern.regional:
@@ -633,14 +585,41 @@ def aggregate_many(
         n_reg = np.array([len(r) for r in regions], np.int64)
         flat_sizes = _sizes([r for regs in regions for r in regs], dim, "region")
         sizes = np.add.reduceat(flat_sizes, np.r_[0, np.cumsum(n_reg)[:-1]]) if n else n_reg
-    # Chunks of whole images of ~_ASSIGN_CHUNK descriptors: every temporary stays small (and is
-    # recycled by the allocator instead of paged in afresh), whatever the batch size.
-    parts = []
-    for a, b in _chunks(sizes, _ASSIGN_CHUNK):
-        if regions is None:
-            parts.append(_aggregate_images(descriptors[a:b], cb, kern, num_assignments, backend, a))
+    from retrieval.index.regional import aggregate_regions_chunk
+
+    def stack(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """X (N, D), item (N,) (images, or their regions) and words (N, m) of images a..b-1."""
+        if regions is not None:
+            x, item = _stack([r for regs in regions[a:b] for r in regs], dim, "region")
         else:
-            parts.append(_aggregate_regions(regions[a:b], cb, kern, num_assignments, backend))
+            try:
+                x, item = _stack(descriptors[a:b], dim, "image")
+            except ValueError as exc:
+                raise ValueError(f"{exc} (images {a}..{b - 1})") from None
+        return x, item, assign(x, cb, num_assignments, assignment=words_index or "exact")
+
+    def reduce(a: int, b: int, x: np.ndarray, item: np.ndarray, ids: np.ndarray) -> AggregatedBatch:
+        if regions is None:
+            return _aggregate_images(x, item, ids, b - a, cb, kern, backend)
+        n_reg = np.array([len(r) for r in regions[a:b]], np.int64)
+        return aggregate_regions_chunk(n_reg, x, item, ids, cb, kern, backend)
+
+    # Chunks of whole images of ~_ASSIGN_CHUNK descriptors: every temporary stays small (and is
+    # recycled by the allocator instead of paged in afresh), whatever the batch size. This
+    # thread assigns chunk after chunk (BLAS / faiss use their own threads); `helpers` threads
+    # reduce the assigned chunks meanwhile (at most 2 a helper in flight).
+    chunks = _chunks(sizes, _ASSIGN_CHUNK)
+    helpers = min(workers - 1, len(chunks) - 1)
+    if helpers < 1:
+        parts = [reduce(a, b, *stack(a, b)) for a, b in chunks]
+    else:
+        with ThreadPoolExecutor(helpers, thread_name_prefix="aggregate") as pool:
+            pending: list[Future[AggregatedBatch]] = []
+            for i, (a, b) in enumerate(chunks):
+                pending.append(pool.submit(reduce, a, b, *stack(a, b)))
+                if i >= 2 * helpers:
+                    pending[i - 2 * helpers].result()
+            parts = [f.result() for f in pending]
     if not parts:
         width = packed_width(dim) if kern.binary else dim
         dt = np.uint8 if kern.binary else np.float32
@@ -649,20 +628,18 @@ def aggregate_many(
 
 
 def _aggregate_images(
-    descriptors: Sequence[np.ndarray],
+    x: np.ndarray,
+    item: np.ndarray,
+    ids: np.ndarray,
+    n: int,
     cb: np.ndarray,
     kernel: Kernel,
-    num_assignments: int,
     backend: str,
-    first_index: int,
 ) -> AggregatedBatch:
-    """:func:`aggregate_many` of a non-regional kernel on one chunk of images."""
-    n, dim = len(descriptors), cb.shape[1]
-    try:
-        x, item = _stack(descriptors, dim, "image")
-    except ValueError as exc:
-        raise ValueError(f"{exc} (images {first_index}..{first_index + n - 1})") from None
-    items, words, sums = _residual_sums(x, item, cb, num_assignments, backend)
+    """:func:`aggregate_many` of a non-regional kernel on one chunk of ``n`` images, from their
+    stacked descriptors x (N, D), image of each row item (N,) and words ids (N, m)."""
+    dim = cb.shape[1]
+    items, words, sums = _residual_sums(x, item, ids, cb, backend)
     items, words, sums, norms = _drop_zero(items, words, sums)
     return _to_batch(items, words, _word_data(kernel, items, sums, norms, n), n, dim)
 
@@ -687,40 +664,6 @@ def _word_data(
     return pack_signs(sums)
 
 
-def _aggregate_regions(
-    regions: Sequence[Sequence[np.ndarray]],
-    cb: np.ndarray,
-    kernel: Kernel,
-    num_assignments: int,
-    backend: str,
-) -> AggregatedBatch:
-    """:func:`aggregate_many` of a regional kernel on one chunk of images: every region is an
-    item, VLAD- (or, naive, ASMK-) aggregated; the region vectors are averaged per image."""
-    n, dim = len(regions), cb.shape[1]
-    n_reg = np.array([len(r) for r in regions], np.int64)
-    flat = [r for regs in regions for r in regs]
-    region_image = np.repeat(np.arange(n, dtype=np.int64), n_reg)
-    x, ritem = _stack(flat, dim, "region")
-    ritems, words, sums = _residual_sums(x, ritem, cb, num_assignments, backend)
-    ritems, words, sums, norms = _drop_zero(ritems, words, sums)
-    if kernel.regional == "asmk":
-        vlad = (sums / norms[:, None]).astype(np.float32)  # naive: ASMK per region, unit words
-    else:
-        vlad = _vlad_normalise(ritems, sums, norms, len(flat))
-    img = region_image[ritems]
-    k = cb.shape[0]
-    key = img * k + words
-    order = np.argsort(key, kind="stable")
-    key_s = key[order]
-    first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]]) if key_s.size else key_s
-    acc = _sum_sorted_segments(vlad, order, first)
-    uk = key_s[first]
-    items, words = uk // k, uk % k
-    acc = (acc / n_reg[items][:, None]).astype(np.float32)  # average of the regions
-    items, words, acc, norms = _drop_zero(items, words, acc)
-    return _to_batch(items, words, _word_data(kernel, items, acc, norms, n), n, dim)
-
-
 def aggregate(
     descriptors: np.ndarray,
     codebook: np.ndarray,
@@ -728,6 +671,7 @@ def aggregate(
     *,
     regions: Sequence[np.ndarray] | None = None,
     num_assignments: int = 1,
+    assignment: str | WordIndex = "exact",
 ) -> AggregatedImage:
     """Aggregate one image's local descriptors with a kernel.
 
@@ -739,6 +683,7 @@ def aggregate(
         regions: regional kernels: per-region descriptor arrays, region 0 the whole image
             (``None``: the whole image is the only region). Other kernels reject it.
         num_assignments: visual words per descriptor (multiple assignment when > 1).
+        assignment: ``"exact"``, ``"hnsw"`` or a ``WordIndex`` (see :func:`aggregate_many`).
 
     Returns:
         :class:`AggregatedImage` with sorted uint32 words (n_words,) and float32 (n_words, D)
@@ -746,5 +691,11 @@ def aggregate(
     """
     regs = None if regions is None else [list(regions)]
     return aggregate_many(
-        [descriptors], codebook, kernel, regions=regs, num_assignments=num_assignments
+        [descriptors],
+        codebook,
+        kernel,
+        regions=regs,
+        num_assignments=num_assignments,
+        assignment=assignment,
+        threads=1,
     ).image(0)

@@ -3,7 +3,12 @@
 Layout (``K`` visual words, ``N`` postings, ``n`` images)::
 
     offsets          int64  (K + 1,)     word w owns postings offsets[w]:offsets[w+1]
-    image_ids        uint32 (N,)         ascending within each word
+    id_offsets       int64  (K + 1,)     word w owns bytes id_offsets[w]:id_offsets[w+1] of
+                                         id_stream, ``width = bytes / postings`` a posting
+    id_stream        uint8  (B,)         the item ids of each word's postings (ascending),
+                                         delta-encoded: the first id, then the gap to the
+                                         previous one, little-endian in the narrowest width
+                                         (1, 2 or 4 bytes) holding the word's largest gap
     data             float32 (N, D)      residuals (asmk, vlad, r_asmk, r_vlad), or
                      uint8 (N, ceil(D/8)) packed sign bits (asmk_star, r_asmk_star, ...), MSB
                                          first, the last byte zero-padded when 8 does not
@@ -47,18 +52,18 @@ Hamming distance, and the table maps ``h`` to ``selectivity(1 - 2 h / D)`` with 
 (``dim`` in the header), never the padded ``8 ceil(D/8)``. The result equals
 :func:`retrieval.index.aggregation.similarity` against every image, number for number.
 
-On disk an inverted file is a folder: ``header.json`` (format version, kernel, parameters,
-shapes, dtypes, config hash) and one ``.npy`` per array, loadable with ``mmap_mode="r"``. No
-pickle.
+The numpy scoring (float words, ``backend="numpy"``) is :mod:`retrieval.index.scoring`; search
+(:meth:`InvertedFile.search`) is :mod:`retrieval.index.search` (top-k, the compiled binary
+search, threads, selectivity tables). Posting ids are delta-encoded
+(:mod:`retrieval.index.postings`); :attr:`InvertedFile.image_ids` decodes them and the
+constructor accepts them either way. On disk (format versions, header, save, load, no pickle):
+:mod:`retrieval.index.index_io`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,140 +72,69 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gldboxes.io import atomic_dir, read_json, write_json
 from retrieval.index.aggregation import (
     AggregatedBatch,
     AggregatedImage,
     check_packed_bits,
-    pair_similarity,
-    selectivity,
+)
+from retrieval.index.index_io import ARRAYS as _ARRAYS
+from retrieval.index.index_io import (
+    FORMAT_VERSION,
+    FORMAT_VERSION_REGIONAL,
+    FORMAT_VERSION_REGIONAL_FLOOR,
+    OLD_FORMAT_VERSIONS,
+    index_header,
+    load_index,
+    save_index,
 )
 from retrieval.index.kernels import get as get_kernel
+from retrieval.index.postings import check_id_encoding, decode_posting_ids, encode_posting_ids
+from retrieval.index.scoring import gather_scores
+from retrieval.index.search import binary_lanes, default_num_threads, search_index, top_k
+from retrieval.index.search import selectivity_tables as _selectivity_tables
 
 __all__ = [
     "BACKENDS",
     "FORMAT_VERSION",
     "FORMAT_VERSION_REGIONAL",
     "FORMAT_VERSION_REGIONAL_FLOOR",
+    "OLD_FORMAT_VERSIONS",
     "POOLINGS",
     "REGION_NORM_FLOOR",
     "InvertedFile",
+    "check_id_encoding",
+    "decode_posting_ids",
+    "default_num_threads",
+    "encode_posting_ids",
     "top_k",
 ]
 
 logger = logging.getLogger("retrieval.index.inverted_file")
 
-FORMAT_VERSION = 1
-#: Version written for regional-search indexes (an ``item_image`` array; older readers refuse
-#: it instead of silently ranking regions as images). Both versions are read.
-FORMAT_VERSION_REGIONAL = 2
-#: Version written for regional indexes with a normalisation floor ``region_norm_floor > 0``
-#: (older readers would score them without it, so they must refuse them). Versions 1 and 2 load
-#: with ``region_norm_floor = 0``, the scoring they were written with.
-FORMAT_VERSION_REGIONAL_FLOOR = 3
 #: Default ``rho`` of :meth:`InvertedFile.build` for regional indexes (see the module docstring).
 REGION_NORM_FLOOR = 0.1
 POOLINGS = ("max", "avg")
 #: Scoring backends of :meth:`InvertedFile.item_scores`.
 BACKENDS = ("numba", "numpy")
-_ARRAYS = ("offsets", "image_ids", "data", "words_per_image")
-# Postings gathered per scoring step (bounds the temporary memory to ~100 MB at D=128 float).
+# Postings gathered per step of the numpy scoring (scoring.gather_scores; bounds the temporary
+# memory to ~100 MB at D=128 float).
 _GATHER_CHUNK = 1 << 20
-# Per-thread scratch of the binary scoring (see _scratch), and the largest buffer it keeps.
-_SCRATCH = threading.local()
+# The largest per-thread scratch buffer of the numpy binary scoring (scoring._scratch) keeps.
 _SCRATCH_KEEP = 1 << 25
 
 
-def top_k(scores: np.ndarray, k: int | None = None) -> np.ndarray:
-    """Best ``k`` image ids per row, by decreasing score, ties broken by ascending image id.
-
-    Args:
-        scores: float (n_queries, n_images).
-        k: how many to keep (``None`` or >= n_images: the full ranking).
-
-    Returns:
-        int64 (n_queries, k).
-    """
-    s = np.asarray(scores)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be (n_queries, n_images), got shape {s.shape}")
-    nq, n = s.shape
-    if k is None or k >= n:
-        if s.dtype != np.float64 or np.isnan(s).any():
-            # A stable sort of -s keeps tied images in ascending id order (lexsort by (-s, id)).
-            return np.argsort(-s, axis=-1, kind="stable").astype(np.int64)
-        from retrieval.index._kernels import rank_descending
-
-        # The same order by a stable radix sort of the float bits (3x faster at 5k images);
-        # adding 0.0 turns -0.0 into 0.0, which the comparison sort treats as equal.
-        full = np.empty((nq, n), np.int64)
-        rank_descending(np.ascontiguousarray(s + 0.0).view(np.uint64), full)
-        return full
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    out = np.empty((nq, k), np.int64)
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    kth = np.take_along_axis(s, part, axis=1).min(axis=1)
-    for q in range(nq):  # per query (not per image): candidates include every tie at the k-th
-        cand = np.flatnonzero(s[q] >= kth[q])
-        order = np.lexsort((cand, -s[q, cand]))[:k]
-        out[q] = cand[order]
-    return out
-
-
-def _scratch(slot: str, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
-    """An uninitialised array in a per-thread buffer that is reused from call to call.
-
-    Scoring one query makes a few arrays of several MB; fresh ones would come from the OS as
-    new pages, zeroed at first touch, which costs about as much as the scoring. Each ``slot``
-    must be used by one array at a time, and what it holds must not outlive the call. Arrays
-    above ``_SCRATCH_KEEP`` bytes are allocated normally (memory held per thread stays bounded).
-    """
-    dt = np.dtype(dtype)
-    need = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    if need > _SCRATCH_KEEP:
-        return np.empty(shape, dt)
-    buf: np.ndarray | None = getattr(_SCRATCH, slot, None)
-    if buf is None or buf.nbytes < need:
-        size = min(max(need, 2 * (0 if buf is None else buf.nbytes)), _SCRATCH_KEEP)
-        buf = np.empty(size, np.uint8)
-        setattr(_SCRATCH, slot, buf)
-    return buf[:need].view(dt).reshape(shape)
-
-
-@functools.lru_cache(maxsize=16)
-def _selectivity_tables(dim: int, alpha: float, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """The selectivity of every Hamming distance of binary words, as look-up tables.
-
-    Args:
-        dim: the true descriptor dimension D (not the padded bit count ``8 ceil(D/8)``: the
-            zero padding bits never differ, so ``h <= D``).
-
-    Returns:
-        ``table``: float64 (D + 1,), ``table[h] = selectivity(1 - 2 h / D)`` computed with the
-        very expressions of :func:`retrieval.index.aggregation.pair_similarity` and ``selectivity``,
-        element by element, so a look-up gives the numbers the direct computation gives, bit
-        for bit. ``pair_table``: float64 (65536,), indexed by the two uint8 popcounts of a row
-        of two lanes read as one uint16: ``table[low byte + high byte]`` (native byte order;
-        sums above D never occur and are clamped).
-    """
-    h = np.arange(dim + 1, dtype=np.int64)
-    u = 1.0 - 2.0 * h.astype(np.float64) / dim  # as pair_similarity computes it
-    table = selectivity(u, alpha, tau)
-    two = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2).astype(np.intp)
-    pair_table = table[np.minimum(two[:, 0] + two[:, 1], dim)]
-    table.flags.writeable = False
-    pair_table.flags.writeable = False
-    return table, pair_table
-
-
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class InvertedFile:
     """An inverted file over a database of aggregated images (see the module docstring).
 
+    Constructed from absolute posting ids (``image_ids``, encoded on construction) or from
+    their encoding (``id_offsets`` and ``id_stream``, as :meth:`load` and
+    ``dataclasses.replace`` do), every other argument by keyword.
+
     Attributes:
-        offsets, image_ids, data, words_per_image: the CSR arrays (over items: the images, or
-            the regions for regional search; ``image_ids`` hold item ids).
+        offsets, id_offsets, id_stream, data, words_per_image: the CSR arrays (over items: the
+            images, or the regions for regional search; the ids are item ids);
+            :attr:`image_ids` decodes the ids.
         dim: descriptor dimension D.
         kernel: the aggregation kernel of the database (a name in :mod:`retrieval.index.kernels`).
         alpha, tau, normalize: similarity parameters (defaults: the kernel's ``similarity``).
@@ -215,7 +149,8 @@ class InvertedFile:
     """
 
     offsets: np.ndarray
-    image_ids: np.ndarray
+    id_offsets: np.ndarray
+    id_stream: np.ndarray
     data: np.ndarray
     words_per_image: np.ndarray
     dim: int
@@ -228,15 +163,67 @@ class InvertedFile:
     pooling: str | None = None
     region_norm_floor: float = 0.0
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        offsets: np.ndarray,
+        image_ids: np.ndarray | None = None,
+        data: np.ndarray | None = None,
+        words_per_image: np.ndarray | None = None,
+        dim: int = 0,
+        kernel: str = "",
+        alpha: float = 3.0,
+        tau: float = 0.0,
+        normalize: bool = True,
+        meta: dict[str, Any] | None = None,
+        item_image: np.ndarray | None = None,
+        pooling: str | None = None,
+        region_norm_floor: float = 0.0,
+        *,
+        id_offsets: np.ndarray | None = None,
+        id_stream: np.ndarray | None = None,
+    ) -> None:
+        """See the class docstring: ``image_ids`` uint (N,) or ``id_offsets`` + ``id_stream``."""
+        if data is None or words_per_image is None:
+            raise ValueError("InvertedFile: data and words_per_image are required")
+        offs = np.asarray(offsets)
+        if offs.ndim != 1 or offs.shape[0] < 1 or not np.issubdtype(offs.dtype, np.integer):
+            raise ValueError(f"InvertedFile: offsets must be int (K + 1,), got {offs.shape}")
+        if image_ids is not None:
+            if id_offsets is not None or id_stream is not None:
+                raise ValueError("InvertedFile: give image_ids or id_offsets + id_stream, not both")
+            id_offsets, id_stream = encode_posting_ids(offs, image_ids)
+        elif id_offsets is None or id_stream is None:
+            raise ValueError("InvertedFile: image_ids (or id_offsets + id_stream) are required")
+        else:
+            check_id_encoding(offs, id_offsets, id_stream)
+        for name, value in (
+            ("offsets", offs),
+            ("id_offsets", id_offsets),
+            ("id_stream", id_stream),
+            ("data", data),
+            ("words_per_image", words_per_image),
+            ("dim", dim),
+            ("kernel", kernel),
+            ("alpha", alpha),
+            ("tau", tau),
+            ("normalize", normalize),
+            ("meta", {} if meta is None else meta),
+            ("item_image", item_image),
+            ("pooling", pooling),
+            ("region_norm_floor", region_norm_floor),
+        ):
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
         dim = self.dim
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"InvertedFile: dim must be an integer >= 1, got {dim!r}")
         object.__setattr__(self, "dim", int(dim))
-        if np.ndim(self.data) != 2 or np.shape(self.data)[0] != np.shape(self.image_ids)[0]:
+        if np.ndim(self.data) != 2 or np.shape(self.data)[0] != self.n_postings:
             raise ValueError(
                 f"InvertedFile: data must be (n_postings, width) with n_postings="
-                f"{np.shape(self.image_ids)[0]}, got shape {np.shape(self.data)}"
+                f"{self.n_postings}, got shape {np.shape(self.data)}"
             )
         if self.binary:
             # The scoring looks Hamming distances up in a (D + 1,) table: the width must match D
@@ -361,6 +348,25 @@ class InvertedFile:
         return int(self.offsets.shape[0] - 1)
 
     @property
+    def n_postings(self) -> int:
+        """Postings N (one per (item, word) pair)."""
+        return int(self.offsets[-1])
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """uint32 (N,) the item id of every posting, decoded (a new array on each access)."""
+        from retrieval.index._kernels import decode_ids
+
+        out = np.empty(self.n_postings, np.uint32)
+        decode_ids(
+            np.asarray(self.offsets, np.int64),
+            np.asarray(self.id_offsets, np.int64),
+            np.asarray(self.id_stream),
+            out,
+        )
+        return out
+
+    @property
     def binary(self) -> bool:
         return bool(self.data.dtype == np.uint8)
 
@@ -380,7 +386,7 @@ class InvertedFile:
             "images": self.n_images,
             "items": self.n_items,
             "items_per_image": self.n_items / max(self.n_images, 1),
-            "postings": int(self.image_ids.shape[0]),
+            "postings": self.n_postings,
             "bytes": self.nbytes,
             "bytes_per_image": self.bytes_per_image,
             "words_per_image_mean": float(np.mean(self.words_per_image)) if self.n_items else 0.0,
@@ -469,7 +475,7 @@ class InvertedFile:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         q = self._as_batch(queries)
         nq, n = q.n_images, self.n_items
-        lanes, qlanes = self._binary_lanes(q)
+        lanes, qlanes = binary_lanes(self, q)
         if lanes is not None and backend == "numba":
             from retrieval.index._kernels import score_binary
 
@@ -477,7 +483,8 @@ class InvertedFile:
             out = np.zeros((nq, n), np.float64)
             score_binary(
                 np.asarray(self.offsets, np.int64),
-                np.asarray(self.image_ids),
+                np.asarray(self.id_offsets, np.int64),
+                np.asarray(self.id_stream),
                 lanes,
                 np.asarray(q.offsets, np.int64),
                 np.asarray(q.words),
@@ -486,62 +493,11 @@ class InvertedFile:
                 out,
             )
             return self._normalise(out, q)
-        flat = np.zeros(nq * n, np.float64)
-        qitem = np.repeat(np.arange(nq, dtype=np.int64), np.diff(q.offsets))
-        qw = q.words.astype(np.int64)
-        starts = self.offsets[qw]
-        lens = self.offsets[qw + 1] - starts
-        # Split the query words into chunks of about _GATHER_CHUNK postings.
-        cum = np.cumsum(lens)
-        bounds = np.searchsorted(
-            cum,
-            np.arange(_GATHER_CHUNK, int(cum[-1]) if cum.size else 0, _GATHER_CHUNK),
-            side="right",
+        # The numpy reference; the knobs are read here so tests can shrink them.
+        flat = gather_scores(
+            self, q, lanes, qlanes, chunk=_GATHER_CHUNK, scratch_keep=_SCRATCH_KEEP
         )
-        edges = np.unique(np.r_[0, bounds, qw.size])
-        if lanes is not None:
-            table, pair_table = _selectivity_tables(self.dim, self.alpha, self.tau)
-        image_ids = np.asarray(self.image_ids)  # a plain view of a memmap (slices are faster)
-        for a, b in itertools.pairwise(edges):
-            ln = lens[a:b]
-            tot = int(ln.sum())
-            if tot == 0:
-                continue
-            if lanes is not None:
-                # The postings of these words, slice by slice (contiguous in the CSR layout),
-                # XOR-ed with their query word; Hamming distances by popcount on the lanes, the
-                # selectivity by table look-up. Big temporaries live in per-thread scratch.
-                bounds_ab = zip(starts[a:b].tolist(), (starts[a:b] + ln).tolist(), strict=True)
-                spans = [(lo, hi) for lo, hi in bounds_ab if hi > lo]
-                x = _scratch("lanes", (tot, lanes.shape[1]), lanes.dtype)
-                np.concatenate([lanes[lo:hi] for lo, hi in spans], out=x)
-                key = _scratch("key", (tot,), np.intp)
-                np.concatenate([image_ids[lo:hi] for lo, hi in spans], out=key)
-                np.bitwise_xor(x, np.repeat(qlanes[a:b], ln, axis=0), out=x)
-                c = np.bitwise_count(x, out=_scratch("count", x.shape, np.uint8))
-                s = _scratch("weights", (tot,), np.float64)
-                if c.shape[1] == 2:  # D = 128 etc.: both counts at once, as one uint16 index
-                    np.take(pair_table, c.view(np.uint16).reshape(-1), out=s, mode="clip")
-                else:
-                    h = _scratch("distance", (tot,), np.intp)
-                    np.copyto(h, c[:, 0])
-                    for j in range(1, c.shape[1]):
-                        h += c[:, j]
-                    np.take(table, h, out=s, mode="clip")
-                if nq > 1:
-                    key += np.repeat(qitem[a:b] * n, ln)
-            else:
-                excl = np.cumsum(ln) - ln
-                idx = np.repeat(starts[a:b] - excl, ln)
-                idx += np.arange(tot)
-                rows = np.repeat(np.arange(a, b), ln)
-                u = pair_similarity(q.data[rows], self.data[idx], self.dim)
-                s = selectivity(u, self.alpha, self.tau)
-                key = np.take(image_ids, idx).astype(np.intp)
-                if nq > 1:
-                    key += np.repeat(qitem[a:b] * n, ln)
-            flat += np.bincount(key, weights=s, minlength=nq * n)
-        return self._normalise(flat.reshape(nq, n), q)
+        return self._normalise(flat, q)
 
     def item_norm_words(self) -> np.ndarray:
         """The item side of the normalisation: ``max(|W_item|, rho |W_image|)`` per item.
@@ -568,20 +524,6 @@ class InvertedFile:
         out[:, dn == 0] = -1.0
         return out
 
-    def _binary_lanes(self, q: AggregatedBatch) -> tuple[np.ndarray | None, np.ndarray]:
-        """Binary index: the packed bits of index and queries viewed as the widest unsigned
-        lanes (8 to 64 bits) that divide a row (no copy). Float index: ``(None, empty)``."""
-        if not self.binary:
-            return None, np.zeros(0)
-        nbytes = int(self.data.shape[1])
-        width = next(w for w in (8, 4, 2, 1) if nbytes % w == 0)
-        dt = np.dtype(f"u{width}")
-        data = np.ascontiguousarray(self.data)  # a plain view of a memmap (slices are faster)
-        qdata = np.ascontiguousarray(q.data, dtype=np.uint8)
-        lanes = data.reshape(data.shape[0], nbytes).view(dt)
-        qlanes = qdata.reshape(qdata.shape[0], nbytes).view(dt)
-        return lanes, qlanes
-
     def search(
         self,
         queries: AggregatedBatch | Sequence[AggregatedImage],
@@ -589,35 +531,38 @@ class InvertedFile:
         *,
         batch_size: int = 64,
         backend: str = "numba",
+        num_threads: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` database images per query (ties by ascending image id).
+
+        Binary, non-regional indexes with ``backend="numba"`` score only the images sharing a
+        word with the query and never sort all n (see the module docstring); the others score
+        every image (:meth:`scores`) and rank with :func:`top_k`. Both give the ranking of
+        :func:`top_k` on :meth:`scores`, id for id and score for score.
 
         Args:
             queries: aggregated queries.
             k: how many results per query (``None``: rank the whole database).
-            batch_size: queries scored together (memory: batch_size * n_images floats).
+            batch_size: most queries a thread scores in one call (the dense path holds
+                batch_size * n_images floats a thread).
             backend: scoring backend (see :meth:`item_scores`).
+            num_threads: threads running chunks of queries in parallel (None: every core this
+                process may use). The results do not depend on it.
 
         Returns:
             ``(ids, scores)``: int64 (n_queries, k) and float64 (n_queries, k).
         """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        threads = default_num_threads() if num_threads is None else num_threads
+        if threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         q = self._as_batch(queries)
-        kk = self.n_images if k is None else min(k, self.n_images)
-        ids = np.zeros((q.n_images, kk), np.int64)
-        scs = np.zeros((q.n_images, kk), np.float64)
-        for a in range(0, q.n_images, batch_size):
-            b = min(q.n_images, a + batch_size)
-            sub = AggregatedBatch(
-                offsets=q.offsets[a : b + 1] - q.offsets[a],
-                words=q.words[q.offsets[a] : q.offsets[b]],
-                data=q.data[q.offsets[a] : q.offsets[b]],
-                dim=q.dim,
-            )
-            s = self.scores(sub, backend=backend)
-            top = top_k(s, kk)
-            ids[a:b] = top
-            scs[a:b] = np.take_along_axis(s, top, axis=1)
-        return ids, scs
+        return search_index(self, q, k, batch_size=batch_size, backend=backend, threads=threads)
 
     def select_images(
         self, keep: npt.ArrayLike, *, meta: Mapping[str, Any] | None = None
@@ -673,48 +618,12 @@ class InvertedFile:
 
     # ------------------------------------------------------------------ files
     def header(self) -> dict[str, Any]:
-        arrays = list(_ARRAYS) + ([] if self.item_image is None else ["item_image"])
-        regional = self.item_image is not None
-        floor = self.region_norm_floor > 0.0
-        return {
-            "format": "gldboxes.inverted_file",
-            "format_version": (
-                FORMAT_VERSION_REGIONAL_FLOOR
-                if floor
-                else FORMAT_VERSION_REGIONAL
-                if regional
-                else FORMAT_VERSION
-            ),
-            "pooling": self.pooling,
-            "region_norm_floor": self.region_norm_floor if regional else None,
-            "n_items": self.n_items,
-            "kernel": self.kernel,
-            "dim": self.dim,
-            "binary": self.binary,
-            "alpha": self.alpha,
-            "tau": None if not np.isfinite(self.tau) else self.tau,
-            "tau_is_neg_inf": bool(np.isneginf(self.tau)),
-            "normalize": self.normalize,
-            "n_images": self.n_images,
-            "codebook_size": self.codebook_size,
-            "arrays": {
-                a: {"shape": list(getattr(self, a).shape), "dtype": str(getattr(self, a).dtype)}
-                for a in arrays
-            },
-            "stats": self.stats(),
-            "meta": self.meta,
-        }
+        """The JSON header of the index folder (:func:`retrieval.index.index_io.index_header`)."""
+        return index_header(self)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the index folder atomically (a temp folder renamed onto ``path``)."""
-        path = Path(path)
-        with atomic_dir(path) as tmp:
-            for a in self.header()["arrays"]:
-                np.save(
-                    tmp / f"{a}.npy", np.ascontiguousarray(getattr(self, a)), allow_pickle=False
-                )
-            write_json(tmp / "header.json", self.header())
-        return path
+        return save_index(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, mmap: bool = True) -> InvertedFile:
@@ -725,60 +634,4 @@ class InvertedFile:
             ValueError: wrong format or version, missing or truncated arrays, or arrays that do
                 not match the header.
         """
-        path = Path(path)
-        hpath = path / "header.json"
-        if not hpath.exists():
-            raise FileNotFoundError(f"inverted file header not found: {hpath}")
-        h = read_json(hpath)
-        if not isinstance(h, dict) or h.get("format") != "gldboxes.inverted_file":
-            raise ValueError(f"{hpath}: not a gldboxes inverted-file header")
-        version = h.get("format_version")
-        known = (FORMAT_VERSION, FORMAT_VERSION_REGIONAL, FORMAT_VERSION_REGIONAL_FLOOR)
-        if version not in known:
-            raise ValueError(
-                f"{hpath}: format_version {version!r} is not supported (this gldboxes reads "
-                f"versions {', '.join(map(str, known))}); rebuild the index"
-            )
-        regional = version in (FORMAT_VERSION_REGIONAL, FORMAT_VERSION_REGIONAL_FLOOR)
-        names = list(_ARRAYS) + (["item_image"] if regional else [])
-        if regional and "item_image" not in h.get("arrays", {}):
-            raise ValueError(f"{hpath}: a regional index header without an item_image array")
-        # Version 2 predates the floor: its scores were plain ASMK, and so they stay.
-        rho = 0.0
-        if version == FORMAT_VERSION_REGIONAL_FLOOR:
-            rho = float(h.get("region_norm_floor") or 0.0)
-        if version == FORMAT_VERSION_REGIONAL_FLOOR and not 0.0 < rho <= 1.0:
-            raise ValueError(f"{hpath}: region_norm_floor {rho} must be in (0, 1] in version 3")
-        arrays: dict[str, np.ndarray] = {}
-        for a in names:
-            f = path / f"{a}.npy"
-            if not f.exists():
-                raise ValueError(f"{path}: array file {f.name} is missing")
-            try:
-                arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise ValueError(f"{f}: unreadable or truncated array ({exc})") from exc
-            want = h["arrays"][a]
-            if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
-                raise ValueError(
-                    f"{f}: shape {arr.shape} dtype {arr.dtype} does not match the header "
-                    f"({want['shape']} {want['dtype']}); the file is damaged or from another index"
-                )
-            arrays[a] = arr
-        off = arrays["offsets"]
-        if off.shape[0] < 1 or int(off[-1]) != arrays["image_ids"].shape[0]:
-            raise ValueError(f"{path}: offsets do not match the number of postings")
-        tau = -np.inf if h.get("tau_is_neg_inf") else float(h["tau"])
-        item_image = arrays.pop("item_image", None)
-        return cls(
-            **arrays,
-            item_image=item_image,
-            pooling=h.get("pooling") if item_image is not None else None,
-            region_norm_floor=rho,
-            dim=int(h["dim"]),
-            kernel=str(h["kernel"]),
-            alpha=float(h["alpha"]),
-            tau=tau,
-            normalize=bool(h["normalize"]),
-            meta=dict(h.get("meta") or {}),
-        )
+        return load_index(cls, path, mmap=mmap)

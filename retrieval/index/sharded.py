@@ -238,7 +238,7 @@ class ShardedInvertedFile:
         """Images, items (regions for regional search), postings, bytes and bytes per image
         summed over the parts."""
         n = self.n_images
-        postings = int(sum(p.image_ids.shape[0] for p in self.parts))
+        postings = int(sum(p.n_postings for p in self.parts))
         return {
             "parts": len(self.parts),
             "images": n,
@@ -254,7 +254,12 @@ class ShardedInvertedFile:
         return np.concatenate([p.scores(queries) for p in self.parts], axis=1)
 
     def search(
-        self, queries: AggregatedBatch, k: int | None = None, *, batch_size: int = 64
+        self,
+        queries: AggregatedBatch,
+        k: int | None = None,
+        *,
+        batch_size: int = 64,
+        num_threads: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` global ids per query: each part's top-k, merged (see :func:`merge_topk`).
 
@@ -263,7 +268,7 @@ class ShardedInvertedFile:
         """
         ids, scs = [], []
         for p, s in zip(self.parts, self.starts, strict=True):
-            i, sc = p.search(queries, k, batch_size=batch_size)
+            i, sc = p.search(queries, k, batch_size=batch_size, num_threads=num_threads)
             ids.append(i + s)
             scs.append(sc)
         return merge_topk(ids, scs, None if k is None else min(k, self.n_images))

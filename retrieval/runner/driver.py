@@ -28,6 +28,7 @@ from retrieval.evaluation.datasets import RevisitedDataset
 from retrieval.evaluation.evaluate import evaluate_protocols
 from retrieval.features import codebook as codebook_stage
 from retrieval.index.aggregation import REGIONAL_KERNELS, AggregatedBatch, aggregate_many
+from retrieval.index.assignment import WordIndex
 from retrieval.runner.conf import IMAGE_SUFFIXES, feature_conf, region_conf
 
 __all__ = [
@@ -121,12 +122,16 @@ def aggregate_features(
     codebook: np.ndarray,
     *,
     kernel: str | None = None,
+    assignment: str | WordIndex | None = None,
 ) -> AggregatedBatch:
     """Aggregate the images ``names`` of a features file, ``batch_images`` at a time.
 
-    ``kernel`` overrides ``conf["kernel"]`` (queries use the single-image kernel).
+    ``kernel`` overrides ``conf["kernel"]`` (queries use the single-image kernel);
+    ``assignment`` overrides ``conf["assignment"]`` (e.g. with the codebook's cached
+    :class:`~retrieval.index.assignment.WordIndex`).
     """
     kern = kernel or conf["kernel"]
+    how = assignment or conf.get("assignment", "exact")
     step = int(conf.get("batch_images", 512))
     parts = []
     for a in tqdm(
@@ -137,7 +142,13 @@ def aggregate_features(
     ):
         descs = features_stage.read_descriptors(features, names[a : a + step])
         parts.append(
-            aggregate_many(descs, codebook, kern, num_assignments=int(conf["num_assignments"]))
+            aggregate_many(
+                descs,
+                codebook,
+                kern,
+                num_assignments=int(conf["num_assignments"]),
+                assignment=how,
+            )
         )
     if not parts:
         return aggregate_many([], codebook, kern)
@@ -287,14 +298,18 @@ def aggregate_database(
     *,
     regions: Mapping[str, Sequence[Any]] | None = None,
     regions_features: str | os.PathLike[str] | None = None,
+    assignment: str | WordIndex | None = None,
 ) -> tuple[AggregatedBatch, np.ndarray | None]:
     """Aggregate the database: one entry per image, or per region for regional search.
+
+    ``assignment``: see :func:`aggregate_features`.
 
     Returns:
         ``(batch, item_image)``: ``item_image`` int64 (n_items,) for regional search, else None.
     """
     if regions is None:
-        return aggregate_features(conf, db_features, names, codebook), None
+        return aggregate_features(conf, db_features, names, codebook, assignment=assignment), None
+    how = assignment or conf.get("assignment", "exact")
     kern = conf["kernel"]
     ma = int(conf["num_assignments"])
     step = int(conf.get("batch_images", 512))
@@ -311,11 +326,16 @@ def aggregate_database(
         if conf.get("regional_search"):
             flat = [r for rr in regs for r in rr]
             owners.append(np.repeat(np.arange(a, a + len(regs)), [len(rr) for rr in regs]))
-            parts.append(aggregate_many(flat, codebook, kern, num_assignments=ma))
+            parts.append(aggregate_many(flat, codebook, kern, num_assignments=ma, assignment=how))
         elif kern in REGIONAL_KERNELS:
             parts.append(
                 aggregate_many(
-                    [rr[0] for rr in regs], codebook, kern, regions=regs, num_assignments=ma
+                    [rr[0] for rr in regs],
+                    codebook,
+                    kern,
+                    regions=regs,
+                    num_assignments=ma,
+                    assignment=how,
                 )
             )
         else:

@@ -43,8 +43,9 @@ from gldboxes.io import config_hash, write_config, write_json
 from retrieval import features as features_stage
 from retrieval.evaluation.datasets import RevisitedDataset
 from retrieval.evaluation.evaluate import Protocol, evaluate_protocols, format_table
-from retrieval.features.codebook import load_codebook
+from retrieval.features.codebook import load_codebook, word_assignment
 from retrieval.index.aggregation import QUERY_KERNEL, AggregatedBatch, aggregate_many
+from retrieval.index.assignment import WordIndex
 from retrieval.index.sharded import ShardedInvertedFile
 from retrieval.runner.conf import (
     codebook_tag,
@@ -312,20 +313,24 @@ def aggregate_named(
     cb: np.ndarray,
     *,
     kernel: str | None = None,
+    assignment: str | WordIndex | None = None,
 ) -> AggregatedBatch:
     """Aggregate ``names`` of feature shards on the driver, ``batch_images`` at a time.
 
     ``kernel`` overrides ``rc["kernel"]`` (queries: the single-image kernel
-    :data:`retrieval.index.aggregation.QUERY_KERNEL` of the index's kernel).
+    :data:`retrieval.index.aggregation.QUERY_KERNEL` of the index's kernel); ``assignment``
+    overrides ``rc["assignment"]``.
     """
     kern = kernel or rc["kernel"]
     step = int(rc.get("batch_images", 512))
+    how = assignment or rc.get("assignment", "exact")
     parts = [
         aggregate_many(
             shards.read_descriptors(names[a : a + step]),
             cb,
             kern,
             num_assignments=int(rc["num_assignments"]),
+            assignment=how,
         )
         for a in range(0, len(names), step)
     ]
@@ -363,6 +368,7 @@ def _search(r: _Run) -> None:
         list(r.ds.qimlist),
         cb,
         kernel=QUERY_KERNEL[r.rc["kernel"]],
+        assignment=word_assignment(r.res.codebook, r.rc["assignment"]),
     )
     ids, scores = search_sharded(
         r.executor,

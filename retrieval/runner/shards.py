@@ -225,14 +225,15 @@ class FeatureShards:
 
 
 # =================================================================================== aggregation
-def _load_codebook(path: str) -> np.ndarray:
-    from retrieval.features.codebook import load_codebook
+def _load_codebook(path: str, assignment: str = "exact") -> tuple[np.ndarray, Any]:
+    """The codebook and its word assignment (``hnsw``: the cached graph), once per worker."""
+    from retrieval.features.codebook import load_codebook, word_assignment
 
-    return load_codebook(path)
+    return load_codebook(path), word_assignment(path, assignment)
 
 
 def _aggregation_shard(
-    shard: Shard, out: Path, codebook: np.ndarray, *, conf: Mapping[str, Any]
+    shard: Shard, out: Path, model: tuple[np.ndarray, Any], *, conf: Mapping[str, Any]
 ) -> dict[str, int]:
     """Aggregate the images of one features shard into the index part ``out/index``.
 
@@ -244,6 +245,7 @@ def _aggregation_shard(
     from retrieval.regions import read_regions_csv
     from retrieval.runner.driver import aggregate_database
 
+    codebook, how = model
     names = [str(n) for n in shard.items]
     regions = None
     if shard.meta.get("regions"):
@@ -255,6 +257,7 @@ def _aggregation_shard(
         codebook,
         regions=regions,
         regions_features=shard.meta.get("regions_features"),
+        assignment=how,
     )
     ivf = InvertedFile.build(
         batch,
@@ -383,6 +386,9 @@ def aggregation_stage(
         k: conf.get(k) for k in ("kernel", "num_assignments", "alpha", "tau", "normalize")
     }
     sconf["num_assignments"] = int(sconf["num_assignments"] or 1)
+    assignment = str(conf.get("assignment") or "exact")
+    if assignment != "exact":  # (exact: the config hash of before, finished parts stay valid)
+        sconf["assignment"] = assignment
     sconf["codebook"] = cb
     sconf["codebook_md5"] = md5sum(cb)
     if regions_csv is not None:
@@ -401,7 +407,7 @@ def aggregation_stage(
             conf={**sconf, "batch_images": int(conf.get("batch_images") or 512)},
         ),
         conf=sconf,
-        load_model=functools.partial(_load_codebook, cb),
+        load_model=functools.partial(_load_codebook, cb, assignment),
         resources=resources or Resources(num_cpus=0.5),
         retries=retries,
     )
