@@ -1,5 +1,5 @@
 """Detect-to-Retrieve: regional kernels against the paper's equations, regional search against
-brute force, the engine's regional runs and the ablation command on the tiny synthetic world."""
+brute force, the runner's regional runs and the ablation command on the tiny synthetic world."""
 
 from __future__ import annotations
 

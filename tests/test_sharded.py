@@ -420,7 +420,7 @@ def test_regional_parts_equal_one_index(
         assert json.loads(r.metrics_path.read_text()) == json.loads(ref.metrics_path.read_text())
         for p in ("easy", "medium", "hard"):
             assert r.results[p].as_dict() == ref.results[p].as_dict()
-        # The parts merged into one index are the engine's index, array for array (regional
+        # The parts merged into one index are the one-part index, array for array (regional
         # search: postings of items shifted by the parts before, item_image made global).
         sivf = sharded_index.ShardedInvertedFile.load(r.index)
         assert len(sivf.parts) == 3 and sivf.parts[0].pooling == conf.get("regional_search")

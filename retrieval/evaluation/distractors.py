@@ -23,15 +23,14 @@ whole archive was read (staging folder). Tasks run on the serial executor or on 
 :func:`distractor_index` turns a distractor image folder (the extracted revisitop1m, whose
 ``revisitop1m.txt`` fixes the image order, or any folder) into an index of parts
 (:class:`retrieval.index.sharded.ShardedInvertedFile`, ``sharded.json``) built with a run's
-features,
-codebook and kernel, shard by shard on an executor, under
+features, codebook and kernel, shard by shard on an executor, under
 ``OUT/index/<kernel>-k<K>-<features>-<trainset>-<distractor set>.parts/``. The index records
 what it was built with (codebook md5, kernel, features ...); an index given instead of a folder
-is checked against the run's settings. :func:`with_distractors` appends its parts after a
-dataset's index: image ids ``0 .. n_db - 1`` are the dataset's, ``n_db ..`` the distractors'
-(in the index's order). ASMK/VLAD scores of a (query, image) pair depend on nothing else, so the
-ranking restricted to the dataset's images is the plain run's ranking, and the Revisited metrics
-count every distractor as a negative.
+is checked against the run's settings. The runner searches its parts after the dataset's
+(:mod:`retrieval.runner.run`): image ids ``0 .. n_db - 1`` are the dataset's, ``n_db ..`` the
+distractors' (in the index's order). ASMK/VLAD scores of a (query, image) pair depend on
+nothing else, so the ranking restricted to the dataset's images is the plain run's ranking, and
+the Revisited metrics count every distractor as a negative.
 """
 
 from __future__ import annotations
@@ -44,14 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from gldboxes.io import config_hash, read_json, write_json
 
 if TYPE_CHECKING:
     from gldboxes.executor import Executor, Resources, Shard, Stage
-    from retrieval.index.inverted_file import InvertedFile
-    from retrieval.index.sharded import ShardedInvertedFile
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -70,7 +65,6 @@ __all__ = [
     "open_distractors",
     "parse_archives",
     "revisitop1m_archive_stage",
-    "with_distractors",
 ]
 
 logger = logging.getLogger("retrieval.evaluation.distractors")
@@ -577,21 +571,3 @@ def open_distractors(folder: str | os.PathLike[str]) -> Distractors:
         part_dirs=tuple(root / e["path"] for e in h["parts"]),
         starts=tuple(int(e["start"]) for e in h["parts"]),
     )
-
-
-def with_distractors(
-    index: InvertedFile, distractors: str | os.PathLike[str], *, mmap: bool = True
-) -> ShardedInvertedFile:
-    """A dataset's index with a distractor index's parts appended (ids ``n_db ..``).
-
-    Raises:
-        ValueError: the two disagree on kernel or parameters.
-    """
-    from retrieval.index.sharded import ShardedInvertedFile
-
-    d = ShardedInvertedFile.load(distractors, mmap=mmap)
-    starts = np.r_[0, index.n_images + d.starts].astype(np.int64)
-    try:
-        return ShardedInvertedFile((index, *d.parts), starts, {})
-    except ValueError as exc:
-        raise ValueError(f"--distractors: {distractors}: {exc}") from exc

@@ -1,7 +1,7 @@
 """The Detect-to-Retrieve ablation: methods x region sources x thresholds, in one command.
 
 Runs the grid of the paper's Table 1 and Figure 4 (Teichmann et al., CVPR 2019) on one
-Revisited-style dataset, reusing the features and the codebook across every cell (the engine's
+Revisited-style dataset, reusing the features and the codebook across every cell (the runner's
 stages skip what is done), and writes into ``OUT/ablation/``:
 
 * ``ablation.csv``: one row per (method, region source, setting, regional-feature mode): mAP
@@ -205,7 +205,7 @@ def main(
     Args:
         conf: an ablation conf (see :data:`confs`).
         dataset: Revisited-style folder (the synthetic world's ``retrieval/``).
-        out_dir: the engine's output root (features, codebook, regions, indexes are shared
+        out_dir: the runner's output root (features, codebook, regions, indexes are shared
             with ``gldboxes retrieval run`` there).
         boxes: a detector's boxes CSV (``id,box,score``) for the threshold rows.
         gt_boxes: ground-truth boxes CSV (default ``DATASET/boxes_gt.csv`` when ``gt``).

@@ -169,9 +169,13 @@ class _Run:
         return FeatureShards.from_run(rep, shards)
 
     def merged(self, shards: FeatureShards, stem: str) -> Path:
-        """The shards copied into one features file ``<stem>.h5`` (the codebook's input)."""
+        """The shards copied into one features file ``<stem>.h5`` (the codebook's input),
+        again when a shard is newer than the file (redone after a kill or a change)."""
         h5 = self.fdir / f"{stem}.h5"
-        if self.overwrite or not h5.exists():
+        stale = h5.exists() and any(
+            p.stat().st_mtime_ns > h5.stat().st_mtime_ns for p in shards.paths
+        )
+        if self.overwrite or stale or not h5.exists():
             shards.merge(h5)
         return h5
 
