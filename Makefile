@@ -12,6 +12,7 @@ setup-demo:
 setup-test:
 	scripts/setup.sh $(TEST_EXTRAS)
 	scripts/system_packages.sh
+	scripts/peers.sh
 
 demo: setup-demo
 	.venv/bin/gldboxes pipeline --out runs/demo

@@ -416,7 +416,8 @@ class Executor:
             initial=len(report.skipped),
             unit="shard",
             desc=f"{stage.name} [{self.engine}]",
-            disable=not self.progress or not todo,
+            # one shard to do is one step: no bar (a run of many small stages stays quiet)
+            disable=not self.progress or len(todo) <= 1,
         )
         try:
             for shard, done, error in self._execute(stage, todo, out):

@@ -490,7 +490,9 @@ def check_ray_token(block: Block) -> None:
     export = next(c for c in block.commands if c.startswith("export "))
     assigned = {a.split("=", 1)[0] for a in shlex.split(export)[1:]}
     assert assigned == {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, assigned
-    executor = (REPO / "gldboxes" / "executor.py").read_text()
+    executor = "".join(
+        (REPO / "gldboxes" / f).read_text() for f in ("executor.py", "executor_ray.py")
+    )
     assert all(f'"{v}"' in executor for v in assigned)
     head = (TESTS / "test_executor.py").read_text()
     assert '"start", "--head"' in head and "def test_real_case_readme_recipe" in head
