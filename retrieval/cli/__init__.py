@@ -92,17 +92,7 @@ def register(subparsers: Any) -> None:
 
     rn = sub.add_parser("run", help="one shot: features, codebook, index, ranks, metrics table")
     rn.add_argument("--dataset", required=True, help="Revisited-style folder")
-    cbs = rn.add_mutually_exclusive_group()
-    cbs.add_argument(
-        "--codebook-images",
-        nargs="+",
-        metavar="DIR",
-        help="train the codebook on these image folders (any photos of other places)",
-    )
-    cbs.add_argument("--codebook-dataset", help="train it on another Revisited folder's database")
-    cbs.add_argument("--codebook", help="use this codebook.npy")
-    rn.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
-    rn.add_argument("--codebook-seed", type=int, default=0)
+    _codebook_options(rn)
     rn.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rn.add_argument(
         "--distractors",
@@ -141,7 +131,19 @@ def register(subparsers: Any) -> None:
         help="assign, reextract, or both comma-separated (the paper re-extracts)",
     )
     _verify_options(ab)
-    cbs = ab.add_mutually_exclusive_group()
+    _codebook_options(ab)
+    _feature_options(ab)
+    ab.add_argument("--name", default="ablation", help="result folder under --out")
+    ab.add_argument("--overwrite", action="store_true", help="redo finished work")
+    ab.set_defaults(func=_ablation)
+
+    cli_rmac.register(sub)  # R-MAC / AML / learned R-MAC (retrieval.cli.rmac)
+    cli_gldv2.register(sub)  # GLDv2 benchmark folders (retrieval.cli.gldv2)
+
+
+def _codebook_options(p: argparse.ArgumentParser) -> None:
+    """Where the codebook comes from (one of three) and its size and seed."""
+    cbs = p.add_mutually_exclusive_group()
     cbs.add_argument(
         "--codebook-images",
         nargs="+",
@@ -150,15 +152,8 @@ def register(subparsers: Any) -> None:
     )
     cbs.add_argument("--codebook-dataset", help="train it on another Revisited folder's database")
     cbs.add_argument("--codebook", help="use this codebook.npy")
-    ab.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
-    ab.add_argument("--codebook-seed", type=int, default=0)
-    _feature_options(ab)
-    ab.add_argument("--name", default="ablation", help="result folder under --out")
-    ab.add_argument("--overwrite", action="store_true", help="redo finished work")
-    ab.set_defaults(func=_ablation)
-
-    cli_rmac.register(sub)  # R-MAC / AML / learned R-MAC (retrieval.cli.rmac)
-    cli_gldv2.register(sub)  # GLDv2 benchmark folders (retrieval.cli.gldv2)
+    p.add_argument("--codebook-size", type=int, default=1024, help="visual words K")
+    p.add_argument("--codebook-seed", type=int, default=0)
 
 
 def _feature_options(p: argparse.ArgumentParser) -> None:
