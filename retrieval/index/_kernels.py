@@ -21,11 +21,13 @@ of ~1M, and only beyond one chunk may differ from both in the last bit):
   the word's largest gap (the scoring loops decode them on the fly).
 * :func:`search_binary`: :func:`score_binary` into a scratch row reset after each query, the
   items touched listed as they come (or, when the query's postings outnumber half the items,
-  found by one pass over the row), then the top-k by a bounded heap or the full ranking by a
-  radix sort of the items with a nonzero score, merged with the others (all scoring exactly
-  0, or -1 without words) in id order: the order of ``top_k`` on the full score matrix.
-* :func:`rank_descending`: the full ranking by decreasing score, ties by ascending id, as a
-  stable LSD radix sort on the float bits (``np.argsort(-s, kind="stable")``, 3x faster).
+  found by one pass over the row), then the top-k by a bounded heap or the full ranking by the
+  radix sort of :mod:`retrieval.index._ranking` of the items with a nonzero score, merged with
+  the others (all scoring exactly 0, or -1 without words) in id order: the order of ``top_k``
+  on the full score matrix.
+
+The scoring loops index with unsigned integers: numba wraps negative indices around, and that
+test on every posting cost a quarter of the loop's time.
 
 Functions are compiled on first use and cached on disk next to this file (``cache=True``); the
 first call in a fresh environment costs a few seconds of compilation.
@@ -40,10 +42,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from retrieval.index._ranking import better, order_key, sift_down
+from retrieval.index._ranking import sort_keys as _sort
+
 __all__ = [
     "decode_ids",
     "encode_ids",
-    "rank_descending",
     "score_binary",
     "search_binary",
     "segment_residual_sums",
@@ -96,35 +100,129 @@ def score_binary(  # pragma: no cover - compiled
             padding bits agree, so ``h <= D`` and never indexes past the table).
         out: float64 (n_queries, n_items), accumulated in place.
     """
-    n_lanes = lanes.shape[1]
     ids = np.empty(_longest_list(offsets, q_words), np.int64)
+    unused = np.zeros(0, np.int64)
     for qi in range(q_offsets.shape[0] - 1):
         row = out[qi]
         for j in range(q_offsets[qi], q_offsets[qi + 1]):
             w = q_words[j]
-            lo = offsets[w]
-            cnt = offsets[w + 1] - lo
-            if cnt == 0:
-                continue
-            _decode_word(
-                id_stream, id_offsets[w], (id_offsets[w + 1] - id_offsets[w]) // cnt, cnt, ids
+            _add_word(
+                row,
+                lanes,
+                offsets,
+                id_offsets,
+                id_stream,
+                w,
+                q_lanes[j],
+                table,
+                ids,
+                unused,
+                unused.view(np.uint8),
+                0,
             )
-            if n_lanes == 2:  # D = 128: lanes held in registers, 2x the generic loop's speed
-                a0 = np.uint64(q_lanes[j, 0])
-                a1 = np.uint64(q_lanes[j, 1])
-                for t in range(cnt):
-                    p = lo + t
-                    h = _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(
-                        np.uint64(lanes[p, 1]) ^ a1
-                    )
-                    row[ids[t]] += table[h]
+
+
+@njit(cache=True, nogil=True)
+def _add_word(  # pragma: no cover - compiled
+    acc: np.ndarray,
+    lanes: np.ndarray,
+    offsets: np.ndarray,
+    id_offsets: np.ndarray,
+    stream: np.ndarray,
+    w: Any,
+    q_row: np.ndarray,
+    table: np.ndarray,
+    ids: np.ndarray,
+    touched: np.ndarray,
+    flag: np.ndarray,
+    m: int,
+) -> Any:
+    """Add the selectivity of one query word against each of its postings to ``acc[item]``.
+
+    The postings of word ``w`` in list order; ids of one byte a gap are decoded in the loop,
+    wider ones into ``ids`` first. Indices are unsigned (no negative-index wrap-around in the
+    loop: a quarter of its time). With ``touched`` non-empty, every item not yet flagged in
+    ``flag`` is appended to ``touched`` at ``m`` (branch-free) and flagged.
+
+    Args:
+        acc: float64 (n_items,) accumulated in place.
+        lanes, offsets, id_offsets, stream, table: as :func:`score_binary`.
+        q_row: (L,) the query word's lanes.
+        ids: int64 scratch of at least the word's postings.
+        touched, flag, m: int64 (n_items + 1,), uint8 (n_items,) and the touched count
+            (``touched`` empty: no tracking).
+
+    Returns:
+        the new touched count.
+    """
+    lo = offsets[w]
+    cnt = offsets[w + 1] - lo
+    if cnt == 0:
+        return m
+    width = (id_offsets[w + 1] - id_offsets[w]) // cnt
+    if width != 1:
+        _decode_word(stream, id_offsets[w], width, cnt, ids)
+    track = touched.shape[0] > 0
+    ulo = np.uint64(lo)
+    upos = np.uint64(id_offsets[w])
+    um = np.uint64(m)
+    one = np.uint64(1)
+    v = np.uint64(0)
+    n_lanes = lanes.shape[1]
+    if n_lanes == 2:  # D = 128: lanes held in registers, 2x the generic loop's speed
+        # one loop per (width 1?, tracking?): a test inside the loop costs 12%
+        a0 = np.uint64(q_row[0])
+        a1 = np.uint64(q_row[1])
+        if width == 1 and not track:
+            for t in range(np.uint64(cnt)):
+                v += np.uint64(stream[upos + t])
+                p = ulo + t
+                acc[v] += table[
+                    _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(np.uint64(lanes[p, 1]) ^ a1)
+                ]
+        elif not track:
+            for t in range(np.uint64(cnt)):
+                v = np.uint64(ids[t])
+                p = ulo + t
+                acc[v] += table[
+                    _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(np.uint64(lanes[p, 1]) ^ a1)
+                ]
+        elif width == 1:
+            for t in range(np.uint64(cnt)):
+                v += np.uint64(stream[upos + t])
+                p = ulo + t
+                touched[um] = v  # kept only when new
+                um += one - np.uint64(flag[v])
+                flag[v] = 1
+                acc[v] += table[
+                    _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(np.uint64(lanes[p, 1]) ^ a1)
+                ]
+        else:
+            for t in range(np.uint64(cnt)):
+                v = np.uint64(ids[t])
+                p = ulo + t
+                touched[um] = v
+                um += one - np.uint64(flag[v])
+                flag[v] = 1
+                acc[v] += table[
+                    _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(np.uint64(lanes[p, 1]) ^ a1)
+                ]
+    else:
+        for t in range(np.uint64(cnt)):
+            if width == 1:
+                v += np.uint64(stream[upos + t])
             else:
-                for t in range(cnt):
-                    p = lo + t
-                    h = np.uint64(0)
-                    for b in range(n_lanes):
-                        h += _popcount(np.uint64(lanes[p, b]) ^ np.uint64(q_lanes[j, b]))
-                    row[ids[t]] += table[h]
+                v = np.uint64(ids[t])
+            p = ulo + t
+            h = np.uint64(0)
+            for b in range(n_lanes):
+                h += _popcount(np.uint64(lanes[p, b]) ^ np.uint64(q_row[b]))
+            if track:
+                touched[um] = v
+                um += one - np.uint64(flag[v])
+                flag[v] = 1
+            acc[v] += table[h]
+    return np.int64(um)
 
 
 @njit(cache=True, nogil=True)
@@ -163,53 +261,6 @@ def segment_residual_sums(  # pragma: no cover - compiled
             for d in range(dim):
                 acc[d] += x[r, d] - cb[w, d]
     return out
-
-
-@njit(cache=True, nogil=True)
-def rank_descending(bits: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Full ranking of every row by decreasing score, ties by ascending column (a stable LSD
-    radix sort on the float bits: ``np.argsort(-s, kind="stable")`` without comparisons).
-
-    Args:
-        bits: uint64 (n_rows, n) the float64 scores viewed as integers (``-0.0`` already
-            folded into ``0.0``; no NaN).
-        out: int64 (n_rows, n), the column order of each row (written).
-    """
-    n_rows, n = bits.shape
-    top = np.uint64(1) << np.uint64(63)
-    keys = np.empty(n, np.uint64)
-    keys2 = np.empty(n, np.uint64)
-    idx = np.empty(n, np.int64)
-    idx2 = np.empty(n, np.int64)
-    counts = np.empty(256, np.int64)
-    for r in range(n_rows):
-        for i in range(n):
-            b = bits[r, i]
-            # ascending float order as unsigned order, then reversed for descending scores
-            a = ~b if (b & top) else (b | top)
-            keys[i] = ~a
-            idx[i] = i
-        for shift in range(0, 64, 8):
-            sh = np.uint64(shift)
-            counts[:] = 0
-            for i in range(n):
-                counts[(keys[i] >> sh) & np.uint64(255)] += 1
-            if counts.max() == n:  # every key has the same byte here: nothing to reorder
-                continue
-            total = 0
-            for c in range(256):
-                t = counts[c]
-                counts[c] = total
-                total += t
-            for i in range(n):
-                c = (keys[i] >> sh) & np.uint64(255)
-                p = counts[c]
-                counts[c] = p + 1
-                keys2[p] = keys[i]
-                idx2[p] = idx[i]
-            keys, keys2 = keys2, keys
-            idx, idx2 = idx2, idx
-        out[r] = idx
 
 
 @njit(cache=True, nogil=True)
@@ -338,73 +389,6 @@ def decode_ids(  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _better(s_a: float, i_a: int, s_b: float, i_b: int) -> bool:  # pragma: no cover - compiled
-    """Whether (score a, id a) ranks before (score b, id b): higher score, then lower id."""
-    return s_a > s_b or (s_a == s_b and i_a < i_b)
-
-
-@njit(cache=True, nogil=True)
-def _sift_down(hs: np.ndarray, hi: np.ndarray, size: int, r: int) -> None:  # pragma: no cover
-    """Restore the heap below ``r``: the root holds the entry that ranks last."""
-    while True:
-        c = 2 * r + 1
-        if c >= size:
-            return
-        if c + 1 < size and _better(hs[c], hi[c], hs[c + 1], hi[c + 1]):
-            c += 1
-        if _better(hs[c], hi[c], hs[r], hi[r]):
-            return
-        hs[r], hs[c] = hs[c], hs[r]
-        hi[r], hi[c] = hi[c], hi[r]
-        r = c
-
-
-@njit(cache=True, nogil=True)
-def _radix_low32(  # pragma: no cover - compiled
-    keys: np.ndarray,
-    idx: np.ndarray,
-    keys2: np.ndarray,
-    idx2: np.ndarray,
-    lo: int,
-    hi: int,
-    counts: np.ndarray,
-) -> None:
-    """Stable LSD radix sort of ``keys[lo:hi]`` (with ``idx``) on their lower 32 bits, in place
-    (``keys2``/``idx2`` as the other buffer)."""
-    a_k = keys[lo:hi]
-    a_i = idx[lo:hi]
-    b_k = keys2[lo:hi]
-    b_i = idx2[lo:hi]
-    n = hi - lo
-    flips = 0
-    for shift in range(0, 32, 8):
-        sh = np.uint64(shift)
-        counts[:] = 0
-        for t in range(n):
-            counts[(a_k[t] >> sh) & np.uint64(255)] += 1
-        if counts.max() == n:
-            continue
-        total = 0
-        for c in range(256):
-            cc = counts[c]
-            counts[c] = total
-            total += cc
-        for t in range(n):
-            c = (a_k[t] >> sh) & np.uint64(255)
-            p = counts[c]
-            counts[c] = p + 1
-            b_k[p] = a_k[t]
-            b_i[p] = a_i[t]
-        a_k, b_k = b_k, a_k
-        a_i, b_i = b_i, a_i
-        flips += 1
-    if flips % 2 == 1:  # the result is in the other buffer
-        for t in range(n):
-            b_k[t] = a_k[t]
-            b_i[t] = a_i[t]
-
-
-@njit(cache=True, nogil=True)
 def search_binary(  # pragma: no cover - compiled
     offsets: np.ndarray,
     id_offsets: np.ndarray,
@@ -453,10 +437,8 @@ def search_binary(  # pragma: no cover - compiled
     """
     n = item_words.shape[0]
     kk = out_ids.shape[1]
-    n_lanes = lanes.shape[1]
-    top = np.uint64(1) << np.uint64(63)
     acc_bits = acc.view(np.uint64)
-    counts = np.empty(256, np.int64)
+    counts = np.empty((3, 2048), np.int64)
     for qi in range(q_offsets.shape[0] - 1):
         qn = q_offsets[qi + 1] - q_offsets[qi]
         if qn == 0:
@@ -471,134 +453,72 @@ def search_binary(  # pragma: no cover - compiled
             n_post += offsets[q_words[j] + 1] - offsets[q_words[j]]
         dense = 2 * n_post >= n
         m = 0
+        track = touched[:0] if dense else touched  # empty: _add_word lists nothing
         for j in range(q_offsets[qi], q_offsets[qi + 1]):
-            w = q_words[j]
-            lo = offsets[w]
-            cnt = offsets[w + 1] - lo
-            if cnt == 0:
-                continue
-            width = (id_offsets[w + 1] - id_offsets[w]) // cnt
-            _decode_word(id_stream, id_offsets[w], width, cnt, ids)
-            if n_lanes == 2 and dense:
-                a0 = np.uint64(q_lanes[j, 0])
-                a1 = np.uint64(q_lanes[j, 1])
-                for t in range(cnt):
-                    p = lo + t
-                    h = _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(
-                        np.uint64(lanes[p, 1]) ^ a1
-                    )
-                    acc[ids[t]] += table[h]
-            elif n_lanes == 2:
-                a0 = np.uint64(q_lanes[j, 0])
-                a1 = np.uint64(q_lanes[j, 1])
-                for t in range(cnt):
-                    p = lo + t
-                    item = ids[t]
-                    h = _popcount(np.uint64(lanes[p, 0]) ^ a0) + _popcount(
-                        np.uint64(lanes[p, 1]) ^ a1
-                    )
-                    touched[m] = item  # kept only when new (branch-free)
-                    m += 1 - flag[item]
-                    flag[item] = 1
-                    acc[item] += table[h]
-            else:
-                for t in range(cnt):
-                    p = lo + t
-                    item = ids[t]
-                    h = np.uint64(0)
-                    for b in range(n_lanes):
-                        h += _popcount(np.uint64(lanes[p, b]) ^ np.uint64(q_lanes[j, b]))
-                    if not dense:
-                        touched[m] = item
-                        m += 1 - flag[item]
-                        flag[item] = 1
-                    acc[item] += table[h]
+            m = _add_word(
+                acc,
+                lanes,
+                offsets,
+                id_offsets,
+                id_stream,
+                q_words[j],
+                q_lanes[j],
+                table,
+                ids,
+                track,
+                flag,
+                m,
+            )
         # Normalise; the candidates are the items with a nonzero score (a touched item whose
         # sum is exactly 0 scores 0 like an untouched one and ranks with them by id). Items
         # without words score -1 whether touched or not (never touched in a consistent index).
         qf = np.float64(qn)
-        if dense:
+        if dense:  # one pass: list and normalise (no flags were set)
             for i in range(n):
-                if acc[i] != 0.0:
+                s = acc[i]
+                if s != 0.0:
                     touched[m] = i
                     m += 1
-        for t in range(m):
-            i = touched[t]
-            flag[i] = 0
-            dn = item_words[i]
-            if dn == 0.0:
-                acc[i] = 0.0
-            elif normalize:
-                acc[i] = acc[i] / np.sqrt(qf * dn)
+                    dn = item_words[i]
+                    if dn == 0.0:
+                        acc[i] = 0.0
+                    elif normalize:
+                        acc[i] = s / np.sqrt(qf * dn)
+        else:
+            for t in range(m):
+                u = np.uint64(touched[t])
+                flag[u] = 0
+                dn = item_words[u]
+                if dn == 0.0:
+                    acc[u] = 0.0
+                elif normalize:
+                    acc[u] = acc[u] / np.sqrt(qf * dn)
         # the candidates in ranking order: ti, length nt
         if kk == n:
-            # full ranking: candidates in ascending id, a stable LSD radix sort on the upper 32
-            # bits of their order keys, then runs of equal upper bits ordered by the full key
-            # (insertion sort, or 4 more radix passes on a long run): the order of
-            # np.argsort(-s, kind="stable")
+            # full ranking: the candidates in ascending id, sorted stably by their order keys
+            # (the order of np.argsort(-s, kind="stable"))
+            keys = sort_keys[0]
+            ti = sort_ids[0]
             nt = 0
             if dense:
                 for t in range(m):
-                    if acc[touched[t]] != 0.0:
-                        touched[nt] = touched[t]
+                    i = touched[t]
+                    if acc[i] != 0.0:
+                        keys[nt] = order_key(acc_bits[i])
+                        ti[nt] = i
                         nt += 1
             else:
                 for i in range(n):  # touched (now zero-flagged) items in id order
                     if acc[i] != 0.0:
-                        touched[nt] = i
+                        keys[nt] = order_key(acc_bits[i])
+                        ti[nt] = i
                         nt += 1
-            keys = sort_keys[0, :nt]
-            keys2 = sort_keys[1, :nt]
-            ti = sort_ids[0, :nt]
-            ti2 = sort_ids[1, :nt]
-            for t in range(nt):
-                i = touched[t]
-                ti[t] = i
-                bits = acc_bits[i]
-                if bits == top:  # -0.0 as 0.0
-                    bits = np.uint64(0)
-                a = ~bits if (bits & top) else (bits | top)
-                keys[t] = ~a
-            for shift in range(32, 64, 8):
-                sh = np.uint64(shift)
-                counts[:] = 0
-                for t in range(nt):
-                    counts[(keys[t] >> sh) & np.uint64(255)] += 1
-                if nt == 0 or counts.max() == nt:
-                    continue
-                total = 0
-                for c in range(256):
-                    cc = counts[c]
-                    counts[c] = total
-                    total += cc
-                for t in range(nt):
-                    c = (keys[t] >> sh) & np.uint64(255)
-                    p = counts[c]
-                    counts[c] = p + 1
-                    keys2[p] = keys[t]
-                    ti2[p] = ti[t]
-                keys, keys2 = keys2, keys
-                ti, ti2 = ti2, ti
-            high = np.uint64(32)
-            r0 = 0
-            while r0 < nt:
-                r1 = r0 + 1
-                while r1 < nt and (keys[r1] >> high) == (keys[r0] >> high):
-                    r1 += 1
-                if r1 - r0 > 32:
-                    _radix_low32(keys, ti, keys2, ti2, r0, r1, counts)
-                else:
-                    for x in range(r0 + 1, r1):  # stable: moves past strictly greater keys
-                        kx = keys[x]
-                        ix = ti[x]
-                        y = x - 1
-                        while y >= r0 and keys[y] > kx:
-                            keys[y + 1] = keys[y]
-                            ti[y + 1] = ti[y]
-                            y -= 1
-                        keys[y + 1] = kx
-                        ti[y + 1] = ix
-                r0 = r1
+            if _sort(
+                sort_keys[0, :nt], sort_ids[0, :nt], sort_keys[1, :nt], sort_ids[1, :nt], counts
+            ):
+                ti = sort_ids[1, :nt]
+            else:
+                ti = sort_ids[0, :nt]
         else:
             # top-k: a bounded heap whose root is the entry ranked last
             size = 0
@@ -616,15 +536,15 @@ def search_binary(  # pragma: no cover - compiled
                     size += 1
                     while c > 0:
                         par = (c - 1) // 2
-                        if _better(hs[c], hi[c], hs[par], hi[par]):
+                        if better(hs[c], hi[c], hs[par], hi[par]):
                             break
                         hs[c], hs[par] = hs[par], hs[c]
                         hi[c], hi[par] = hi[par], hi[c]
                         c = par
-                elif _better(s, i, hs[0], hi[0]):
+                elif better(s, i, hs[0], hi[0]):
                     hs[0] = s
                     hi[0] = i
-                    _sift_down(hs, hi, size, 0)
+                    sift_down(hs, hi, size, 0)
             nt = size
             ti = sort_ids[0, :nt]
             for r in range(nt - 1, -1, -1):  # pop the last-ranked entry each time
@@ -632,7 +552,7 @@ def search_binary(  # pragma: no cover - compiled
                 size -= 1
                 hs[0] = hs[size]
                 hi[0] = hi[size]
-                _sift_down(hs, hi, size, 0)
+                sift_down(hs, hi, size, 0)
         # merge with the items scoring exactly 0 (with words) and then -1 (without), by id;
         # looked up only when the next candidate does not score above 0
         t = 0
@@ -660,7 +580,7 @@ def search_binary(  # pragma: no cover - compiled
                     e_ok = True
                 rs = -1.0
                 ri = es
-            if t < nt and (ri >= n or _better(acc[ti[t]], ti[t], rs, ri)):
+            if t < nt and (ri >= n or better(acc[ti[t]], ti[t], rs, ri)):
                 out_ids[qi, r] = ti[t]
                 out_scores[qi, r] = acc[ti[t]]
                 t += 1

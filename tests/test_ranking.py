@@ -1,0 +1,69 @@
+"""The compiled radix ranking (retrieval.index._ranking) against numpy's stable argsort."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.index._ranking import rank_descending, sort_keys
+
+
+def _sorted_by_ours(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k = keys.astype(np.uint64).copy()
+    ids = np.arange(k.shape[0], dtype=np.int64)
+    k2, ids2 = np.empty_like(k), np.empty_like(ids)
+    counts = np.empty((3, 2048), np.int64)
+    if sort_keys(k, ids, k2, ids2, counts):
+        return k2, ids2
+    return k, ids
+
+
+def _keys(rng: np.random.Generator, case: str, n: int) -> np.ndarray:
+    if case == "random":
+        return rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(
+            0, 2, n, dtype=np.uint64
+        )
+    if case == "long_runs":
+        # three values of the top bits, random low 31 bits: runs of ~n/3 keys equal in every
+        # sorted bit, ordered by the fix-up passes below bit 31
+        top = rng.integers(0, 3, n).astype(np.uint64) << np.uint64(62)
+        return top | rng.integers(0, 2**31, n).astype(np.uint64)
+    if case == "short_runs":
+        # near ties: runs of 2-20 keys equal above bit 20, ordered by insertion
+        top = rng.integers(0, max(1, n // 8), n).astype(np.uint64) << np.uint64(40)
+        return top | rng.integers(0, 2**20, n).astype(np.uint64)
+    if case == "ties":
+        return rng.integers(0, 5, n).astype(np.uint64) << np.uint64(50)
+    if case == "equal":
+        return np.full(n, 12345, np.uint64)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["random", "long_runs", "short_runs", "ties", "equal"])
+@pytest.mark.parametrize("n", [0, 1, 2, 33, 5000])
+def test_sort_keys_is_a_stable_sort(case: str, n: int) -> None:
+    keys = _keys(np.random.default_rng(n), case, n)
+    got_k, got_i = _sorted_by_ours(keys)
+    want = np.argsort(keys, kind="stable")
+    np.testing.assert_array_equal(got_i, want)
+    np.testing.assert_array_equal(got_k, keys[want])
+
+
+def test_long_runs_take_the_fix_up_passes() -> None:
+    """The long-run case really has runs of over 32 keys equal in the radix-sorted bits."""
+    keys = _keys(np.random.default_rng(0), "long_runs", 5000)
+    _, counts = np.unique(keys >> np.uint64(31), return_counts=True)
+    assert counts.max() > 32
+
+
+def test_rank_descending_equals_stable_argsort() -> None:
+    rng = np.random.default_rng(3)
+    s = rng.standard_normal((4, 3000))
+    s[0, :1000] = 0.0  # ties at zero, -0.0 among them
+    s[0, 1000:1100] = -0.0
+    s[1] = np.round(s[1], 1)  # many exact ties
+    s[2] = 1.0 + rng.integers(0, 2**20, 3000) * 2.0**-52  # near ties in the last bits
+    s[3, ::2] = -1.0
+    out = np.empty(s.shape, np.int64)
+    rank_descending(np.ascontiguousarray(s + 0.0).view(np.uint64), out)
+    np.testing.assert_array_equal(out, np.argsort(-s, axis=1, kind="stable"))
