@@ -473,17 +473,25 @@ def search_binary(  # pragma: no cover - compiled
         # sum is exactly 0 scores 0 like an untouched one and ranks with them by id). Items
         # without words score -1 whether touched or not (never touched in a consistent index).
         qf = np.float64(qn)
-        if dense:  # one pass: list and normalise (no flags were set)
+        if dense:  # one pass: normalise and list the candidates (no flags were set)
+            keys = sort_keys[0]
             for i in range(n):
                 s = acc[i]
+                if s == 0.0:
+                    continue
+                dn = item_words[i]
+                if dn == 0.0:
+                    s = 0.0
+                elif normalize:
+                    s = s / np.sqrt(qf * dn)
+                acc[i] = s
                 if s != 0.0:
-                    touched[m] = i
+                    if kk == n:  # the sort's input, in id order
+                        keys[m] = order_key(acc_bits[i])
+                        sort_ids[0, m] = i
+                    else:
+                        touched[m] = i
                     m += 1
-                    dn = item_words[i]
-                    if dn == 0.0:
-                        acc[i] = 0.0
-                    elif normalize:
-                        acc[i] = s / np.sqrt(qf * dn)
         else:
             for t in range(m):
                 u = np.uint64(touched[t])
@@ -499,15 +507,9 @@ def search_binary(  # pragma: no cover - compiled
             # (the order of np.argsort(-s, kind="stable"))
             keys = sort_keys[0]
             ti = sort_ids[0]
-            nt = 0
-            if dense:
-                for t in range(m):
-                    i = touched[t]
-                    if acc[i] != 0.0:
-                        keys[nt] = order_key(acc_bits[i])
-                        ti[nt] = i
-                        nt += 1
-            else:
+            nt = m  # dense: listed above
+            if not dense:
+                nt = 0
                 for i in range(n):  # touched (now zero-flagged) items in id order
                     if acc[i] != 0.0:
                         keys[nt] = order_key(acc_bits[i])
@@ -593,5 +595,8 @@ def search_binary(  # pragma: no cover - compiled
                 else:
                     es += 1
                     e_ok = False
-        for t in range(m):
-            acc[touched[t]] = 0.0
+        if dense:
+            acc[:] = 0.0
+        else:
+            for t in range(m):
+                acc[touched[t]] = 0.0
