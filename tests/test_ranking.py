@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.index._ranking import rank_descending, sort_keys
+from retrieval.index._ranking import key_bits, order_key, rank_descending, sort_keys
 
 
 def _sorted_by_ours(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,3 +67,17 @@ def test_rank_descending_equals_stable_argsort() -> None:
     out = np.empty(s.shape, np.int64)
     rank_descending(np.ascontiguousarray(s + 0.0).view(np.uint64), out)
     np.testing.assert_array_equal(out, np.argsort(-s, axis=1, kind="stable"))
+
+
+def test_key_bits_inverts_order_key() -> None:
+    rng = np.random.default_rng(5)
+    s = np.r_[rng.standard_normal(200), 0.0, -0.0, 1.0, -1.0, 1e-300, -1e-300]
+    bits = s.view(np.uint64)
+    keys = np.array([order_key(b) for b in bits], np.uint64)
+    back = np.array([key_bits(k) for k in keys], np.uint64).view(np.float64)
+    np.testing.assert_array_equal(back[s != 0], s[s != 0])
+    assert back[s == 0].tobytes() == np.zeros(2).tobytes()  # -0.0 comes back as 0.0
+    # ascending keys are descending scores
+    np.testing.assert_array_equal(
+        np.argsort(keys, kind="stable"), np.argsort(-(s + 0.0), kind="stable")
+    )

@@ -42,7 +42,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from retrieval.index._ranking import better, order_key, sift_down
+from retrieval.index._ranking import better, key_bits, order_key, sift_down
 from retrieval.index._ranking import sort_keys as _sort
 
 __all__ = [
@@ -515,12 +515,17 @@ def search_binary(  # pragma: no cover - compiled
                         keys[nt] = order_key(acc_bits[i])
                         ti[nt] = i
                         nt += 1
-            if _sort(
+            moved = _sort(
                 sort_keys[0, :nt], sort_ids[0, :nt], sort_keys[1, :nt], sort_ids[1, :nt], counts
-            ):
-                ti = sort_ids[1, :nt]
-            else:
-                ti = sort_ids[0, :nt]
+            )
+            ti = sort_ids[1 if moved else 0, :nt]
+            # the candidates' scores in ranking order, decoded from their sorted keys into the
+            # free key buffer (the merge then reads them in order, not acc at random)
+            sk = sort_keys[1 if moved else 0, :nt]
+            cs_bits = sort_keys[0 if moved else 1, :nt]
+            for t in range(nt):
+                cs_bits[t] = key_bits(sk[t])
+            cs = cs_bits.view(np.float64)
         else:
             # top-k: a bounded heap whose root is the entry ranked last
             size = 0
@@ -549,8 +554,10 @@ def search_binary(  # pragma: no cover - compiled
                     sift_down(hs, hi, size, 0)
             nt = size
             ti = sort_ids[0, :nt]
+            cs = sort_keys[1, :nt].view(np.float64)  # their scores
             for r in range(nt - 1, -1, -1):  # pop the last-ranked entry each time
                 ti[r] = hi[0]
+                cs[r] = hs[0]
                 size -= 1
                 hs[0] = hs[size]
                 hi[0] = hi[size]
@@ -563,9 +570,9 @@ def search_binary(  # pragma: no cover - compiled
         z_ok = False
         e_ok = False
         for r in range(kk):
-            if t < nt and acc[ti[t]] > 0.0:
+            if t < nt and cs[t] > 0.0:
                 out_ids[qi, r] = ti[t]
-                out_scores[qi, r] = acc[ti[t]]
+                out_scores[qi, r] = cs[t]
                 t += 1
                 continue
             if not z_ok:
@@ -582,9 +589,9 @@ def search_binary(  # pragma: no cover - compiled
                     e_ok = True
                 rs = -1.0
                 ri = es
-            if t < nt and (ri >= n or better(acc[ti[t]], ti[t], rs, ri)):
+            if t < nt and (ri >= n or better(cs[t], ti[t], rs, ri)):
                 out_ids[qi, r] = ti[t]
-                out_scores[qi, r] = acc[ti[t]]
+                out_scores[qi, r] = cs[t]
                 t += 1
             else:
                 out_ids[qi, r] = ri

@@ -4,7 +4,7 @@ The full ranking of the Revisited protocol orders every item by decreasing score
 ascending id: ``np.argsort(-s, kind="stable")``. Here that order comes without comparisons:
 
 * :func:`order_key`: a float64's bits as an unsigned key whose ascending order is the
-  descending order of the scores (``-0.0`` as ``0.0``; no NaN).
+  descending order of the scores (``-0.0`` as ``0.0``; no NaN); :func:`key_bits` its inverse.
 * :func:`sort_keys`: a stable LSD radix sort of such keys carrying their ids. Only the bits that
   differ between the keys matter: the highest differing bit ``hb`` is found, the keys are
   sorted on the 33 bits below it in three passes of 11 bits (2,048 counters, one histogram pass
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["better", "order_key", "rank_descending", "sift_down", "sort_keys"]
+__all__ = ["better", "key_bits", "order_key", "rank_descending", "sift_down", "sort_keys"]
 
 _BITS = 11  # bits a pass
 _PASSES = 3  # 33 bits: at least the 32 the long-run fix-up needs
@@ -40,6 +40,15 @@ def order_key(bits: Any) -> Any:  # pragma: no cover - compiled
         bits = np.uint64(0)
     a = ~bits if (bits & top) else (bits | top)  # ascending float order as unsigned order
     return ~a
+
+
+@njit(cache=True, nogil=True, inline="always")
+def key_bits(key: Any) -> Any:  # pragma: no cover - compiled
+    """The float64 bits of a sort key of :func:`order_key` (its inverse; ``-0.0`` comes back
+    as ``0.0``)."""
+    top = np.uint64(1) << np.uint64(63)
+    a = ~key
+    return (a & ~top) if (a & top) else ~a
 
 
 @njit(cache=True, nogil=True)
