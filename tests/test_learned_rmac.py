@@ -1,4 +1,5 @@
-"""Tests of retrieval.rmac.learned: head = R-MAC at init, mining, triplet loss, training, I/O."""
+"""Tests of retrieval.rmac.learned: head = R-MAC at init, mining, triplet loss, training, I/O,
+the describe stage (serial and Ray)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,16 @@ import numpy as np
 import pytest
 
 from retrieval.evaluation.evaluate import compute_map
+from retrieval.features.images import ImageItem
 from retrieval.rmac import Whitening, aggregate_rmac, map_descriptors
 from retrieval.rmac.learned import (
     LearnedRMAC,
     confs,
+    describe_stage,
     load_model,
     main,
     mine_triplets,
+    model_files_hash,
     train,
     triplet_loss,
 )
@@ -273,3 +278,174 @@ class TestStage:
             good = tmp_path / "good.csv"
             good.write_text("id,url,landmark_id\n1,a.jpg,0\n")
             main(_conf(regions="rpn"), good, tmp_path)
+
+
+# ----------------------------------------------------------------------------- describe stage
+N_DB, N_Q = 7, 3
+#: Query boxes (x1, y1, x2, y2) in pixels of the 120x90 images, fractional on purpose.
+BBXS = [(10.5, 7.25, 90.0, 70.5), (0.0, 0.0, 60.0, 45.0), (33.3, 20.1, 119.0, 89.0)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model (PCA-initialised head), saved as :func:`main` saves one."""
+    imgs, _ = toy_set(3, 3, 21)
+    model = LearnedRMAC.build(_conf())
+    model.init_pca(imgs)
+    return model.save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_revisited(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Revisited-style folder: 7 database and 3 query images (120x90, downscaled to 80 by the
+    model), each query with a box."""
+    import cv2
+
+    from retrieval.evaluation.datasets import save_gnd
+
+    root = tmp_path_factory.mktemp("revisited")
+    (root / "jpg").mkdir()
+    imgs, labels = toy_set(N_Q + 1, 3, 33, size=120)
+    names = [f"db{i}" for i in range(N_DB)] + [f"q{i}" for i in range(N_Q)]
+    for name, im in zip(names, imgs, strict=False):
+        cv2.imwrite(str(root / "jpg" / f"{name}.jpg"), im[..., ::-1])
+    gnd = [
+        {
+            "bbx": list(BBXS[q]),
+            "easy": [i for i in range(N_DB) if labels[i] == labels[N_DB + q]],
+            "hard": [],
+            "junk": [],
+        }
+        for q in range(N_Q)
+    ]
+    save_gnd({"imlist": names[:N_DB], "qimlist": names[N_DB:], "gnd": gnd}, root / "gnd_tiny.pkl")
+    return root
+
+
+def _items(root: Path) -> list[ImageItem]:
+    """The database images, then the queries with their boxes (both kinds in one list)."""
+    db = [ImageItem(f"db{i}", root / "jpg" / f"db{i}.jpg") for i in range(N_DB)]
+    return db + [ImageItem(f"q{i}", root / "jpg" / f"q{i}.jpg", BBXS[i]) for i in range(N_Q)]
+
+
+class TestDescribeStage:
+    def test_serial_shards_equal_describe_paths(
+        self, tiny_model: Path, tiny_revisited: Path, tmp_path: Path
+    ) -> None:
+        from gldboxes.executor import SerialExecutor
+
+        items = _items(tiny_revisited)
+        stage, shards = describe_stage(tiny_model, items, shard_size=3)
+        assert [len(s.items) for s in shards] == [3, 3, 3, 1]
+        assert stage.conf == {
+            "model": str(tiny_model.resolve()),
+            "files": model_files_hash(tiny_model),
+        }
+        ex = SerialExecutor(progress=False)
+        rep = ex.run(stage, shards, tmp_path / "shards")
+        assert rep.counts == {"images": N_DB + N_Q} and len(rep.done) == 4
+        got = np.concatenate(
+            [np.load(d / "descriptors.npy", allow_pickle=False) for d in rep.shard_dirs(shards)]
+        )
+        model = load_model(tiny_model)
+        want = model.describe_paths([it.path for it in items], [it.bbx for it in items])
+        assert got.dtype == np.float32 and got.shape == (N_DB + N_Q, 64)
+        assert got.tobytes() == want.tobytes()  # bit for bit the one-process path
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        # the boxes were used: a query's descriptor is not its whole image's
+        whole = model.describe_paths([items[N_DB].path])[0]
+        assert float(whole @ got[N_DB]) < 0.999
+        # resume: finished shards are skipped, a missing one is redone to the same bytes
+        shutil.rmtree(rep.shard_dirs(shards)[1])
+        again = ex.run(stage, shards, tmp_path / "shards")
+        assert again.done == [shards[1].name]
+        assert again.skipped == [s.name for s in shards if s.index != 1]
+        redone = np.load(again.shard_dirs(shards)[1] / "descriptors.npy", allow_pickle=False)
+        assert redone.tobytes() == want[3:6].tobytes()
+
+    def test_stage_conf_follows_the_model_files(self, tiny_model: Path, tmp_path: Path) -> None:
+        copy_ = tmp_path / "copy"
+        shutil.copytree(tiny_model, copy_)
+        assert model_files_hash(copy_) == model_files_hash(tiny_model)
+        items = [ImageItem("a", tmp_path / "a.jpg")]
+        before = describe_stage(copy_, items, shard_size=1)[0].config_hash
+        with np.load(copy_ / "head.npz", allow_pickle=False) as z:
+            head = {k: z[k] for k in z.files}
+        head["fc"] = head["fc"] * 2  # a "retrained" head
+        with open(copy_ / "head.npz", "wb") as fh:
+            np.savez(fh, **head)
+        assert model_files_hash(copy_) != model_files_hash(tiny_model)
+        assert describe_stage(copy_, items, shard_size=1)[0].config_hash != before
+
+    def test_exception(self, tiny_model: Path, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError, match=r"model\.json not found"):
+            describe_stage(tmp_path, [], shard_size=4)
+        with pytest.raises(ValueError, match="shard_size"):
+            describe_stage(tiny_model, [], shard_size=0)
+
+
+def _run(dataset: Path, out: Path, model: Path, executor: Any) -> dict[str, bytes]:
+    """``run_rmac`` with learned R-MAC, 3 images a shard: the bytes of db.npy and query.npy."""
+    from retrieval.rmac import run_rmac
+    from retrieval.rmac.stage import resolve_conf
+
+    conf = resolve_conf("tiny-rmac", method="learned-rmac", model=str(model))
+    res = run_rmac(dataset, out, conf, executor=executor, shard_size=3)
+    assert res.descriptors is not None and (res.descriptors / "descriptors.json").exists()
+    assert not list(res.descriptors.glob("*.shards"))  # merged, then removed
+    assert res.ranks is not None and np.load(res.ranks).shape == (N_DB, N_Q)
+    return {n: (res.descriptors / n).read_bytes() for n in ("db.npy", "query.npy")}
+
+
+@pytest.fixture(scope="module")
+def serial_descriptors(
+    tiny_model: Path, tiny_revisited: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, bytes]:
+    from gldboxes.executor import SerialExecutor
+
+    out = tmp_path_factory.mktemp("serial")
+    return _run(tiny_revisited, out, tiny_model, SerialExecutor(progress=False))
+
+
+class TestRunRmacLearned:
+    def test_serial_run_equals_the_driver_path(
+        self, tiny_model: Path, tiny_revisited: Path, serial_descriptors: dict[str, bytes]
+    ) -> None:
+        import io
+
+        model = load_model(tiny_model)
+        items = _items(tiny_revisited)
+        db, q = items[:N_DB], items[N_DB:]
+        want = {
+            "db.npy": model.describe_paths([it.path for it in db]),
+            "query.npy": model.describe_paths([it.path for it in q], [it.bbx for it in q]),
+        }
+        for name, arr in want.items():
+            got = np.load(io.BytesIO(serial_descriptors[name]), allow_pickle=False)
+            assert got.dtype == np.float32 and got.tobytes() == arr.tobytes(), name
+
+    @pytest.mark.slow
+    @pytest.mark.server
+    def test_ray_equals_serial(
+        self,
+        tiny_model: Path,
+        tiny_revisited: Path,
+        serial_descriptors: dict[str, bytes],
+        tmp_path: Path,
+    ) -> None:
+        import ray  # the `ray` extra: a missing install fails, never skips
+
+        from gldboxes.executor import RayExecutor, Resources, model_loads
+
+        assert ray.__version__
+        loads = model_loads()  # this process's model loads: the Ray run adds none
+        ray_ex = RayExecutor(
+            work_dir=tmp_path / "work",
+            num_cpus=2,
+            resources=Resources(num_cpus=1),
+            progress=False,
+        )
+        with ray_ex:
+            got = _run(tiny_revisited, tmp_path / "ray", tiny_model, ray_ex)
+        assert got == serial_descriptors
+        assert model_loads() == loads

@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
     rm.add_argument("--overwrite", action="store_true")
     from gldboxes.executor import add_engine_options
 
-    add_engine_options(rm)  # --engine serial|ray: where the per-image extraction runs
+    add_engine_options(rm)  # --engine serial|ray: where the per-image work runs
     rm.set_defaults(func=_rmac)
 
     tr = sub.add_parser("rmac-train", help="train learned R-MAC (triplet loss, hard mining)")

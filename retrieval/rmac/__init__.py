@@ -39,7 +39,8 @@ Files (under ``OUT/rmac``)::
 :func:`run_rmac` is written like the retrieval runner (:mod:`retrieval.runner.run`): a tuple of
 stages (:data:`~retrieval.rmac.stage.STAGES`: features, whitening, describe, search, aml,
 evaluate) from files to files, each skipping what is done, ``until=`` to stop early, and the
-per-image activations extracted shard by shard on ``gldboxes.executor`` (serial or Ray).
+per-image activations (and learned R-MAC's descriptors) computed shard by shard on
+``gldboxes.executor`` (serial or Ray).
 
 Modules: :mod:`~retrieval.rmac.backbone` (Keras backbones, image loading),
 :mod:`~retrieval.rmac.pooling` (R-MAC grid, regional max-pooling), :mod:`~retrieval.rmac.whitening`

@@ -29,18 +29,26 @@ The stage :func:`main` trains on a GLD-style CSV (``id,url,landmark_id``; the sy
 (``shift``, ``fc``, format version), ``model.json`` (configuration, loss history) and
 ``config.yaml``; :func:`load_model` reads it back (``gldboxes retrieval rmac --method
 learned-rmac --model OUT/<output>``).
+
+:func:`describe_stage` describes images with a trained model as an executor stage (the describe
+step of :func:`retrieval.rmac.run_rmac`, serial or on Ray): shard ``i`` holds images
+``i * shard_size ...`` and writes ``shard-XXXXX/descriptors.npy`` float32 (n, D); the model is
+loaded once per worker process; the stage's configuration names the model folder and a hash of
+its saved files, so the shards of a retrained model are never mixed with older ones.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import functools
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,13 +59,21 @@ from retrieval.rmac.pooling import rmac_regions
 from retrieval.rmac.triplets import mine_triplets, triplet_loss
 from retrieval.rmac.whitening import learn_whitening
 
+if TYPE_CHECKING:
+    from gldboxes.executor import Resources, Shard, Stage
+    from retrieval.features.images import ImageItem
+
 __all__ = [
+    "DESCRIPTORS_NAME",
     "FORMAT_VERSION",
+    "MODEL_FILES",
     "LearnedRMAC",
     "confs",
+    "describe_stage",
     "load_model",
     "main",
     "mine_triplets",
+    "model_files_hash",
     "model_tag",
     "read_train_csv",
     "train",
@@ -67,6 +83,12 @@ __all__ = [
 logger = logging.getLogger("retrieval.rmac.learned")
 
 FORMAT_VERSION = 1
+
+#: The files of a saved model (:meth:`LearnedRMAC.save`), in the order they are hashed.
+MODEL_FILES = ("model.json", "head.npz", "backbone.weights.h5")
+
+#: The file each shard of :func:`describe_stage` writes: float32 (n, D).
+DESCRIPTORS_NAME = "descriptors.npy"
 
 #: Named presets (every key commented in ``tiny-cpu``).
 confs: dict[str, dict[str, Any]] = {
@@ -403,6 +425,86 @@ def load_model(folder: str | os.PathLike[str]) -> LearnedRMAC:
         bb, tf.Variable(shift), tf.Variable(fc), conf, [float(v) for v in meta.get("history", [])]
     )
     return model
+
+
+def model_files_hash(folder: str | os.PathLike[str]) -> str:
+    """SHA-1 of a saved model's :data:`MODEL_FILES` (their bytes, in order): equal hash, same
+    descriptors; a retrained or edited model gets another."""
+    folder = Path(folder)
+    h = hashlib.sha1()
+    for name in MODEL_FILES:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"learned R-MAC model: {path} not found")
+        h.update(name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+# =========================================================================== describe stage
+def _describe_shard(shard: Shard, out: Path, model: LearnedRMAC) -> dict[str, int]:
+    """Descriptors of a shard's images ``[name, path, bbx (x1, y1, x2, y2) or None]`` in order:
+    ``out/descriptors.npy`` float32 (n, D), :meth:`LearnedRMAC.describe_paths` exactly."""
+    paths = [path for _, path, _ in shard.items]
+    bbxs = [None if b is None else tuple(float(v) for v in b) for _, _, b in shard.items]
+    desc = np.ascontiguousarray(model.describe_paths(paths, bbxs), dtype=np.float32)
+    with atomic_path(out / DESCRIPTORS_NAME) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, desc, allow_pickle=False)
+    return {"images": len(shard.items)}
+
+
+def describe_stage(
+    model_folder: str | os.PathLike[str],
+    items: Sequence[ImageItem],
+    *,
+    shard_size: int,
+    resources: Resources | None = None,
+    retries: int = 2,
+) -> tuple[Stage, list[Shard]]:
+    """Learned R-MAC descriptors as an executor stage: one shard per ``shard_size`` images.
+
+    The model (:func:`load_model` of ``model_folder``) is the stage's model, loaded once per
+    worker process; the stage's conf is the resolved folder and :func:`model_files_hash`, so a
+    retrained model redoes every shard. Each image is described alone, as
+    :meth:`LearnedRMAC.describe_paths` does, so the descriptors do not depend on the sharding.
+
+    Args:
+        model_folder: a model written by :func:`main` / :meth:`LearnedRMAC.save`.
+        items: the images; ``bbx`` (x1, y1, x2, y2) in pixels crops a query.
+        shard_size: images per shard (>= 1).
+        resources: per-task resources (default: half a CPU, as the R-MAC activations).
+        retries: extra attempts of a shard that raised.
+
+    Returns:
+        ``(stage, shards)``; ``executor.run(stage, shards, folder)`` writes
+        ``folder/shard-XXXXX/descriptors.npy`` float32 (n_shard, D); concatenated in shard
+        order they are the items' descriptors (N, D).
+    """
+    from gldboxes.executor import Resources, Stage, make_shards
+
+    if shard_size < 1:
+        raise ValueError(f"describe_stage: shard_size must be >= 1, got {shard_size}")
+    folder = Path(model_folder).resolve()
+    conf = {"model": os.fspath(folder), "files": model_files_hash(folder)}
+    rows = [
+        [
+            it.name,
+            os.fspath(Path(it.path).resolve()),
+            None if it.bbx is None else [float(v) for v in it.bbx],
+        ]
+        for it in items
+    ]
+    stage = Stage(
+        "learned-rmac-describe",
+        _describe_shard,
+        conf=conf,
+        load_model=functools.partial(load_model, os.fspath(folder)),
+        resources=resources or Resources(num_cpus=0.5),
+        retries=retries,
+    )
+    return stage, make_shards(rows, shard_size, prefix="shard")
 
 
 # =========================================================================== training

@@ -10,7 +10,9 @@ and skipping what is done (all under ``OUT/rmac/``)::
     whitening  whitening/<tag>-<training set>/whitening.npz  (its images' features beside the
                others: features/<tag>/<training set>.h5)
     describe   descriptors/<mac|rmac|learned-rmac>-<tag>-<training set>-<dataset>/db.npy,
-               query.npy  (n, D) global vectors, descriptors.json
+               query.npy  (n, D) global vectors, descriptors.json (learned R-MAC: described
+               shard by shard on the executor in db.shards/, query.shards/ there, removed
+               once merged)
     search     results/<name>/ranks.npy  int64 (n_db, n_queries), revisitop layout
                (AML methods: results/<name>/search/ranks.npy, re-ranked next)
     aml        results/<name>/ranks.npy  the top N re-ranked by AML (+QE)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -280,11 +283,18 @@ def _whitening(r: _Rmac) -> None:
 def _describe(r: _Rmac) -> None:
     """One global vector per image: MAC, whitened R-MAC or the learned model's, into
     ``descriptors/<family>-<tag>-<training set>-<dataset>/db.npy`` (n_db, D) and ``query.npy``
-    (n_queries, D), ``descriptors.json`` last (skipped when its inputs hash is the same)."""
+    (n_queries, D), ``descriptors.json`` last (skipped when its inputs hash is the same).
+
+    Learned R-MAC describes the images on ``r.executor``, ``r.shard_size`` a shard
+    (:func:`retrieval.rmac.learned.describe_stage`), into ``db.shards/`` and ``query.shards/``
+    beside the descriptors (a killed run redoes only unfinished shards); they are concatenated
+    in order and removed once ``descriptors.json`` is written."""
     family = {"mac": "mac", "learned-rmac": "learned-rmac"}.get(r.method, "rmac")
     folder = r.out / "descriptors" / f"{family}-{r.tag}-{r.trainset}-{r.ds.name}"
     r.res.descriptors = folder
+    shard_dirs: list[Path] = []
     if family == "learned-rmac":
+        shard_dirs = [folder / "db.shards", folder / "query.shards"]
         items = r.db_items(), r.query_items()
         inputs: dict[str, Any] = {
             "model": r.tag,
@@ -296,15 +306,14 @@ def _describe(r: _Rmac) -> None:
     key = config_hash(inputs)
     meta = folder / "descriptors.json"
     if meta.exists() and not r.overwrite and read_json(meta).get("inputs") == key:
+        for d in shard_dirs:  # left by a run killed between its last two steps
+            shutil.rmtree(d, ignore_errors=True)
         return
     from retrieval.runner.shards import save_npy
 
     if family == "learned-rmac":
-        from retrieval.rmac.learned import load_model
-
-        model = load_model(r.conf["model"])
-        db = model.describe_paths([it.path for it in items[0]])
-        qv = model.describe_paths([it.path for it in items[1]], [it.bbx for it in items[1]])
+        db = _learned_descriptors(r, items[0], shard_dirs[0])
+        qv = _learned_descriptors(r, items[1], shard_dirs[1])
     else:
         db_mac, db_reg, db_cnt = read_features(r.res.features["db"], r.ds.imlist)
         q_mac, q_reg, q_cnt = read_features(r.res.features["query"], r.ds.qimlist)
@@ -319,6 +328,22 @@ def _describe(r: _Rmac) -> None:
         meta,
         {"format_version": FORMAT_VERSION, "inputs": key, "dim": int(db.shape[1])},
     )
+    for d in shard_dirs:  # merged into db.npy / query.npy
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _learned_descriptors(r: _Rmac, items: list[ImageItem], shard_dir: Path) -> np.ndarray:
+    """Learned R-MAC descriptors (n, D) float32 of ``items``, in order, described shard by shard
+    on ``r.executor`` into ``shard_dir`` (finished shards of an earlier run are kept)."""
+    from retrieval.rmac.learned import DESCRIPTORS_NAME, describe_stage
+
+    stage, shards = describe_stage(r.conf["model"], items, shard_size=r.shard_size)
+    rep = r.executor.run(stage, shards, shard_dir, overwrite=r.overwrite)
+    parts = [np.load(d / DESCRIPTORS_NAME, allow_pickle=False) for d in rep.shard_dirs(shards)]
+    if not parts:
+        with np.load(Path(r.conf["model"]) / "head.npz", allow_pickle=False) as z:
+            return np.zeros((0, int(z["fc"].shape[1])), np.float32)
+    return np.concatenate(parts)
 
 
 def _h5_hash(path: Path) -> str:
@@ -452,8 +477,9 @@ def run_rmac(
             a warning says so). Not used by ``learned-rmac`` (its head holds the projection).
         overwrite: redo finished work.
         until: stop after this stage of :data:`STAGES` (default: all).
-        executor: where the per-image extraction runs, ``shard_size`` images a shard
-            (:func:`retrieval.rmac.activations.feature_stage`; default: this process,
+        executor: where the per-image work runs, ``shard_size`` images a shard (the
+            activations, :func:`retrieval.rmac.activations.feature_stage`; learned R-MAC's
+            descriptors, :func:`retrieval.rmac.learned.describe_stage`; default: this process,
             :class:`gldboxes.executor.SerialExecutor`); the files are the same on any.
 
     Returns:
