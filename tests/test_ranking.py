@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.index._ranking import key_bits, order_key, rank_descending, sort_keys
+from retrieval.index._ranking import COUNTS_SHAPE, key_bits, order_key, rank_descending, sort_keys
 
 
 def _sorted_by_ours(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = keys.astype(np.uint64).copy()
     ids = np.arange(k.shape[0], dtype=np.int64)
     k2, ids2 = np.empty_like(k), np.empty_like(ids)
-    counts = np.empty((3, 2048), np.int64)
+    counts = np.empty(COUNTS_SHAPE, np.int64)
     if sort_keys(k, ids, k2, ids2, counts):
         return k2, ids2
     return k, ids
@@ -25,7 +25,7 @@ def _keys(rng: np.random.Generator, case: str, n: int) -> np.ndarray:
         )
     if case == "long_runs":
         # three values of the top bits, random low 31 bits: runs of ~n/3 keys equal in every
-        # sorted bit, ordered by the fix-up passes below bit 31
+        # sorted bit (bits 40-63), ordered by the fix-up passes below bit 40
         top = rng.integers(0, 3, n).astype(np.uint64) << np.uint64(62)
         return top | rng.integers(0, 2**31, n).astype(np.uint64)
     if case == "short_runs":
@@ -52,7 +52,7 @@ def test_sort_keys_is_a_stable_sort(case: str, n: int) -> None:
 def test_long_runs_take_the_fix_up_passes() -> None:
     """The long-run case really has runs of over 32 keys equal in the radix-sorted bits."""
     keys = _keys(np.random.default_rng(0), "long_runs", 5000)
-    _, counts = np.unique(keys >> np.uint64(31), return_counts=True)
+    _, counts = np.unique(keys >> np.uint64(40), return_counts=True)
     assert counts.max() > 32
 
 

@@ -42,7 +42,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from retrieval.index._ranking import better, key_bits, order_key, sift_down
+from retrieval.index._ranking import COUNTS_SHAPE, better, key_bits, order_key, sift_down
 from retrieval.index._ranking import sort_keys as _sort
 
 __all__ = [
@@ -438,7 +438,7 @@ def search_binary(  # pragma: no cover - compiled
     n = item_words.shape[0]
     kk = out_ids.shape[1]
     acc_bits = acc.view(np.uint64)
-    counts = np.empty((3, 2048), np.int64)
+    counts = np.empty(COUNTS_SHAPE, np.int64)
     for qi in range(q_offsets.shape[0] - 1):
         qn = q_offsets[qi + 1] - q_offsets[qi]
         if qn == 0:
