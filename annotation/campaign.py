@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from annotation.client import _check, _session, connect
+from annotation.client import checked_json, connect, token_session
 from annotation.config import (
     BOX_FROM_NAME,
     DEFAULT_INSTRUCTIONS,
@@ -285,7 +285,7 @@ def existing_task_ids(
     url: str, token: str, project_id: int, *, page_size: int = 1000
 ) -> dict[str, int]:
     """``{gld_id: task id}`` of the tasks already in the project (paged ``GET /api/tasks``)."""
-    sess = _session(url, token)
+    sess = token_session(url, token)
     out: dict[str, int] = {}
     page = 1
     while True:
@@ -302,7 +302,7 @@ def existing_task_ids(
         )
         if resp.status_code == 404 and page > 1:  # past the last page
             break
-        body = _check(resp, f"list tasks of project {project_id}")
+        body = checked_json(resp, f"list tasks of project {project_id}")
         tasks = body["tasks"] if isinstance(body, dict) else body
         for t in tasks:
             gid = (t.get("data") or {}).get("gld_id")
@@ -341,9 +341,9 @@ def set_task_overlap(
     def patch(tid: int) -> None:
         sess = getattr(local, "sess", None)
         if sess is None:
-            sess = local.sess = _session(url, token)
+            sess = local.sess = token_session(url, token)
         resp = sess.patch(f"{base}/api/tasks/{tid}", json={"overlap": overlap}, timeout=60)
-        _check(resp, f"set overlap of task {tid}")
+        checked_json(resp, f"set overlap of task {tid}")
 
     with ThreadPoolExecutor(max_workers=min(workers, max(len(ids), 1))) as pool:
         for _ in tqdm(pool.map(patch, ids), total=len(ids), desc="task overlap", unit="task"):
@@ -372,7 +372,7 @@ def refresh_predictions(
         keep their result (Label Studio only clears their ``parent_prediction`` link).
     """
     ids = sorted(int(t) for t in task_predictions)
-    sess = _session(url, token)
+    sess = token_session(url, token)
     base = url.rstrip("/")
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
@@ -384,7 +384,7 @@ def refresh_predictions(
         body = [{**task_predictions[tid], "task": tid} for tid in chunk]
         target = f"{base}/api/projects/{project_id}/import/predictions"
         resp = sess.post(target, json=body, timeout=600)
-        _check(resp, f"import predictions into project {project_id}")
+        checked_json(resp, f"import predictions into project {project_id}")
     return len(ids)
 
 

@@ -7,7 +7,7 @@ Besides Label Studio's own SQLite database, uploads and logs, a data dir (``--da
 password) and ``.gldboxes-token`` (0600, :func:`resolve_token`: the admin's API token). The
 database is only ever read here, read-only (:func:`admin_token`, :func:`local_storage_paths`,
 :func:`annotation_counts`); :func:`check_document_root` refuses a document root that would break
-the image serving of its projects. The data dir is owner-only (``_make_private``): its database
+the image serving of its projects. The data dir is owner-only (``make_private``): its database
 holds every user's API token.
 
 Starting and stopping the server on a data dir is :mod:`annotation.server`.
@@ -30,15 +30,19 @@ __all__ = [
     "SETTINGS_FILE",
     "TOKEN_ENV",
     "TOKEN_FILE",
+    "admin_email",
     "admin_token",
     "annotation_counts",
     "check_document_root",
+    "database_path",
     "default_data_dir",
     "local_storage_paths",
+    "make_private",
     "read_login",
     "read_settings",
     "resolve_token",
     "write_login",
+    "write_token_file",
 ]
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"  # the token of an existing server (the SDK's own variable)
@@ -49,11 +53,12 @@ DATA_DIR_ENV = "GLDBOXES_LS_DATA_DIR"  # data dir of commands given no --data-di
 DEFAULT_DATA_DIR = Path("runs") / "ls"  # ... and without that variable (relative to the cwd)
 
 
-def _db_path(data_dir: Path) -> Path:
+def database_path(data_dir: Path) -> Path:
+    """Label Studio's SQLite database in ``data_dir`` (it may not exist yet)."""
     return data_dir / "label_studio.sqlite3"
 
 
-def _make_private(data_dir: Path) -> None:
+def make_private(data_dir: Path) -> None:
     """Create ``data_dir`` 0700 and take group/other bits off it and the files directly in it.
 
     Existing data dirs (made before this rule, or copied from a template) are fixed on every
@@ -118,7 +123,7 @@ def write_login(data_dir: Path, email: str, password: str) -> Path:
 
 def _query_db(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Rows of a read-only query on the data dir's database (``[]`` when it has none)."""
-    db = _db_path(Path(data_dir))
+    db = database_path(Path(data_dir))
     if not db.exists():
         return []
     con = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True, timeout=30)
@@ -146,7 +151,13 @@ def admin_token(data_dir: Path) -> str | None:
     return str(rows[0][1]) if rows and rows[0][1] else None
 
 
-def _admin_email(data_dir: Path) -> str | None:
+def admin_email(data_dir: Path) -> str | None:
+    """The e-mail of the admin in ``data_dir``'s database: the organisation's creator, else the
+    first superuser (None: no database or no user yet).
+
+    Raises:
+        ValueError: when the database cannot be read.
+    """
     rows = _query_db(data_dir, _ADMIN_SQL)
     return str(rows[0][0]) if rows else None
 
@@ -222,5 +233,6 @@ def resolve_token(data_dir: Path | None = None) -> str:
     )
 
 
-def _write_token(data_dir: Path, token: str) -> Path:
+def write_token_file(data_dir: Path, token: str) -> Path:
+    """Store ``token`` in ``<data_dir>/.gldboxes-token`` (owner-only) and return that path."""
     return _write_private(Path(data_dir) / TOKEN_FILE, token)

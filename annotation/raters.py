@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from annotation.client import _check, _session
+from annotation.client import checked_json, token_session
 from gldboxes.io import read_json, write_json
 
 __all__ = ["Rater", "add_rater", "list_raters", "remove_rater", "removed_raters"]
@@ -43,14 +43,14 @@ def add_rater(url: str, admin_token: str, email: str, password: str) -> Rater:
     ``/api/current-user/token``.
     """
     base = url.rstrip("/")
-    admin = _session(url, admin_token)
-    users = _check(admin.get(f"{base}/api/users/", timeout=60), "list users")
+    admin = token_session(url, admin_token)
+    users = checked_json(admin.get(f"{base}/api/users/", timeout=60), "list users")
     exists = any(u.get("email") == email for u in users)
     sess = requests.Session()
     if exists:
         page = f"{base}/user/login/"
     else:
-        invite = _check(admin.get(f"{base}/api/invite", timeout=60), "get the invite link")
+        invite = checked_json(admin.get(f"{base}/api/invite", timeout=60), "get the invite link")
         page = f"{base}/user/signup/?token={invite['token']}"
     sess.get(page, timeout=60)
     csrf = sess.cookies.get("csrftoken", "")
@@ -83,14 +83,14 @@ def _users(url: str, token: str) -> list[dict[str, Any]]:
     Label Studio lists removed members too, renamed "Deleted" (no e-mail): they are left out.
     """
     base = url.rstrip("/")
-    sess = _session(url, token)
-    orgs = _check(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
+    sess = token_session(url, token)
+    orgs = checked_json(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
     if not orgs:
         raise ValueError(f"Label Studio at {url}: no organization")
     out: list[dict[str, Any]] = []
     page = 1
     while True:
-        body = _check(
+        body = checked_json(
             sess.get(
                 f"{base}/api/organizations/{int(orgs[0]['id'])}/memberships",
                 params={"page": str(page), "page_size": "1000"},
@@ -107,8 +107,8 @@ def _users(url: str, token: str) -> list[dict[str, Any]]:
 def list_raters(url: str, token: str) -> list[dict[str, Any]]:
     """The users of the organisation: ``id``, ``email``, ``admin`` (the token's own user),
     ``last_activity``, in id order."""
-    me = _check(
-        _session(url, token).get(f"{url.rstrip('/')}/api/current-user/whoami", timeout=60),
+    me = checked_json(
+        token_session(url, token).get(f"{url.rstrip('/')}/api/current-user/whoami", timeout=60),
         "who am I",
     )
     return [
@@ -145,15 +145,15 @@ def remove_rater(
         raise ValueError(f"rater {email}: not a member of the Label Studio organization at {url}")
     if found[0]["admin"]:
         raise ValueError(f"rater {email}: is the admin; refusing to remove it")
-    sess = _session(url, admin_token)
-    orgs = _check(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
+    sess = token_session(url, admin_token)
+    orgs = checked_json(sess.get(f"{base}/api/organizations/", timeout=60), "list organizations")
     uid = int(found[0]["id"])
     if data_dir is not None:
         path = Path(data_dir) / "raters" / "removed.json"
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         known = {**removed_raters(data_dir), str(uid): email}
         write_json(path, {"format_version": 1, "users": known})
-    _check(
+    checked_json(
         sess.delete(
             f"{base}/api/organizations/{int(orgs[0]['id'])}/memberships/{uid}/", timeout=60
         ),

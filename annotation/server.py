@@ -68,19 +68,19 @@ from annotation.data_dir import (
     SETTINGS_FILE,
     TOKEN_ENV,
     TOKEN_FILE,
-    _admin_email,
-    _db_path,
-    _make_private,
-    _write_token,
+    admin_email,
     admin_token,
     annotation_counts,
     check_document_root,
+    database_path,
     default_data_dir,
     local_storage_paths,
+    make_private,
     read_login,
     read_settings,
     resolve_token,
     write_login,
+    write_token_file,
 )
 from gldboxes.io import read_json, write_json
 
@@ -237,7 +237,7 @@ def init_data_dir(settings: ServerSettings, *, venv: Path | None = None) -> Path
     """
     exe = ensure_installed(venv)
     settings = replace(settings, data_dir=Path(settings.data_dir).resolve())
-    _make_private(settings.data_dir)
+    make_private(settings.data_dir)
     log = settings.data_dir / "init.log"
     proc = subprocess.run(
         _logged(log, [str(exe), "init", "--no-browser", "--enable-legacy-api-token", "--quiet"]),
@@ -298,7 +298,7 @@ def start(
         raise ValueError(f"port {settings.port} on {settings.host} is already in use")
     check_document_root(settings.data_dir, settings.document_root)
     exe = ensure_installed(venv)
-    if not _db_path(settings.data_dir).exists():
+    if not database_path(settings.data_dir).exists():
         logger.info(
             "initialising %s (migrations take 1-2 minutes on first start)", settings.data_dir
         )
@@ -312,9 +312,9 @@ def start(
             settings = replace(settings, token=token)
         if read_login(settings.data_dir) is None:
             _reset_admin_password(settings, exe)
-    _make_private(settings.data_dir)
+    make_private(settings.data_dir)
     if write_token:
-        _write_token(settings.data_dir, settings.token)
+        write_token_file(settings.data_dir, settings.token)
     write_json(
         settings.data_dir / SETTINGS_FILE,
         {
@@ -389,7 +389,7 @@ def resolve_settings(
     data_dir = Path(data_dir)
     remembered = read_settings(data_dir) or {}
     login = read_login(data_dir)
-    existing = login[0] if login else _admin_email(data_dir)
+    existing = login[0] if login else admin_email(data_dir)
     if username and existing and username != existing:
         raise ValueError(
             f"--username {username}: the admin of {data_dir} is {existing} (drop --username)"
@@ -424,7 +424,7 @@ def _reset_admin_password(settings: ServerSettings, exe: Path) -> None:
     Data dirs made before the login file existed (or by ``gldboxes pipeline --annotation``
     runs of older versions) have an admin whose random password was never shown.
     """
-    email = _admin_email(settings.data_dir)
+    email = admin_email(settings.data_dir)
     if email is None:
         return
     log = settings.data_dir / "init.log"

@@ -142,7 +142,7 @@ def speed_section(db: list[np.ndarray], n_time: int, seed: int, out: Path) -> di
     import faiss
 
     from retrieval.features.codebook import load_word_index
-    from retrieval.index.assignment import HNSW_DEFAULTS, _nearest_word, assign
+    from retrieval.index.assignment import HNSW_DEFAULTS, assign, nearest_word
 
     rng = np.random.default_rng(seed)
     half_a = np.concatenate(db[0::2])
@@ -175,7 +175,7 @@ def speed_section(db: list[np.ndarray], n_time: int, seed: int, out: Path) -> di
     fa = 0.0
     for t in (1, 2):
         with threads(t):
-            sec, cpu, ids = timed(lambda: _nearest_word(x, cb), 1)
+            sec, cpu, ids = timed(lambda: nearest_word(x, cb), 1)
             rows.append(("exact: our blocked GEMM (numpy OpenBLAS sgemm)", t, sec, cpu, None))
             exact_ids = ids
             sec, cpu, (_, fids) = timed(lambda: flat.search(x, 1), 1)

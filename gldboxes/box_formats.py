@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gldboxes.boxes import Box, _check_size, boxes_from_label_studio_results, image_id_problem
+from gldboxes.boxes import Box, boxes_from_label_studio_results, check_image_size, image_id_problem
 from gldboxes.io import atomic_write
 
 __all__ = [
@@ -125,7 +125,7 @@ def coco_instances(
         else:
             width, height = _image_size(files[key])
             file_name = files[key].relative_to(root or Path()).as_posix()
-        _check_size(width, height, f"COCO (image {key!r})")
+        check_image_size(width, height, f"COCO (image {key!r})")
         out_images.append({"id": num, "file_name": file_name, "width": width, "height": height})
         for b in items[key]:
             bbox = b.to_coco(width, height)
@@ -216,7 +216,7 @@ def read_coco_json(path: str | os.PathLike[str], *, clip: bool = False) -> dict[
             if problem:
                 raise ValueError(problem)
             width, height = _number(img, "width"), _number(img, "height")
-            _check_size(width, height, "COCO")
+            check_image_size(width, height, "COCO")
             if img["id"] in by_num:
                 raise ValueError(f"image id {img['id']!r} is repeated")
             if key in out:

@@ -54,6 +54,7 @@ __all__ = [
     "box_iou",
     "boxes_from_label_studio_results",
     "boxes_to_array",
+    "check_image_size",
     "convert_boxes",
     "image_id_problem",
     "pairwise_iou",
@@ -165,7 +166,7 @@ class Box:
     # ----------------------------------------------------------------------------------- COCO
     def to_coco(self, width: float, height: float) -> list[float]:
         """COCO ``bbox``: absolute ``[x, y, w, h]`` in pixels of a ``width`` x ``height`` image."""
-        _check_size(width, height, "COCO")
+        check_image_size(width, height, "COCO")
         return [
             self.xmin * width,
             self.ymin * height,
@@ -185,7 +186,7 @@ class Box:
     ) -> Box:
         """From COCO's absolute ``[x, y, w, h]`` in a ``width`` x ``height`` image."""
         name = f"COCO [x, y, w, h] in a {width}x{height} image"
-        _check_size(width, height, "COCO")
+        check_image_size(width, height, "COCO")
         x, y, w, h = _four(values, name)
         _positive_size(name, values, w, h)
         return _make(
@@ -212,7 +213,7 @@ class Box:
         if width is not None or height is not None:
             if width is None or height is None:
                 raise ValueError("Label Studio export needs both width and height, or neither")
-            _check_size(width, height, "Label Studio")
+            check_image_size(width, height, "Label Studio")
             out["original_width"] = width
             out["original_height"] = height
         return out
@@ -260,7 +261,7 @@ class Box:
                 "needs original_width and original_height"
             )
         ow, oh = float(ow), float(oh)
-        _check_size(ow, oh, "Label Studio")
+        check_image_size(ow, oh, "Label Studio")
         corners = _label_studio_corners(x, y, w, h, rotation, ow, oh)
         xs, ys = corners[:, 0] / ow, corners[:, 1] / oh
         return _make(
@@ -303,7 +304,17 @@ def _positive_size(name: str, values: Any, w: float, h: float) -> None:
         raise ValueError(f"{name} box {values!r} has a non-positive width or height")
 
 
-def _check_size(width: float, height: float, fmt: str) -> None:
+def check_image_size(width: float, height: float, fmt: str) -> None:
+    """Check an image size (pixels) before a conversion to or from absolute coordinates.
+
+    Args:
+        width: image width in pixels.
+        height: image height in pixels.
+        fmt: the box format being converted (``"COCO"``, ``"Label Studio"``), for the message.
+
+    Raises:
+        ValueError: when ``width`` or ``height`` is not a finite positive number.
+    """
     if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
         raise ValueError(f"{fmt} conversion needs a positive image size, got {width}x{height}")
 

@@ -53,10 +53,13 @@ __all__ = [
     "GLDV2_SHARDS",
     "MANIFEST_VERSION",
     "GLDv2Report",
+    "ShardManifest",
     "download_gldv2",
+    "download_metadata",
     "download_shard_tar",
     "extract_shard",
     "fetch_shard_md5",
+    "gldv2_setup",
     "image_relpath",
     "parse_md5_file",
     "parse_shard_spec",
@@ -308,7 +311,7 @@ def download_shard_tar(
 
 
 # -------------------------------------------------------------------------------- manifest
-class _Manifest:
+class ShardManifest:
     """Thread-safe, atomically written record of verified and extracted shards."""
 
     def __init__(self, path: Path, split: str, base_url: str) -> None:
@@ -403,12 +406,12 @@ def download_gldv2(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    indices, base, root, manifest, report = _gldv2_setup(split, shards, base_url, out_dir)
+    indices, base, root, manifest, report = gldv2_setup(split, shards, base_url, out_dir)
     session = new_session(max(workers, 2))
     policy: dict[str, Any] = {"retries": retries, "backoff": backoff, "timeout": timeout}
     try:
         if metadata:
-            _download_metadata(split, base, root, session, policy, report)
+            download_metadata(split, base, root, session, policy, report)
 
         todo: list[str] = []
         for i in indices:
@@ -486,19 +489,23 @@ def _shard_indices(split: str, shards: Sequence[int] | str | None) -> list[int]:
     return indices
 
 
-def _gldv2_setup(
+def gldv2_setup(
     split: str,
     shards: Sequence[int] | str | None,
     base_url: str,
     out_dir: str | os.PathLike[str],
-) -> tuple[list[int], str, Path, _Manifest, GLDv2Report]:
+) -> tuple[list[int], str, Path, ShardManifest, GLDv2Report]:
     """What both GLDv2 downloaders start from: tar indices, base URL (with a trailing ``/``),
-    the split's folder (created), its manifest and an empty report."""
+    the split's folder (created), its manifest and an empty report.
+
+    Raises:
+        ValueError: when ``split`` is unknown or ``shards`` names tars out of its range.
+    """
     indices = _shard_indices(split, shards)
     base = base_url if base_url.endswith("/") else base_url + "/"
     root = Path(out_dir) / split
     root.mkdir(parents=True, exist_ok=True)
-    manifest = _Manifest(root / "manifest.json", split, base)
+    manifest = ShardManifest(root / "manifest.json", split, base)
     return (
         indices,
         base,
@@ -508,7 +515,7 @@ def _gldv2_setup(
     )
 
 
-def _download_metadata(
+def download_metadata(
     split: str, base: str, root: Path, session: Any, policy: dict[str, Any], report: GLDv2Report
 ) -> None:
     """Fetch the split's metadata CSVs into ``root``; failures go to ``report.failed``."""
@@ -534,7 +541,7 @@ def _process_shard(
     split: str,
     base: str,
     root: Path,
-    manifest: _Manifest,
+    manifest: ShardManifest,
     session: Any,
     policy: dict[str, Any],
     extract: bool,

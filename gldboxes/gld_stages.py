@@ -36,23 +36,23 @@ from gldboxes.gld import (
     GLDV2_BASE_URL,
     GLDV2_SHARDS,
     GLDv2Report,
-    _download_metadata,
-    _gldv2_setup,
+    download_metadata,
     download_shard_tar,
     extract_shard,
     fetch_shard_md5,
+    gldv2_setup,
     image_relpath,
     parse_md5_file,
     shard_name,
 )
 from gldboxes.gld_urls import (
     UrlListReport,
-    _iter_url_rows,
-    _read_failures,
-    _url_list_duplicates,
-    _warn_duplicates,
-    _write_failures,
     download_url_list,
+    iter_url_rows,
+    read_failures,
+    url_list_duplicates,
+    warn_duplicates,
+    write_failures,
 )
 from gldboxes.http import DownloadError, new_session
 
@@ -98,12 +98,12 @@ def download_gldv2_sharded(
 
     if tars_per_task < 1:
         raise ValueError(f"tars_per_task must be >= 1, got {tars_per_task}")
-    indices, base, root, manifest, report = _gldv2_setup(split, shards, base_url, out_dir)
+    indices, base, root, manifest, report = gldv2_setup(split, shards, base_url, out_dir)
     if metadata:
         session = new_session(2)
         try:
             policy: dict[str, Any] = {"retries": retries, "backoff": backoff, "timeout": timeout}
-            _download_metadata(split, base, root, session, policy, report)
+            download_metadata(split, base, root, session, policy, report)
         finally:
             session.close()
     stage, tasks = gldv2_shard_stage(
@@ -209,7 +209,7 @@ def download_url_list_sharded(
     report.shards_done, report.shards_skipped = list(rep.done), list(rep.skipped)
     report.failed_shards = dict(rep.failed)
     failures: dict[str, tuple[str, str]] = {}
-    duplicates = _url_list_duplicates(Path(csv_path), limit)  # dropped from the tasks' rows
+    duplicates = url_list_duplicates(Path(csv_path), limit)  # dropped from the tasks' rows
     for task in tasks:
         if task.name in rep.failed:
             continue
@@ -219,11 +219,11 @@ def download_url_list_sharded(
             report.present += int(counts.get("present", 0))
         else:
             report.present += int(counts.get("rows", 0)) - int(counts.get("failed", 0))
-        failures.update(_read_failures(work / task.name / "failures.csv"))
-    _write_failures(report.failures_csv, failures, duplicates)
+        failures.update(read_failures(work / task.name / "failures.csv"))
+    write_failures(report.failures_csv, failures, duplicates)
     report.failed = len(failures)
     report.duplicates = len(duplicates)
-    _warn_duplicates(Path(csv_path), duplicates, report.failures_csv)
+    warn_duplicates(Path(csv_path), duplicates, report.failures_csv)
     report.seconds = time.perf_counter() - t0
     logger.info(
         "%s: %d downloaded, %d already present, %d failed (%s); %d task(s) run, %d skipped",
@@ -346,7 +346,7 @@ def url_list_shards(
 
     rows: list[list[str]] = []
     seen: set[str] = set()
-    for n, (image_id, url, _) in enumerate(_iter_url_rows(Path(csv_path))):
+    for n, (image_id, url, _) in enumerate(iter_url_rows(Path(csv_path))):
         if limit is not None and n >= limit:
             break
         if image_id not in seen:

@@ -27,7 +27,16 @@ from gldboxes.http import fetch_bytes, new_session
 from gldboxes.io import atomic_path, atomic_write
 from gldboxes.progress import tqdm
 
-__all__ = ["DUPLICATE_ID", "UrlListReport", "download_url_list"]
+__all__ = [
+    "DUPLICATE_ID",
+    "UrlListReport",
+    "download_url_list",
+    "iter_url_rows",
+    "read_failures",
+    "url_list_duplicates",
+    "warn_duplicates",
+    "write_failures",
+]
 
 logger = logging.getLogger("gldboxes.gld_urls")
 
@@ -104,7 +113,7 @@ def download_url_list(
     images_dir = out / "images"
     failures_csv = out / "failures.csv"
     images_dir.mkdir(parents=True, exist_ok=True)
-    previous = _read_failures(failures_csv)
+    previous = read_failures(failures_csv)
     failures: dict[str, tuple[str, str]] = dict(previous)  # cleared per id on success
     duplicates: list[tuple[str, str]] = []  # (id, url) of rows repeating an earlier id
     repeated = _repeated_id_hashes(csv_path, limit)
@@ -149,7 +158,7 @@ def download_url_list(
                                 failures[image_id] = (url, _reason(exc))
                         bar.update(1)
 
-            for n_rows, (image_id, url, problem) in enumerate(_iter_url_rows(csv_path)):
+            for n_rows, (image_id, url, problem) in enumerate(iter_url_rows(csv_path)):
                 if limit is not None and n_rows >= limit:
                     break
                 if hash(image_id) in repeated:
@@ -188,10 +197,10 @@ def download_url_list(
     finally:
         bar.close()
         session.close()
-        _write_failures(failures_csv, failures, duplicates)
+        write_failures(failures_csv, failures, duplicates)
         report.duplicates = len(duplicates)
         report.seconds = time.perf_counter() - t0
-    _warn_duplicates(csv_path, duplicates, failures_csv)
+    warn_duplicates(csv_path, duplicates, failures_csv)
     logger.info(
         "%s: %d downloaded, %d already present, %d failed (%s)",
         csv_path.name,
@@ -203,7 +212,7 @@ def download_url_list(
     return report
 
 
-def _iter_url_rows(path: Path) -> Iterator[tuple[str, str, str | None]]:
+def iter_url_rows(path: Path) -> Iterator[tuple[str, str, str | None]]:
     """``(id, url, problem)`` of each row of an ``id,url[,...]`` CSV (a UTF-8 BOM is accepted).
 
     ``problem`` names what is wrong with a row too short to hold both fields (else ``None``);
@@ -238,21 +247,21 @@ def _repeated_id_hashes(path: Path, limit: int | None) -> set[int]:
     """
     import numpy as np
 
-    rows = _iter_url_rows(path)
+    rows = iter_url_rows(path)
     ids = (row[0] for row in (rows if limit is None else itertools.islice(rows, max(limit, 0))))
     hashes = np.fromiter((hash(i) for i in ids), np.int64)
     hashes.sort()
     return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
 
 
-def _url_list_duplicates(path: Path, limit: int | None) -> list[tuple[str, str]]:
+def url_list_duplicates(path: Path, limit: int | None) -> list[tuple[str, str]]:
     """``(id, url)`` of the rows (among the first ``limit``) repeating an earlier row's id."""
     repeated = _repeated_id_hashes(path, limit)
     if not repeated:
         return []
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
-    rows = _iter_url_rows(path)
+    rows = iter_url_rows(path)
     for image_id, url, _ in rows if limit is None else itertools.islice(rows, max(limit, 0)):
         if hash(image_id) in repeated:
             if image_id in seen:
@@ -261,7 +270,9 @@ def _url_list_duplicates(path: Path, limit: int | None) -> list[tuple[str, str]]
     return out
 
 
-def _warn_duplicates(path: Path, duplicates: list[tuple[str, str]], failures_csv: Path) -> None:
+def warn_duplicates(path: Path, duplicates: list[tuple[str, str]], failures_csv: Path) -> None:
+    """One warning naming the URL list ``path``, how many rows repeat an id and ``failures_csv``
+    (nothing when ``duplicates`` is empty)."""
     if duplicates:
         logger.warning(
             "%s: %d row(s) repeat an earlier id and were skipped (the first row wins; listed "
@@ -320,9 +331,13 @@ def _reason(exc: BaseException) -> str:
     return text[:300]
 
 
-def _read_failures(path: Path) -> dict[str, tuple[str, str]]:
+def read_failures(path: Path) -> dict[str, tuple[str, str]]:
     """``{id: (url, reason)}`` of a ``failures.csv`` (its ``duplicate id`` rows left out: they
-    are found again from the CSV on every run)."""
+    are found again from the CSV on every run); empty when the file does not exist.
+
+    Raises:
+        ValueError: when the header lacks ``id`` (naming the file).
+    """
     if not path.exists():
         return {}
     out: dict[str, tuple[str, str]] = {}
@@ -336,7 +351,7 @@ def _read_failures(path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _write_failures(
+def write_failures(
     path: Path,
     failures: dict[str, tuple[str, str]],
     duplicates: Sequence[tuple[str, str]] = (),

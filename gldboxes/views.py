@@ -41,19 +41,19 @@ import numpy as np
 
 from gldboxes.boxes import read_boxes_csv
 from gldboxes.views_base import (
-    _ANNOTATION_FIELDS,
+    ANNOTATION_FIELDS,
     LANDMARK_LABEL,
     Missing,
-    _detections,
-    _fingerprint,
-    _finish,
-    _image_paths,
-    _new_building,
-    _up_to_date,
+    finish_view,
     image_metadata,
+    new_building_dataset,
     read_annotation_metadata,
     read_id_csv,
+    resolve_image_paths,
     slug,
+    to_detections,
+    up_to_date_dataset,
+    view_fingerprint,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,8 +133,8 @@ def build_box_dataset(
         "splits_csv": splits_csv,
     }
     options = {"images_root": str(root.resolve()), "split": split, "missing": missing}
-    fp = _fingerprint("boxes", files, options)
-    if not overwrite and (ds := _up_to_date(name, fp)) is not None:
+    fp = view_fingerprint("boxes", files, options)
+    if not overwrite and (ds := up_to_date_dataset(name, fp)) is not None:
         return ds
 
     boxes = read_boxes_csv(boxes_csv)
@@ -167,9 +167,9 @@ def build_box_dataset(
         if splits_csv is not None
         else {}
     )
-    ids, paths = _image_paths(ids, root, urls, missing, str(train_csv))
+    ids, paths = resolve_image_paths(ids, root, urls, missing, str(train_csv))
 
-    extra_cols = sorted({c for m in meta.values() for c in m} - set(_ANNOTATION_FIELDS))
+    extra_cols = sorted({c for m in meta.values() for c in m} - set(ANNOTATION_FIELDS))
     img_meta = image_metadata(paths)
     samples = []
     for i, path in zip(ids, paths, strict=True):
@@ -181,7 +181,7 @@ def build_box_dataset(
             "gld_id": i,
             "landmark_id": landmark[i],
             "split": sp,
-            "ground_truth": _detections(bs),
+            "ground_truth": to_detections(bs),
             "n_boxes": len(bs),
             "no_landmark": flagged,
             "no_landmark_reason": (reasons or {}).get(i) if flagged else None,
@@ -196,7 +196,7 @@ def build_box_dataset(
             fo.Sample(filepath=str(path), tags=tags, metadata=img_meta[str(path)], **fields)
         )
 
-    ds = _new_building(name)
+    ds = new_building_dataset(name)
     try:
         # Declare the optional fields so the schema is the same with or without metadata.
         for fname, ftype in (
@@ -217,7 +217,7 @@ def build_box_dataset(
             "n_annotated": sum(1 for i in ids if i in meta),
             "splits": {k: int(v) for k, v in ds.count_values("split").items()},
         }
-        return _finish(ds, name, "boxes", fp, {**files, "images_root": root}, summary)
+        return finish_view(ds, name, "boxes", fp, {**files, "images_root": root}, summary)
     except BaseException:
         ds.delete()
         raise
@@ -286,8 +286,8 @@ def build_detection_dataset(
         "min_score": min_score,
         "missing": missing,
     }
-    fp = _fingerprint("detections", files, options)
-    if not overwrite and (ds := _up_to_date(name, fp)) is not None:
+    fp = view_fingerprint("detections", files, options)
+    if not overwrite and (ds := up_to_date_dataset(name, fp)) is not None:
         return ds
 
     gt = read_boxes_csv(gt_csv)
@@ -302,7 +302,7 @@ def build_detection_dataset(
     preds = {i: [b for b in bs if (b.score or 0.0) >= min_score] for i, bs in preds.items()}
     extra = [r["id"] for r in read_id_csv(ids_csv)] if ids_csv is not None else []
     ids = sorted(set(gt) | set(preds) | set(extra))
-    ids, paths = _image_paths(ids, root, None, missing, str(gt_csv))
+    ids, paths = resolve_image_paths(ids, root, None, missing, str(gt_csv))
     img_meta = image_metadata(paths)
 
     samples = [
@@ -310,12 +310,12 @@ def build_detection_dataset(
             filepath=str(p),
             metadata=img_meta[str(p)],
             gld_id=i,
-            ground_truth=_detections(gt.get(i, [])),
-            predictions=_detections(preds.get(i, [])),
+            ground_truth=to_detections(gt.get(i, [])),
+            predictions=to_detections(preds.get(i, [])),
         )
         for i, p in zip(ids, paths, strict=True)
     ]
-    ds = _new_building(name)
+    ds = new_building_dataset(name)
     try:
         ds.add_samples(samples, progress=False)
         results = ds.evaluate_detections(
@@ -365,7 +365,7 @@ def build_detection_dataset(
             "false_positives", ds.filter_labels("predictions", F("eval") == "fp"), overwrite=True
         )
         ds.save_view("missed", ds.filter_labels("ground_truth", F("eval") == "fn"), overwrite=True)
-        return _finish(ds, name, "detections", fp, {**files, "images_root": root}, summary)
+        return finish_view(ds, name, "detections", fp, {**files, "images_root": root}, summary)
     except BaseException:
         ds.delete()
         raise

@@ -10,7 +10,7 @@ Used by the builders in :mod:`gldboxes.views` and by
 * the build: a fingerprint of sources and options in ``dataset.info["gldboxes"]`` (same inputs:
   the stored dataset is returned untouched), building under a temporary name and swapping it in
   (:func:`dataset_summary` reads what was stored), :func:`slug` for dataset names;
-* bulk insertion of sample documents in FiftyOne's stored form (``_add_docs``).
+* bulk insertion of sample documents in FiftyOne's stored form (``add_sample_docs``).
 
 FiftyOne is imported lazily. This module never imports ``retrieval``.
 """
@@ -36,16 +36,26 @@ if TYPE_CHECKING:  # pragma: no cover
     import fiftyone as fo
 
 __all__ = [
+    "ANNOTATION_FIELDS",
     "FORMAT_VERSION",
     "LANDMARK_LABEL",
     "Missing",
+    "add_sample_docs",
     "boxes_to_xywh",
+    "classification_doc",
     "dataset_summary",
+    "detections_doc",
+    "finish_view",
     "image_metadata",
+    "new_building_dataset",
     "read_annotation_metadata",
     "read_id_csv",
     "resolve_image_path",
+    "resolve_image_paths",
     "slug",
+    "to_detections",
+    "up_to_date_dataset",
+    "view_fingerprint",
 ]
 
 logger = logging.getLogger("gldboxes.views_base")
@@ -72,7 +82,7 @@ def boxes_to_xywh(boxes: npt.ArrayLike) -> np.ndarray:
     return np.stack([arr[:, 1], arr[:, 0], arr[:, 3] - arr[:, 1], arr[:, 2] - arr[:, 0]], axis=1)
 
 
-def _detections(boxes: Sequence[Box], label: str = LANDMARK_LABEL, **attrs: Any) -> fo.Detections:
+def to_detections(boxes: Sequence[Box], label: str = LANDMARK_LABEL, **attrs: Any) -> fo.Detections:
     """``fo.Detections`` of ``boxes`` (scores become ``confidence``)."""
     import fiftyone as fo
 
@@ -180,8 +190,8 @@ def _parse_float(value: Any, where: str) -> float | None:
     return None if np.isnan(out) else out
 
 
-# Annotation metadata columns with a type; other columns are kept as strings.
-_ANNOTATION_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+#: Annotation metadata columns with a type (column -> parser); other columns are kept as strings.
+ANNOTATION_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "rater": lambda v, w: None if v in (None, "") else str(v),
     "agreement": _parse_float,
     "pre_annotation_kept": _parse_bool,
@@ -233,13 +243,13 @@ def read_annotation_metadata(path: str | os.PathLike[str]) -> dict[str, dict[str
         for col, value in row.items():
             if col == "id" or col == "format_version":
                 continue
-            parse = _ANNOTATION_FIELDS.get(col)
+            parse = ANNOTATION_FIELDS.get(col)
             entry[col] = parse(value, where) if parse else (None if value is None else str(value))
         out[key] = entry
     return out
 
 
-def _fingerprint(
+def view_fingerprint(
     kind: str,
     files: Mapping[str, str | os.PathLike[str] | None],
     options: Mapping[str, Any],
@@ -268,7 +278,7 @@ def slug(text: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-") or "x"
 
 
-def _up_to_date(name: str, fingerprint: str) -> fo.Dataset | None:
+def up_to_date_dataset(name: str, fingerprint: str) -> fo.Dataset | None:
     """The existing dataset ``name`` when it was built from the same fingerprint."""
     import fiftyone as fo
 
@@ -282,7 +292,9 @@ def _up_to_date(name: str, fingerprint: str) -> fo.Dataset | None:
     return None
 
 
-def _new_building(name: str) -> fo.Dataset:
+def new_building_dataset(name: str) -> fo.Dataset:
+    """An empty dataset to build ``name`` under a temporary name (``<name>-building-<pid>``),
+    replacing a leftover one; :func:`finish_view` swaps it in."""
     import fiftyone as fo
 
     tmp = f"{name}-building-{os.getpid()}"
@@ -291,7 +303,7 @@ def _new_building(name: str) -> fo.Dataset:
     return fo.Dataset(tmp)
 
 
-def _finish(
+def finish_view(
     ds: fo.Dataset,
     name: str,
     kind: str,
@@ -324,10 +336,17 @@ def dataset_summary(ds: fo.Dataset) -> dict[str, Any]:
     return dict(ds.info.get("gldboxes", {}))
 
 
-def _image_paths(
+def resolve_image_paths(
     ids: Sequence[str], root: Path, urls: Mapping[str, str] | None, missing: Missing, what: str
 ) -> tuple[list[str], list[Path]]:
-    """Resolve ``ids`` to image files; drop (``skip``) or reject (``error``) missing ones."""
+    """Resolve ``ids`` to image files; drop (``skip``) or reject (``error``) missing ones.
+
+    Returns:
+        ``(ids, paths)`` of the images found, in the order of ``ids``.
+
+    Raises:
+        ValueError: with ``missing="error"`` when an image is not found, naming ``what``.
+    """
     paths = [resolve_image_path(root, i, (urls or {}).get(i)) for i in ids]
     exists = [p.is_file() for p in paths]
     n_missing = len(exists) - sum(exists)
@@ -353,7 +372,7 @@ def _image_paths(
 # --------------------------------------------------------------------------- bulk insertion
 
 
-def _classification_doc(label: str, new_id: Callable[[], Any], **attrs: Any) -> dict[str, Any]:
+def classification_doc(label: str, new_id: Callable[[], Any], **attrs: Any) -> dict[str, Any]:
     """An ``fo.Classification`` in FiftyOne's stored form (``new_id``: ``bson.ObjectId``).
 
     ``attrs`` become dynamic attributes of the label (declared by the public insertion path).
@@ -361,13 +380,16 @@ def _classification_doc(label: str, new_id: Callable[[], Any], **attrs: Any) -> 
     return {"_id": new_id(), "_cls": "Classification", "label": label, "tags": [], **attrs}
 
 
-def _detections_doc(
+def detections_doc(
     xywh: Sequence[Sequence[float]],
     scores: Sequence[float | None],
     label: str,
     new_id: Callable[[], Any],
 ) -> dict[str, Any]:
-    """An ``fo.Detections`` of relative ``[x, y, w, h]`` boxes in FiftyOne's stored form."""
+    """An ``fo.Detections`` of relative ``[x, y, w, h]`` boxes in FiftyOne's stored form.
+
+    ``xywh`` (N, 4) relative boxes, ``scores`` one per box (None: no ``confidence``).
+    """
     dets = []
     for bb, c in zip(xywh, scores, strict=False):
         d: dict[str, Any] = {
@@ -384,7 +406,9 @@ def _detections_doc(
     return {"_cls": "Detections", "detections": dets}
 
 
-def _add_docs(ds: fo.Dataset, docs: list[dict[str, Any]], *, fast: bool, n_public: int) -> None:
+def add_sample_docs(
+    ds: fo.Dataset, docs: list[dict[str, Any]], *, fast: bool, n_public: int
+) -> None:
     """Add sample documents (FiftyOne's stored form, labels as ``_cls`` dicts) to ``ds``.
 
     The first ``n_public`` go through ``fo.Sample.from_dict`` + ``add_samples``, FiftyOne's

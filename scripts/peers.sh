@@ -8,5 +8,5 @@ PY=.venv/bin/python
 echo "installing the asmk peer (0.1.1) into .venv"
 .venv/bin/pip install -q cython \
   && .venv/bin/pip install -q --no-deps --no-build-isolation asmk==0.1.1 \
-  || echo "WARNING: could not install asmk; tests/test_scale_bench.py::test_asmk_peer will fail" >&2
+  || echo "WARNING: could not install asmk; the tests that drive it (tests/test_scale_bench.py::test_asmk_peer, tests/test_asmk_peer_bench.py) will fail" >&2
 exit 0

@@ -120,7 +120,7 @@ class TestAggregationWithHnsw:
         monkeypatch.setattr(agg, "_ASSIGN_CHUNK", 500)
         got = aggregate_many(imgs, cb, kernel, regions=regions, assignment=wi)
         exact = aggregate_many(imgs, cb, kernel, regions=regions)
-        monkeypatch.setattr(asg, "_nearest_word", lambda xx, c: wi.search(xx)[:, 0])
+        monkeypatch.setattr(asg, "nearest_word", lambda xx, c: wi.search(xx)[:, 0])
         want = aggregate_many(imgs, cb, kernel, regions=regions)
         np.testing.assert_array_equal(got.offsets, want.offsets)
         np.testing.assert_array_equal(got.words, want.words)
@@ -128,7 +128,7 @@ class TestAggregationWithHnsw:
         assert not np.array_equal(got.data, exact.data)  # the approximation shows
         # the string form builds the same graph (with the default beam)
         one = aggregate(imgs[3], cb, kernel, assignment="hnsw")
-        monkeypatch.setattr(asg, "_nearest_word", lambda xx, c: word_index(cb).search(xx)[:, 0])
+        monkeypatch.setattr(asg, "nearest_word", lambda xx, c: word_index(cb).search(xx)[:, 0])
         np.testing.assert_array_equal(one.words, aggregate(imgs[3], cb, kernel).words)
 
 

@@ -731,7 +731,7 @@ class TestBudgetAndUpright:
         # the helper: one keypoint per (location, size, octave), the strongest, at angle 0
         sift = cv2.SIFT_create(nfeatures=400)  # type: ignore[attr-defined]
         raw = sift.detect(img, None)
-        up = F._RootSift._upright(raw)
+        up = F.RootSift._upright(raw)
         assert all(k.angle == 0.0 for k in up)
         assert len(raw) > len(up) == len({(k.pt, k.size, k.octave) for k in raw})
         # ... which differ from the oriented ones (rotation invariance is switched off)

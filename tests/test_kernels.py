@@ -11,6 +11,7 @@ import pytest
 
 import retrieval.index.aggregation as agg
 from retrieval.index.aggregation import KERNELS, AggregatedBatch, aggregate_many, similarity
+from retrieval.index.assignment import nearest_word
 from retrieval.index.inverted_file import InvertedFile, top_k
 
 # The float kernel whose residual signs a binary kernel packs.
@@ -218,7 +219,7 @@ def test_nearest_word_matches_exhaustive_argmin() -> None:
     dist = ((x[:, None, :].astype(np.float64) - cb[None].astype(np.float64)) ** 2).sum(-1)
     want = dist.argmin(1)
     for block in (64, 300, 4096):  # several codeword blocks, exactly one, one larger
-        got = agg._nearest_word(x, cb, block=block)
+        got = nearest_word(x, cb, block=block)
         # float32 rounding may only swap near-ties: the chosen word is as near as the best
         same = got == want
         assert same.mean() > 0.99
@@ -226,7 +227,7 @@ def test_nearest_word_matches_exhaustive_argmin() -> None:
             dist[np.arange(700), got], dist[np.arange(700), want], rtol=1e-5, atol=1e-5
         )
     ties = np.repeat(cb[:1], 2, axis=0)  # two identical codewords: the first wins
-    assert agg._nearest_word(cb[:1] + 0.01, np.concatenate([ties, cb[1:]]), block=1)[0] == 0
+    assert nearest_word(cb[:1] + 0.01, np.concatenate([ties, cb[1:]]), block=1)[0] == 0
 
 
 def test_radix_ranking_equals_stable_argsort() -> None:

@@ -8,7 +8,12 @@ from typing import Any
 from retrieval.cli import gldv2 as cli_gldv2
 from retrieval.cli import rmac as cli_rmac
 
-__all__ = ["register"]
+__all__ = [
+    "add_verification_options",
+    "engine_conf_from_args",
+    "register",
+    "verification_conf_from_args",
+]
 
 
 def register(subparsers: Any) -> None:
@@ -130,7 +135,7 @@ def register(subparsers: Any) -> None:
         default="assign",
         help="assign, reextract, or both comma-separated (the paper re-extracts)",
     )
-    _verify_options(ab)
+    add_verification_options(ab)
     _codebook_options(ab)
     _feature_options(ab)
     ab.add_argument("--name", default="ablation", help="result folder under --out")
@@ -182,7 +187,7 @@ def _feature_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _verify_options(p: argparse.ArgumentParser) -> None:
+def add_verification_options(p: argparse.ArgumentParser) -> None:
     """Spatial verification knobs; unset ones take the features preset's defaults."""
     p.add_argument("--verify", action="store_true", help="spatial verification after search")
     p.add_argument("--gv-top-n", type=int, help="verified head per protocol (default 100)")
@@ -218,7 +223,7 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _verification_conf(args: argparse.Namespace) -> dict[str, Any] | None:
+def verification_conf_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """The run's ``verification`` dict from the ``--gv-*`` options (None: no verification)."""
     if not getattr(args, "verify", False):
         return None
@@ -296,7 +301,7 @@ def _region_options(p: argparse.ArgumentParser) -> None:
         help="regional search: a region's ASMK normalisation counts at least this fraction of "
         "its image's words (default 0.1; 0: plain ASMK)",
     )
-    _verify_options(p)
+    add_verification_options(p)
 
 
 def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
@@ -307,11 +312,17 @@ def _region_conf(args: argparse.Namespace) -> dict[str, Any]:
         "region_features": getattr(args, "region_features", "assign"),
         "regional_search": getattr(args, "regional_search", None),
         "region_norm_floor": getattr(args, "region_norm_floor", None),
-        "verification": _verification_conf(args),
+        "verification": verification_conf_from_args(args),
     }
 
 
-def _engine_conf(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+def engine_conf_from_args(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The resolved run conf (:func:`retrieval.runner.conf.resolve_conf`) of the features,
+    kernel, assignment and verification options, plus ``extra`` conf keys.
+
+    Raises:
+        ValueError: from ``resolve_conf`` when an option is out of range or unknown.
+    """
     from retrieval.runner.conf import resolve_conf
 
     return resolve_conf(
@@ -329,7 +340,7 @@ def _extract(args: argparse.Namespace) -> int:
     from retrieval.runner.driver import extract_folder
     from retrieval.runner.run import run
 
-    conf = _engine_conf(args)
+    conf = engine_conf_from_args(args)
     if args.images:
         path, name = extract_folder(conf, args.images, args.out, overwrite=args.overwrite)
         print(f"{name}: {path}")
@@ -355,7 +366,7 @@ def _codebook(args: argparse.Namespace) -> int:
         "max_descriptors": args.max_descriptors,
         "max_points_per_centroid": 256,
     }
-    conf = _engine_conf(args, codebook=cbconf)
+    conf = engine_conf_from_args(args, codebook=cbconf)
     name = args.name or Path(args.train_features).stem
     path = build_codebook(conf, args.train_features, name, args.out, overwrite=args.overwrite)
     print(path)
@@ -368,7 +379,7 @@ def _stage_run(args: argparse.Namespace, until: str) -> Any:
     from retrieval.runner.run import run
 
     k = load_codebook(args.codebook).shape[0]
-    conf = _engine_conf(args, codebook={"size": k})
+    conf = engine_conf_from_args(args, codebook={"size": k})
     return run(
         args.dataset,
         args.out,
@@ -406,7 +417,7 @@ def _run(args: argparse.Namespace) -> int:
     from gldboxes.executor import executor_from_args
     from retrieval.runner.run import run
 
-    conf = _engine_conf(
+    conf = engine_conf_from_args(
         args,
         codebook={"size": args.codebook_size, "seed": args.codebook_seed},
         **_region_conf(args),
@@ -505,7 +516,7 @@ def _ablation(args: argparse.Namespace) -> int:
     conf["ss"] = [int(v) for v in _floats(args.ss, "ss")]
     conf["gt"] = not args.no_gt
     conf["region_features"] = [m.strip() for m in args.region_features.split(",") if m.strip()]
-    conf["verification"] = _verification_conf(args)
+    conf["verification"] = verification_conf_from_args(args)
     path = main(
         conf,
         args.dataset,

@@ -46,7 +46,7 @@ def add_index_options(p: argparse.ArgumentParser) -> None:
 
 def index(args: argparse.Namespace) -> int:
     """``retrieval index`` with ``--images``, ``--remove`` or ``--compact``."""
-    from retrieval.cli import _engine_conf
+    from retrieval.cli import engine_conf_from_args
     from retrieval.runner import photos
 
     out = args.out
@@ -64,7 +64,7 @@ def index(args: argparse.Namespace) -> int:
         if args.codebook_size:
             extra["codebook"] = {"size": args.codebook_size}
         photos.main(
-            _engine_conf(args, **extra),
+            engine_conf_from_args(args, **extra),
             args.images,
             out,
             codebook=args.codebook,
@@ -85,7 +85,7 @@ def index(args: argparse.Namespace) -> int:
 
 def register_query(sub: Any) -> None:
     """Add ``retrieval query`` to the retrieval subparsers."""
-    from retrieval.cli import _verify_options
+    from retrieval.cli import add_verification_options
 
     q = sub.add_parser(
         "query", help="search a photo index (retrieval index --images) with your own photos"
@@ -107,14 +107,14 @@ def register_query(sub: Any) -> None:
     )
     q.add_argument("--region-boxes", help="boxes CSV (id = photo name) for d2r-*/gt regions")
     q.add_argument("--region-threshold", type=float, help="detector score threshold")
-    _verify_options(q)
+    add_verification_options(q)
     q.set_defaults(func=_query)
 
 
 def _query(args: argparse.Namespace) -> int:
     import json
 
-    from retrieval.cli import _verification_conf
+    from retrieval.cli import verification_conf_from_args
     from retrieval.runner import photos
 
     if not args.photos and not args.gt:
@@ -135,7 +135,7 @@ def _query(args: argparse.Namespace) -> int:
             "region_threshold": args.region_threshold,
         }
         results = idx.query(
-            args.photos, args.top_k, verification=_verification_conf(args), regions=regions
+            args.photos, args.top_k, verification=verification_conf_from_args(args), regions=regions
         )
         out["queries"] = [
             {

@@ -28,16 +28,16 @@ import numpy.typing as npt
 
 from gldboxes.boxes import Box
 from gldboxes.views_base import (
-    _add_docs,
-    _classification_doc,
-    _detections_doc,
-    _fingerprint,
-    _finish,
-    _new_building,
-    _up_to_date,
+    add_sample_docs,
     boxes_to_xywh,
+    classification_doc,
+    detections_doc,
+    finish_view,
     image_metadata,
+    new_building_dataset,
     slug,
+    up_to_date_dataset,
+    view_fingerprint,
 )
 from retrieval.evaluation.evaluate import (
     PROTOCOLS,
@@ -188,8 +188,8 @@ def build_retrieval_dataset(
         "regions": regions is not None,
         "max_query_views": max_query_views,
     }
-    fp = _fingerprint("retrieval", files, options, arrays)
-    if not overwrite and (ds := _up_to_date(name, fp)) is not None:
+    fp = view_fingerprint("retrieval", files, options, arrays)
+    if not overwrite and (ds := up_to_date_dataset(name, fp)) is not None:
         return ds
     docs, n_positive = _sample_docs(inp, root, regions)
     return _store(
@@ -307,8 +307,8 @@ def _sample_docs(
     inp: _Ranked, root: Path, regions: Mapping[str, Sequence[Box]] | None
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The samples as documents in FiftyOne's stored format (labels as ``_cls`` dicts, see
-    :func:`gldboxes.views._add_docs`): per query, the query then its top-k results; and the
-    number of positives shown under each protocol."""
+    :func:`gldboxes.views_base.add_sample_docs`): per query, the query then its top-k results;
+    and the number of positives shown under each protocol."""
     from bson import ObjectId as oid
 
     top, qgnd, nq = inp.top, inp.gnd, len(inp.qimlist)
@@ -341,7 +341,7 @@ def _sample_docs(
             "query_name": qname,
             "query_index": q,
             "rank": 0,
-            "query_box": _detections_doc([] if box is None else [box], [None], "query", oid),
+            "query_box": detections_doc([] if box is None else [box], [None], "query", oid),
             "n_easy": len(g.get("easy", [])),
             "n_hard": len(g.get("hard", [])),
             "n_junk": len(g.get("junk", [])),
@@ -371,12 +371,12 @@ def _sample_docs(
             if sc is not None:
                 rdoc["score"] = sc[rank0]
             for p in PROTOCOLS:
-                rdoc[f"label_{p}"] = _classification_doc(chip[p][rank0], oid, outcome=lab[p][rank0])
-            rdoc["revisited"] = _classification_doc(
+                rdoc[f"label_{p}"] = classification_doc(chip[p][rank0], oid, outcome=lab[p][rank0])
+            rdoc["revisited"] = classification_doc(
                 str(_REVISITED_CHIPS[rev[rank0]]), oid, cls=REVISITED_CLASSES[rev[rank0]]
             )
             if regions is not None:
-                rdoc["regions"] = _detections_doc(*region_docs[dbi], "region", oid)
+                rdoc["regions"] = detections_doc(*region_docs[dbi], "region", oid)
             docs.append(rdoc)
     return docs, {p: int((c == 1).sum()) for p, c in codes.items()}
 
@@ -398,12 +398,12 @@ def _store(
     from fiftyone import ViewField as F
 
     nq, k = len(inp.qimlist), inp.top.shape[0]
-    ds = _new_building(name)
+    ds = new_building_dataset(name)
     try:
         ds.add_sample_field("score", fo.FloatField)
         for p in PROTOCOLS:
             ds.add_sample_field(f"ap_{p}", fo.FloatField)
-        _add_docs(ds, docs, fast=fast, n_public=k + 1)
+        add_sample_docs(ds, docs, fast=fast, n_public=k + 1)
         ds.add_dynamic_sample_fields()  # the chips' ``outcome``/``cls`` attributes
         ds.save_view("queries", ds.match(F("kind") == "query"), overwrite=True)
         ds.save_view("by_query", ds.group_by("query_name", order_by="rank"), overwrite=True)
@@ -426,7 +426,7 @@ def _store(
             if p in inp.aps:
                 valid = ~np.isnan(inp.aps[p])
                 summary[f"map_{p}"] = float(inp.aps[p][valid].mean()) if valid.any() else None
-        return _finish(ds, name, "retrieval", fingerprint, source, summary)
+        return finish_view(ds, name, "retrieval", fingerprint, source, summary)
     except BaseException:
         ds.delete()
         raise

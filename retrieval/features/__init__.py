@@ -58,16 +58,16 @@ import numpy as np
 from gldboxes.io import write_config
 from gldboxes.progress import tqdm
 from retrieval.features.chunks import (
-    _ChunkWriter,
-    _committed_chunks,
-    _held,
-    _legacy_images,
-    _merge,
-    _Sources,
+    ChunkSources,
+    ChunkWriter,
+    committed_chunks,
+    held_images,
+    legacy_images,
+    merge_chunks,
 )
 from retrieval.features.h5 import (
-    _H5_ERRORS,
     FORMAT_VERSION,
+    H5_ERRORS,
     ExtractedFeatures,
     check_features,
     failures,
@@ -75,8 +75,8 @@ from retrieval.features.h5 import (
     read_features,
     write_image,
 )
-from retrieval.features.images import BadImageError, ImageItem, _crop_and_resize, load_image
-from retrieval.features.sift import _RootSift, _rootsift, rootsift
+from retrieval.features.images import BadImageError, ImageItem, crop_and_resize, load_image
+from retrieval.features.sift import RootSift, rootsift, rootsift_conf
 
 __all__ = [
     "FORMAT_VERSION",
@@ -102,8 +102,8 @@ logger = logging.getLogger("retrieval.features")
 # The RootSIFT presets (their keys commented in retrieval.features.sift); each plug-in adds
 # its own below.
 confs: dict[str, dict[str, Any]] = {
-    "rootsift": _rootsift(1000),
-    "rootsift-n4000": _rootsift(4000),
+    "rootsift": rootsift_conf(1000),
+    "rootsift-n4000": rootsift_conf(4000),
 }
 
 
@@ -167,7 +167,7 @@ def make_extractor(conf: Mapping[str, Any]) -> Any:
     """
     name = conf["model"]["name"]
     if name == "rootsift":
-        return _RootSift(conf["model"])
+        return RootSift(conf["model"])
     plugin = _plugin(name)
     if plugin is not None:
         return plugin.make(conf["model"])
@@ -187,7 +187,7 @@ def extract_image(
         exif_transpose=bool(pre.get("exif_transpose", True)),
         max_side=max_side if item.bbx is None else None,
     )
-    arr, sx, sy, ox, oy = _crop_and_resize(arr, factor, item.bbx, max_side)
+    arr, sx, sy, ox, oy = crop_and_resize(arr, factor, item.bbx, max_side)
     dim = getattr(extractor, "dim", 128)
     if min(arr.shape[:2]) < int(pre.get("min_side", 8)):
         return ExtractedFeatures.empty(max(dim, 0)), size
@@ -245,17 +245,17 @@ def main(
         out.unlink(missing_ok=True)
         legacy.unlink(missing_ok=True)
         shutil.rmtree(partial_dir, ignore_errors=True)
-    sources: _Sources = []  # finished work not in `out`, oldest first
+    sources: ChunkSources = []  # finished work not in `out`, oldest first
     if legacy.exists():
-        old = _legacy_images(legacy)
+        old = legacy_images(legacy)
         if old is not None:
             sources.append((legacy, old))
-    chunks, seq = _committed_chunks(partial_dir)
+    chunks, seq = committed_chunks(partial_dir)
     sources.extend(chunks)
     pending = set().union(*(ids for _, ids in sources))
     held = None  # the images `out` holds complete (of those asked for and those pending)
     if out.exists():
-        held = _held(out, [*names, *pending.difference(names)], "features file")
+        held = held_images(out, [*names, *pending.difference(names)], "features file")
     if held is not None and pending <= held:
         # nothing newer than `out`: leftovers of a merge killed before it cleaned up
         sources, chunks = [], []
@@ -275,7 +275,7 @@ def main(
             len(chunks),
         )
     extractor = make_extractor(conf) if todo else None
-    writer = _ChunkWriter(
+    writer = ChunkWriter(
         partial_dir,
         str(conf["output"]),
         seq,
@@ -307,13 +307,13 @@ def main(
     except BaseException:
         try:  # keep the images finished so far (Ctrl-C, a failing extractor)
             writer.commit()
-        except _H5_ERRORS:
+        except H5_ERRORS:
             writer.discard()
         writer.wait()
         raise
     writer.commit()
     sources.extend(writer.wait())
-    _merge(out, held is not None, sources, partial_dir, str(conf["output"]))
+    merge_chunks(out, held is not None, sources, partial_dir, str(conf["output"]))
     legacy.unlink(missing_ok=True)
     shutil.rmtree(partial_dir, ignore_errors=True)
     write_config(out.parent, dict(conf), name=f"{out.stem}.config.yaml")

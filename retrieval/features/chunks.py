@@ -2,9 +2,10 @@
 
 Finished images are committed to small chunk files in ``<file>.partial.d/`` (each written under a
 temporary name, closed, flushed and renamed, so a chunk torn by a kill is just discarded); a rerun
-takes the images of committed chunks (:func:`_committed_chunks`, :func:`_held`), and completion
-merges them into a temporary file renamed onto ``<file>`` (:func:`_merge`). A damaged file is named
-in one warning and its images are redone. :func:`retrieval.features.main` drives these pieces.
+takes the images of committed chunks (:func:`committed_chunks`, :func:`held_images`), and
+completion merges them into a temporary file renamed onto ``<file>`` (:func:`merge_chunks`). A
+damaged file is named in one warning and its images are redone. :func:`retrieval.features.main`
+drives these pieces.
 """
 
 from __future__ import annotations
@@ -23,19 +24,29 @@ from typing import Any
 import h5py
 
 from retrieval.features.h5 import (
-    _DATASETS,
-    _H5_ERRORS,
+    FEATURE_DATASETS,
     FORMAT_VERSION,
+    H5_ERRORS,
     ExtractedFeatures,
     write_image,
 )
 
+__all__ = [
+    "ChunkSources",
+    "ChunkWriter",
+    "committed_chunks",
+    "held_images",
+    "legacy_images",
+    "merge_chunks",
+]
+
 logger = logging.getLogger("retrieval.features")
 
 _CHUNK_PATTERN = re.compile(r"chunk-(\d{6,})\.h5")
-_DATASET_LINKS = tuple(k.encode() for k in _DATASETS)
+_DATASET_LINKS = tuple(k.encode() for k in FEATURE_DATASETS)
 
-_Sources = list[tuple[Path, set[str]]]  # files and the complete images to take from each
+#: Finished work not yet merged: files and the complete images to take from each, oldest first.
+ChunkSources = list[tuple[Path, set[str]]]
 
 
 def _fsync(path: Path) -> None:
@@ -92,14 +103,14 @@ def _damaged_file(path: Path, what: str, exc: BaseException) -> None:
     path.unlink(missing_ok=True)
 
 
-def _held(path: Path, ids: Iterable[str], what: str) -> set[str] | None:
+def held_images(path: Path, ids: Iterable[str], what: str) -> set[str] | None:
     """Of ``ids``, the images an existing features file holds complete; None (after one
     warning naming it, and its removal) when it is damaged. Images marked done but lacking a
     dataset are named in a warning and left out (redone)."""
     try:
         with h5py.File(path, "r") as f:
             done, broken = _complete(f, ids)
-    except _H5_ERRORS as exc:
+    except H5_ERRORS as exc:
         _damaged_file(path, what, exc)
         return None
     if broken:
@@ -113,17 +124,17 @@ def _held(path: Path, ids: Iterable[str], what: str) -> set[str] | None:
     return done
 
 
-def _legacy_images(path: Path) -> set[str] | None:
+def legacy_images(path: Path) -> set[str] | None:
     """The complete images of the single append-mode ``.partial`` file of earlier versions
     (None when a kill left it unreadable: warned and removed)."""
     try:
         with h5py.File(path, "r") as f:
             ids: list[str] = []
             f.visit(ids.append)
-    except _H5_ERRORS as exc:
+    except H5_ERRORS as exc:
         _damaged_file(path, "partial file", exc)
         return None
-    return _held(path, ids, "partial file")
+    return held_images(path, ids, "partial file")
 
 
 def _chunk_images(path: Path) -> set[str] | None:
@@ -135,19 +146,19 @@ def _chunk_images(path: Path) -> set[str] | None:
             done, _ = _complete(f, ids)
         if len(done) != len(ids):
             raise OSError(f"{len(ids) - len(done)} of its {len(ids)} images are incomplete")
-    except (*_H5_ERRORS, ValueError) as exc:
+    except (*H5_ERRORS, ValueError) as exc:
         _damaged_file(path, "committed chunk", exc)
         return None
     return done
 
 
-def _committed_chunks(folder: Path) -> tuple[_Sources, int]:
+def committed_chunks(folder: Path) -> tuple[ChunkSources, int]:
     """The committed chunks of a partial folder in commit order, with their images, and the
     next free chunk number. Torn chunks (uncommitted ``.tmp`` files, unreadable chunks) and
     an unfinished merge are removed."""
     if not folder.is_dir():
         return [], 0
-    chunks: _Sources = []
+    chunks: ChunkSources = []
     seq, torn = 0, 0
     for p in sorted(folder.iterdir()):
         m = _CHUNK_PATTERN.fullmatch(p.name)
@@ -165,7 +176,7 @@ def _committed_chunks(folder: Path) -> tuple[_Sources, int]:
     return chunks, seq
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """Writes finished images into ``<folder>/chunk-<seq>.h5`` files, each written under a
     temporary name and closed; a background thread flushes it to disk and renames it to its
     committed name (off the extraction thread). A chunk torn by a kill is a leftover ``.tmp``
@@ -222,7 +233,7 @@ class _ChunkWriter:
         self._file, self._tmp, self._names = None, None, []
         self.seq += 1
 
-    def wait(self) -> _Sources:
+    def wait(self) -> ChunkSources:
         """Wait for the commits in flight; the chunks this writer committed, in order."""
         try:
             return [fut.result() for fut in self._pending]
@@ -235,7 +246,7 @@ class _ChunkWriter:
         if self._file is not None:
             try:
                 self._file.close()
-            except _H5_ERRORS:
+            except H5_ERRORS:
                 pass
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
@@ -267,7 +278,9 @@ def _copy_image(src: h5py.File, dst: h5py.File, name: str) -> None:
         g.attrs[key] = value
 
 
-def _merge(out: Path, base: bool, sources: _Sources, scratch: Path, conf_output: str) -> None:
+def merge_chunks(
+    out: Path, base: bool, sources: ChunkSources, scratch: Path, conf_output: str
+) -> None:
     """Write ``out``: a copy of the existing ``out`` (``base``) or a new file, plus the images
     of ``sources`` (a later source wins), as a temporary file in ``scratch`` flushed to disk
     and renamed onto ``out``."""

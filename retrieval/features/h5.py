@@ -25,7 +25,9 @@ import h5py
 import numpy as np
 
 __all__ = [
+    "FEATURE_DATASETS",
     "FORMAT_VERSION",
+    "H5_ERRORS",
     "ExtractedFeatures",
     "check_features",
     "failures",
@@ -35,9 +37,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_DATASETS = ("keypoints", "descriptors", "scales", "scores")
+#: The per-image datasets of a features file.
+FEATURE_DATASETS = ("keypoints", "descriptors", "scales", "scores")
 # What h5py raises on a damaged file or object (besides OSError for unreadable blocks).
-_H5_ERRORS = (OSError, RuntimeError, KeyError)
+H5_ERRORS = (OSError, RuntimeError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def failures(path: str | os.PathLike[str]) -> dict[str, str]:
                 for n in f
                 if f[n].attrs.get("status") == "error"
             }
-        except _H5_ERRORS as exc:
+        except H5_ERRORS as exc:
             raise _damaged(p, None, exc) from exc
 
 
@@ -180,8 +183,8 @@ def read_features(path: str | os.PathLike[str], name: str) -> ExtractedFeatures:
             if name not in f:
                 raise ValueError(f"{p}: no features for image {name!r}")
             g = f[name]
-            arrays = [np.asarray(_dataset(p, g, name, k)[()]) for k in _DATASETS]
-        except _H5_ERRORS as exc:
+            arrays = [np.asarray(_dataset(p, g, name, k)[()]) for k in FEATURE_DATASETS]
+        except H5_ERRORS as exc:
             raise _damaged(p, name, exc) from exc
     feats = ExtractedFeatures(*arrays)
     check_features(p, name, feats.keypoints, feats.descriptors)
@@ -224,6 +227,6 @@ def read_descriptors(path: str | os.PathLike[str], names: Sequence[str]) -> list
                 else:  # a descriptors-only file (e.g. a codebook training set)
                     _check_array(p, n, "descriptors", d, 0)
                 out.append(d.astype(np.float32, copy=False))
-        except _H5_ERRORS as exc:
+        except H5_ERRORS as exc:
             raise _damaged(p, current, exc) from exc
     return out

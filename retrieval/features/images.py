@@ -2,7 +2,7 @@
 
 :func:`load_image` decodes what PIL can (CMYK, grayscale, 16-bit, palette, alpha composited on
 white, EXIF orientation applied, huge JPEGs decoded at reduced size) and raises
-:class:`BadImageError` naming the file otherwise; :func:`_crop_and_resize` crops a query to its
+:class:`BadImageError` naming the file otherwise; :func:`crop_and_resize` crops a query to its
 ``bbx`` and downscales to ``max_side``, returning the map back to original pixels.
 :class:`ImageItem` is one image to extract (id, path, optional crop box).
 """
@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BadImageError", "ImageItem", "load_image"]
+__all__ = [
+    "BadImageError",
+    "ImageItem",
+    "crop_and_resize",
+    "load_image",
+]
 
 
 class BadImageError(ValueError):
@@ -84,13 +89,22 @@ def load_image(
     return arr, size, float(factor)
 
 
-def _crop_and_resize(
+def crop_and_resize(
     arr: np.ndarray, factor: float, bbx: tuple[float, float, float, float] | None, max_side: int
 ) -> tuple[np.ndarray, float, float, float, float]:
     """Crop to ``bbx`` (original pixels) and downscale to ``max_side``.
 
+    Args:
+        arr: (H, W) or (H, W, C) image, already downscaled by ``factor`` from the original.
+        factor: original pixels per pixel of ``arr``.
+        bbx: ``(x1, y1, x2, y2)`` crop in original pixels, or None for the whole image.
+        max_side: the longer side of the result at most this (0: no downscaling).
+
     Returns:
         ``(image, sx, sy, ox, oy)``: original = image pixel * (sx, sy) + (ox, oy).
+
+    Raises:
+        ValueError: when ``bbx`` does not overlap the image.
     """
     import cv2
 

@@ -1,9 +1,9 @@
 """RootSIFT: OpenCV SIFT with RootSIFT descriptors, the default local feature, and its presets.
 
 :func:`rootsift` maps SIFT descriptors (N, 128) to RootSIFT (Arandjelovic & Zisserman 2012:
-L1-normalise, square root, so unit L2 norm); :class:`_RootSift` is the extractor that
+L1-normalise, square root, so unit L2 norm); :class:`RootSift` is the extractor that
 :func:`retrieval.features.make_extractor` returns for ``model.name == "rootsift"`` (the
-``max_features`` strongest by response, optionally upright); :func:`_rootsift` builds a preset
+``max_features`` strongest by response, optionally upright); :func:`rootsift_conf` builds a preset
 of :data:`retrieval.features.confs`.
 """
 
@@ -14,10 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rootsift"]
+__all__ = [
+    "RootSift",
+    "rootsift",
+    "rootsift_conf",
+]
 
 
-def _rootsift(max_features: int) -> dict[str, Any]:
+def rootsift_conf(max_features: int) -> dict[str, Any]:
+    """The RootSIFT features preset keeping the ``max_features`` strongest keypoints."""
     return {
         "output": f"rootsift-n{max_features}",  # folder / file name (see output_name)
         "model": {
@@ -56,7 +61,14 @@ def rootsift(descriptors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return np.sqrt(np.maximum(d, 0.0)).astype(np.float32)
 
 
-class _RootSift:
+class RootSift:
+    """The RootSIFT extractor of a ``model`` conf (see :func:`rootsift_conf`): OpenCV SIFT,
+    then :func:`rootsift`; ``dim`` 128, keypoint sizes in pixels of the image it is given.
+
+    Raises:
+        ValueError: when ``max_features`` is below 1.
+    """
+
     def __init__(self, model: Mapping[str, Any]) -> None:
         import cv2
 

@@ -44,12 +44,11 @@ import numpy.typing as npt
 from retrieval.index.assignment import (
     ASSIGNMENTS,
     WordIndex,
-    _check_codebook,
     assign,
+    check_codebook,
     n_threads,
     resolve_assignment,
 )
-from retrieval.index.assignment import _nearest_word as _nearest_word
 from retrieval.index.kernels import Kernel
 from retrieval.index.kernels import get as get_kernel
 from retrieval.index.kernels import kernels as KERNEL_REGISTRY
@@ -70,11 +69,17 @@ __all__ = [
     "aggregate_many",
     "assign",
     "check_packed_bits",
+    "drop_zero_words",
     "pack_signs",
     "packed_width",
     "pair_similarity",
+    "residual_sums",
     "selectivity",
     "similarity",
+    "sum_sorted_segments",
+    "to_batch",
+    "vlad_normalise",
+    "word_data",
 ]
 
 logger = logging.getLogger("retrieval.index.aggregation")
@@ -411,7 +416,7 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def _residual_sums(
+def residual_sums(
     x: np.ndarray, item: np.ndarray, ids: np.ndarray, cb: np.ndarray, backend: str = "numba"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (item, word) residual sums, sorted by item then word.
@@ -437,12 +442,12 @@ def _residual_sums(
 
         sums = segment_residual_sums(x, rows, w, order, first, cb)
     else:
-        sums = _sum_sorted_segments(x[rows] - cb[w], order, first)
+        sums = sum_sorted_segments(x[rows] - cb[w], order, first)
     uk = key_s[first]
     return uk // k, uk % k, sums.astype(np.float32, copy=False)
 
 
-def _sum_sorted_segments(rows: np.ndarray, order: np.ndarray, first: np.ndarray) -> np.ndarray:
+def sum_sorted_segments(rows: np.ndarray, order: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Sum rows (M, D) per segment: segment j holds rows ``order[first[j]:first[j+1]]``.
 
     A sparse (n_segments, M) 0/1 matrix times the rows: one pass over the data in C, ~15x
@@ -463,24 +468,35 @@ def _segment_sum(values: np.ndarray, segment: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(segment, weights=values.astype(np.float64), minlength=n)
 
 
-def _drop_zero(
+def drop_zero_words(
     items: np.ndarray, words: np.ndarray, sums: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Drop the (item, word) rows whose residual sum has a norm of at most ``ZERO_NORM``.
+
+    Args:
+        items, words: int (M,) the item and the word of each row.
+        sums: float32 (M, D) residual sums.
+
+    Returns:
+        ``(items, words, sums, norms)`` of the rows kept; ``norms`` float64 (M',).
+    """
     # float64 products cast chunk by chunk inside einsum (no (M, D) float64 copies: 25x faster)
     norms = np.sqrt(np.einsum("ij,ij->i", sums, sums, dtype=np.float64))
     keep = norms > ZERO_NORM
     return items[keep], words[keep], sums[keep], norms[keep]
 
 
-def _vlad_normalise(items: np.ndarray, sums: np.ndarray, norms: np.ndarray, n: int) -> np.ndarray:
+def vlad_normalise(items: np.ndarray, sums: np.ndarray, norms: np.ndarray, n: int) -> np.ndarray:
     """Divide each item's residuals by the L2 norm of its whole K*D vector."""
     tot = np.sqrt(_segment_sum(norms**2, items, n))
     return (sums / tot[items][:, None]).astype(np.float32)
 
 
-def _to_batch(
+def to_batch(
     items: np.ndarray, words: np.ndarray, data: np.ndarray, n: int, dim: int
 ) -> AggregatedBatch:
+    """An :class:`AggregatedBatch` of ``n`` items from rows sorted by item: ``items`` int (M,),
+    ``words`` int (M,), ``data`` (M, ...) the stored word vectors, ``dim`` the descriptor D."""
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(items, minlength=n), out=offsets[1:])
     return AggregatedBatch(offsets=offsets, words=words.astype(np.uint32), data=data, dim=dim)
@@ -563,7 +579,7 @@ def aggregate_many(
     """
     _check_backend(backend)
     kern = get_kernel(kernel)
-    cb = _check_codebook(codebook)
+    cb = check_codebook(codebook)
     words_index = resolve_assignment(assignment, cb)
     workers = n_threads(threads)
     dim = cb.shape[1]
@@ -623,7 +639,7 @@ def aggregate_many(
     if not parts:
         width = packed_width(dim) if kern.binary else dim
         dt = np.uint8 if kern.binary else np.float32
-        return _to_batch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, width), dt), 0, dim)
+        return to_batch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, width), dt), 0, dim)
     return parts[0] if len(parts) == 1 else AggregatedBatch.concatenate(parts)
 
 
@@ -639,12 +655,12 @@ def _aggregate_images(
     """:func:`aggregate_many` of a non-regional kernel on one chunk of ``n`` images, from their
     stacked descriptors x (N, D), image of each row item (N,) and words ids (N, m)."""
     dim = cb.shape[1]
-    items, words, sums = _residual_sums(x, item, ids, cb, backend)
-    items, words, sums, norms = _drop_zero(items, words, sums)
-    return _to_batch(items, words, _word_data(kernel, items, sums, norms, n), n, dim)
+    items, words, sums = residual_sums(x, item, ids, cb, backend)
+    items, words, sums, norms = drop_zero_words(items, words, sums)
+    return to_batch(items, words, word_data(kernel, items, sums, norms, n), n, dim)
 
 
-def _word_data(
+def word_data(
     kernel: Kernel, items: np.ndarray, sums: np.ndarray, norms: np.ndarray, n: int
 ) -> np.ndarray:
     """The stored form of each word (``kernel.words``) from its residual sum.
@@ -658,7 +674,7 @@ def _word_data(
         word unit length) or (W, ceil(D/8)) uint8 packed sign bits (``binary``).
     """
     if kernel.words == "vlad":
-        return _vlad_normalise(items, sums, norms, n)
+        return vlad_normalise(items, sums, norms, n)
     if kernel.words == "asmk":
         return (sums / norms[:, None]).astype(np.float32)
     return pack_signs(sums)

@@ -30,8 +30,10 @@ __all__ = [
     "HNSW_DEFAULTS",
     "WordIndex",
     "assign",
+    "check_codebook",
     "codebook_fingerprint",
     "n_threads",
+    "nearest_word",
     "resolve_assignment",
     "word_index",
 ]
@@ -50,7 +52,8 @@ ASSIGNMENTS: tuple[str, ...] = ("exact", "hnsw")
 HNSW_DEFAULTS: dict[str, int] = {"m": 32, "ef_construction": 128, "ef_search": 32}
 
 
-def _check_codebook(codebook: np.ndarray) -> np.ndarray:
+def check_codebook(codebook: np.ndarray) -> np.ndarray:
+    """The codebook as contiguous float32 (K, D); ValueError unless it is 2-D and non-empty."""
     cb = np.asarray(codebook)
     if cb.ndim != 2 or cb.shape[0] < 1 or cb.shape[1] < 1:
         raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {cb.shape}")
@@ -59,7 +62,7 @@ def _check_codebook(codebook: np.ndarray) -> np.ndarray:
 
 def codebook_fingerprint(codebook: np.ndarray) -> str:
     """SHA-1 of the float32 (K, D) codebook's shape and bytes (ties a cached graph to it)."""
-    cb = _check_codebook(codebook)
+    cb = check_codebook(codebook)
     h = hashlib.sha1(f"{cb.shape[0]}x{cb.shape[1]}:".encode())
     h.update(cb.data)
     return h.hexdigest()
@@ -121,7 +124,7 @@ class WordIndex:
         """Build the HNSW graph over float32 (K, D) centroids, single-threaded (deterministic)."""
         import faiss
 
-        cb = _check_codebook(codebook)
+        cb = check_codebook(codebook)
         if not 2 <= int(m) <= 256 or int(ef_construction) < 1:
             raise ValueError(
                 f"HNSW needs 2 <= m <= 256 and ef_construction >= 1, got {m}, {ef_construction}"
@@ -251,7 +254,7 @@ def assign(
     """
     import faiss
 
-    cb = _check_codebook(codebook)
+    cb = check_codebook(codebook)
     x = np.ascontiguousarray(descriptors, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != cb.shape[1]:
         raise ValueError(f"descriptors must be (N, {cb.shape[1]}), got shape {x.shape}")
@@ -265,7 +268,7 @@ def assign(
     if num_assignments > 1:
         _, ids = faiss.knn(x, cb, num_assignments)
         return ids.astype(np.int64, copy=False)
-    return _nearest_word(x, cb)[:, None]
+    return nearest_word(x, cb)[:, None]
 
 
 def resolve_assignment(assignment: str | WordIndex, codebook: np.ndarray) -> WordIndex | None:
@@ -288,13 +291,21 @@ def resolve_assignment(assignment: str | WordIndex, codebook: np.ndarray) -> Wor
     )
 
 
-def _nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarray:
+def nearest_word(x: np.ndarray, cb: np.ndarray, block: int = 4096) -> np.ndarray:
     """argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), by GEMM blocks of 4096 x 4096.
 
     The GEMM computes ``[x, 1] . [-2 c, ||c||^2]`` (D + 1 columns: the norms ride along for
     0.8% more work instead of a pass over the block), then ``argmin`` per row and, across blocks
     of codewords, a running minimum (the first minimum wins ties). The distance matrix is never
     materialised, so memory stays at ~64 MB whatever N and K.
+
+    Args:
+        x: (N, D) float32 descriptors.
+        cb: (K, D) float32 codebook.
+        block: rows of ``x`` and codewords per GEMM block.
+
+    Returns:
+        (N,) int64 index of each descriptor's nearest codeword.
     """
     n, (k, dim) = x.shape[0], cb.shape
     aug = np.empty((k, dim + 1), np.float32)  # [-2 c, ||c||^2], row by row (no transpose)

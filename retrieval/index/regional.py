@@ -23,12 +23,12 @@ import numpy as np
 
 from retrieval.index.aggregation import (
     AggregatedBatch,
-    _drop_zero,
-    _residual_sums,
-    _sum_sorted_segments,
-    _to_batch,
-    _vlad_normalise,
-    _word_data,
+    drop_zero_words,
+    residual_sums,
+    sum_sorted_segments,
+    to_batch,
+    vlad_normalise,
+    word_data,
 )
 from retrieval.index.kernels import Kernel
 
@@ -60,21 +60,21 @@ def aggregate_regions_chunk(
     n, dim = n_reg.shape[0], cb.shape[1]
     n_flat = int(n_reg.sum())
     region_image = np.repeat(np.arange(n, dtype=np.int64), n_reg)
-    ritems, words, sums = _residual_sums(x, ritem, ids, cb, backend)
-    ritems, words, sums, norms = _drop_zero(ritems, words, sums)
+    ritems, words, sums = residual_sums(x, ritem, ids, cb, backend)
+    ritems, words, sums, norms = drop_zero_words(ritems, words, sums)
     if kernel.regional == "asmk":
         vlad = (sums / norms[:, None]).astype(np.float32)  # naive: ASMK per region, unit words
     else:
-        vlad = _vlad_normalise(ritems, sums, norms, n_flat)
+        vlad = vlad_normalise(ritems, sums, norms, n_flat)
     img = region_image[ritems]
     k = cb.shape[0]
     key = img * k + words
     order = np.argsort(key, kind="stable")
     key_s = key[order]
     first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]]) if key_s.size else key_s
-    acc = _sum_sorted_segments(vlad, order, first)
+    acc = sum_sorted_segments(vlad, order, first)
     uk = key_s[first]
     items, words = uk // k, uk % k
     acc = (acc / n_reg[items][:, None]).astype(np.float32)  # average of the regions
-    items, words, acc, norms = _drop_zero(items, words, acc)
-    return _to_batch(items, words, _word_data(kernel, items, acc, norms, n), n, dim)
+    items, words, acc, norms = drop_zero_words(items, words, acc)
+    return to_batch(items, words, word_data(kernel, items, acc, norms, n), n, dim)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.rmac.pooling import _l2n, region_max_pool, rmac_regions
+from retrieval.rmac.pooling import l2_normalise, region_max_pool, rmac_regions
 from retrieval.rmac.whitening import Whitening, aggregate_rmac
 
 __all__ = [
@@ -314,7 +314,7 @@ def _window_regional(
     counts = np.array([len(gr) for gr in grids], np.int64)
     img = np.repeat(np.arange(len(boxes)), counts)
     offs = np.repeat(np.asarray(boxes)[:, [0, 1, 0, 1]], counts, axis=0)
-    return _l2n(region_max_pool(stack, img, np.concatenate(grids) + offs)), counts
+    return l2_normalise(region_max_pool(stack, img, np.concatenate(grids) + offs)), counts
 
 
 def aml_rerank(

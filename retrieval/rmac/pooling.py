@@ -12,6 +12,7 @@ import numpy as np
 from retrieval.regions import rmac_grid
 
 __all__ = [
+    "l2_normalise",
     "map_descriptors",
     "region_max_pool",
     "region_max_pool_loop",
@@ -127,7 +128,8 @@ def region_max_pool_loop(maps: np.ndarray, img: np.ndarray, boxes: np.ndarray) -
     )
 
 
-def _l2n(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+def l2_normalise(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """``x / (||x|| + eps)`` along ``axis``, as float32: (..., C) -> (..., C) for the last axis."""
     x = np.asarray(x, np.float32)
     return x / (np.linalg.norm(x, axis=axis, keepdims=True) + eps)
 
@@ -146,4 +148,4 @@ def map_descriptors(
     h, w = fmap.shape[:2]
     boxes = rmac_regions(w, h, levels, overlap=overlap)
     reg = region_max_pool(fmap[None], np.zeros(len(boxes), np.int64), boxes)
-    return _l2n(fmap.max(axis=(0, 1))), _l2n(reg)
+    return l2_normalise(fmap.max(axis=(0, 1))), l2_normalise(reg)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from gldboxes.io import atomic_path
-from retrieval.rmac.pooling import _l2n
+from retrieval.rmac.pooling import l2_normalise
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,7 +52,7 @@ class Whitening:
             raise ValueError(
                 f"whitening: expected (N, {self.mean.shape[0]}) vectors, got {x.shape}"
             )
-        return _l2n((x - self.mean) @ self.proj.T)
+        return l2_normalise((x - self.mean) @ self.proj.T)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
@@ -148,6 +148,6 @@ def aggregate_rmac(
             f"aggregate_rmac: counts {counts.tolist()[:5]}... do not split "
             f"{len(regional)} regional vectors (each image needs >= 1 region)"
         )
-    v = whitening.apply(regional) if whitening is not None else _l2n(regional)
+    v = whitening.apply(regional) if whitening is not None else l2_normalise(regional)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return _l2n(np.add.reduceat(v, starts, axis=0))
+    return l2_normalise(np.add.reduceat(v, starts, axis=0))

@@ -29,6 +29,7 @@ from retrieval.evaluation.evaluate import evaluate_protocols
 from retrieval.features import codebook as codebook_stage
 from retrieval.index.aggregation import REGIONAL_KERNELS, AggregatedBatch, aggregate_many
 from retrieval.index.assignment import WordIndex
+from retrieval.index.inverted_file import InvertedFile
 from retrieval.runner.conf import IMAGE_SUFFIXES, feature_conf, region_conf
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "extract_folder",
     "folder_items",
     "image_sizes",
+    "index_part",
     "region_crop_items",
     "regional_descriptor_lists",
 ]
@@ -348,6 +350,52 @@ def aggregate_database(
     batch = AggregatedBatch.concatenate(parts)
     item_image = np.concatenate(owners).astype(np.int64) if owners else None
     return batch, item_image
+
+
+def index_part(
+    conf: Mapping[str, Any],
+    names: Sequence[str],
+    db_features: str | os.PathLike[str],
+    codebook: np.ndarray,
+    *,
+    meta: Mapping[str, Any],
+    regions: Mapping[str, Sequence[Any]] | None = None,
+    regions_features: str | os.PathLike[str] | None = None,
+    assignment: str | WordIndex | None = None,
+    region_norm_floor: float | None = None,
+) -> InvertedFile:
+    """The inverted file of some database images (an index part of a run or of a photo index):
+    :func:`aggregate_database`, then ``InvertedFile.build`` with the conf's kernel settings.
+
+    Args:
+        conf: a run conf (kernel, alpha, tau, normalize, regional_search, ...).
+        names, db_features, codebook, regions, regions_features, assignment: as
+            :func:`aggregate_database`.
+        meta: JSON-able metadata stored with the part (its first image id, names, ...).
+        region_norm_floor: regional search's rho (used only when the part is regional).
+    """
+    batch, item_image = aggregate_database(
+        conf,
+        names,
+        db_features,
+        codebook,
+        regions=regions,
+        regions_features=regions_features,
+        assignment=assignment,
+    )
+    regional = item_image is not None
+    return InvertedFile.build(
+        batch,
+        codebook.shape[0],
+        conf["kernel"],
+        alpha=conf["alpha"],
+        tau=conf["tau"],
+        normalize=conf["normalize"],
+        meta=dict(meta),
+        item_image=item_image,
+        pooling=conf.get("regional_search") if regional else None,
+        region_norm_floor=region_norm_floor if regional else None,
+    )
 
 
 def evaluate(

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 
 from gldboxes.io import write_config, write_json
-from retrieval.index.inverted_file import InvertedFile
 from retrieval.runner import conf as run_conf
 from retrieval.runner import driver
 from retrieval.runner.photo_index import (
@@ -222,18 +221,14 @@ def main(
     regions = photo_regions(rc, names, paths, root, driver.image_sizes(h5, names))
     start = int(h["next_id"])
     part_name = f"part-{int(h['next_part']):05d}"
-    batch, item_image = driver.aggregate_database(rc, names, h5, cb, regions=regions)
-    ivf = InvertedFile.build(
-        batch,
-        cb.shape[0],
-        rc["kernel"],
-        alpha=rc["alpha"],
-        tau=rc["tau"],
-        normalize=rc["normalize"],
+    ivf = driver.index_part(
+        rc,
+        names,
+        h5,
+        cb,
+        regions=regions,
         meta={"start": start, "image_names": names, "features": os.fspath(h5)},
-        item_image=item_image,
-        pooling=rc.get("regional_search") if item_image is not None else None,
-        region_norm_floor=run_conf.region_norm_floor(rc) if item_image is not None else None,
+        region_norm_floor=run_conf.region_norm_floor(rc),
     )
     ivf.save(idx / "parts" / part_name)
     part: dict[str, Any] = {

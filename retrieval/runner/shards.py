@@ -238,19 +238,19 @@ def _aggregation_shard(
     """Aggregate the images of one features shard into the index part ``out/index``.
 
     With regions (``shard.meta["regions"]``: the part's rows of the regions CSV) the part is
-    built by :func:`retrieval.runner.driver.aggregate_database` exactly as the single index is: one
+    built by :func:`retrieval.runner.driver.index_part` exactly as the single index is: one
     entry per image (regional kernel) or one item per region with a part-local ``item_image``
     (regional search; the part's images are ``0 .. n_part - 1``, ``start`` maps them back).
     """
     from retrieval.regions import read_regions_csv
-    from retrieval.runner.driver import aggregate_database
+    from retrieval.runner.driver import index_part
 
     codebook, how = model
     names = [str(n) for n in shard.items]
     regions = None
     if shard.meta.get("regions"):
         regions = read_regions_csv(Path(shard.meta["regions"]))
-    batch, item_image = aggregate_database(
+    ivf = index_part(
         conf,
         names,
         shard.meta["features"],
@@ -258,14 +258,6 @@ def _aggregation_shard(
         regions=regions,
         regions_features=shard.meta.get("regions_features"),
         assignment=how,
-    )
-    ivf = InvertedFile.build(
-        batch,
-        codebook.shape[0],
-        conf["kernel"],
-        alpha=conf["alpha"],
-        tau=conf["tau"],
-        normalize=conf["normalize"],
         meta={
             "start": int(shard.meta["start"]),
             "stop": int(shard.meta["stop"]),
@@ -274,8 +266,6 @@ def _aggregation_shard(
             "regions": conf.get("regions"),
             "region_features": conf.get("region_features") if regions is not None else None,
         },
-        item_image=item_image,
-        pooling=conf.get("regional_search") if item_image is not None else None,
         region_norm_floor=conf.get("region_norm_floor"),
     )
     ivf.save(out / "index")

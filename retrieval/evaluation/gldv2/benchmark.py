@@ -18,7 +18,7 @@ import numpy as np
 from gldboxes.io import atomic_dir, config_hash, read_json, write_config, write_json
 from gldboxes.progress import tqdm
 from retrieval.evaluation.gldv2.files import list_images, read_labels, read_solution
-from retrieval.evaluation.gldv2.metrics import _positions, _ranges
+from retrieval.evaluation.gldv2.metrics import concat_ranges, id_positions
 
 __all__ = ["FORMAT_VERSION", "confs", "main"]
 
@@ -102,7 +102,7 @@ def main(
 
     db_ids = np.asarray(list(db), dtype=str)  # sorted
     keep_usage = sol.subset({"all": "all", "public": "Public", "private": "Private"}[usage])
-    in_test = _positions([sol.ids[i] for i in keep_usage], np.asarray(list(queries), dtype=str))
+    in_test = id_positions([sol.ids[i] for i in keep_usage], np.asarray(list(queries), dtype=str))
     chosen = keep_usage[in_test >= 0]
     dropped: dict[str, int] = {
         "not_in_usage": len(sol.ids) - len(keep_usage),
@@ -115,7 +115,7 @@ def main(
     q_rep = np.repeat(np.arange(n_ch, dtype=np.int64), lengths)
     tokens = [v for i in chosen for v in sol.truth[i]]
     if sol.task == "retrieval":
-        flat = _positions(tokens, db_ids)
+        flat = id_positions(tokens, db_ids)
         meta["positives_outside_index"] = int((flat < 0).sum())
         positives = _group(q_rep[flat >= 0], flat[flat >= 0], n_ch)
         keep = np.array([p.size > 0 for p in positives], dtype=bool)
@@ -136,7 +136,7 @@ def main(
         lm_flat = np.concatenate(landmarks) if landmarks else np.zeros(0, np.int64)
         lo = np.searchsorted(db_lab[order], lm_flat, side="left")
         hi = np.searchsorted(db_lab[order], lm_flat, side="right")
-        images = order[np.repeat(lo, hi - lo) + _ranges(hi - lo)]
+        images = order[np.repeat(lo, hi - lo) + concat_ranges(hi - lo)]
         positives = _group(np.repeat(lm_q, hi - lo), images, n_ch)
         keep = np.ones(n_ch, dtype=bool)  # non-landmark queries count in GAP
         meta["query_landmarks"] = [a.tolist() for a in landmarks]

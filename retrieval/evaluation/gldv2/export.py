@@ -13,7 +13,7 @@ import numpy as np
 from gldboxes.gld import image_relpath
 from gldboxes.io import atomic_dir, read_json, write_json
 from retrieval.evaluation.gldv2.benchmark import FORMAT_VERSION
-from retrieval.evaluation.gldv2.files import _write_rows
+from retrieval.evaluation.gldv2.files import write_csv_rows
 
 __all__ = ["export_revisited"]
 
@@ -88,8 +88,10 @@ def export_revisited(
                 )
                 im.convert("RGB").crop(crop).save(dst, quality=95)
         for split, ids in (("index", ds.imlist), ("test", q_ids)):
-            _write_rows(tmp / split / f"{split}.csv", ["id"], [[i] for i in ids])
-        _write_rows(tmp / "test" / "retrieval_solution_v2.1.csv", ["id", "images", "Usage"], rows)
+            write_csv_rows(tmp / split / f"{split}.csv", ["id"], [[i] for i in ids])
+        write_csv_rows(
+            tmp / "test" / "retrieval_solution_v2.1.csv", ["id", "images", "Usage"], rows
+        )
         write_json(
             tmp / "export.json",
             {"format_version": FORMAT_VERSION, "key": key, "n_index": ds.n_db},

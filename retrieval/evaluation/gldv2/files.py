@@ -27,6 +27,7 @@ __all__ = [
     "read_labels",
     "read_solution",
     "read_submission",
+    "write_csv_rows",
 ]
 
 Task = Literal["retrieval", "recognition"]
@@ -226,7 +227,8 @@ def list_images(source: str | os.PathLike[str]) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
+def write_csv_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """Write a CSV file: the ``header`` row, then ``rows`` (each a list of cell strings)."""
     with open(path, "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)

@@ -3,7 +3,8 @@
 :func:`map_at_k` (retrieval, mAP@100) and :func:`global_average_precision` (recognition, GAP) as
 the challenges define them (see :mod:`retrieval.evaluation.gldv2`); :func:`map_at_k_loop` and
 :func:`global_average_precision_loop` compute the same query by query, for the tests.
-:func:`_positions` and :func:`_ranges` turn id lists into the integer arrays the metrics take.
+:func:`id_positions` and :func:`concat_ranges` turn id lists into the integer arrays the metrics
+take.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "concat_ranges",
     "global_average_precision",
     "global_average_precision_loop",
+    "id_positions",
     "map_at_k",
     "map_at_k_loop",
 ]
@@ -183,8 +186,16 @@ def global_average_precision_loop(
     return total / m
 
 
-def _positions(ids: Sequence[str], vocabulary: np.ndarray) -> np.ndarray:
-    """Position of each id in the sorted ``vocabulary`` (n,), -1 where absent."""
+def id_positions(ids: Sequence[str], vocabulary: np.ndarray) -> np.ndarray:
+    """Position of each id in the sorted ``vocabulary``, -1 where absent.
+
+    Args:
+        ids: n image or landmark ids.
+        vocabulary: (V,) sorted string array.
+
+    Returns:
+        (n,) int64 positions into ``vocabulary``.
+    """
     arr = np.asarray(list(ids), dtype=str)
     if arr.size == 0 or vocabulary.size == 0:
         return np.full(arr.size, -1, dtype=np.int64)
@@ -192,8 +203,15 @@ def _positions(ids: Sequence[str], vocabulary: np.ndarray) -> np.ndarray:
     return np.where(vocabulary[pos] == arr, pos, -1).astype(np.int64)
 
 
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(n) for n in lengths])`` without the loop."""
+def concat_ranges(lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(n) for n in lengths])`` without the loop.
+
+    Args:
+        lengths: (m,) non-negative integer lengths.
+
+    Returns:
+        (lengths.sum(),) int64: 0..lengths[0]-1, then 0..lengths[1]-1, and so on.
+    """
     total = int(lengths.sum())
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     return np.arange(total, dtype=np.int64) - starts

@@ -21,9 +21,9 @@ from gldboxes.io import read_json
 from retrieval.evaluation.gldv2.benchmark import FORMAT_VERSION
 from retrieval.evaluation.gldv2.files import GLDv2Solution, read_solution, read_submission
 from retrieval.evaluation.gldv2.metrics import (
-    _positions,
-    _ranges,
+    concat_ranges,
     global_average_precision,
+    id_positions,
     map_at_k,
 )
 
@@ -121,14 +121,14 @@ def evaluate_submission(
     sub = read_submission(submission, sol)
     if sol.task == "retrieval":
         vocab = np.unique(np.asarray([v for t in sol.truth for v in t], dtype=str))
-        positives = [_positions(t, vocab) for t in sol.truth]
+        positives = [id_positions(t, vocab) for t in sol.truth]
         rows = [sub.get(qid, [])[:k] for qid in sol.ids]
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         width = int(lengths.max()) if lengths.size else 0
         pred = np.full((len(rows), width), -1, dtype=np.int64)
-        flat = _positions([v for r in rows for v in r], vocab)
+        flat = id_positions([v for r in rows for v in r], vocab)
         # Unknown ids stay -1 (never relevant); they still take their position.
-        pred[np.repeat(np.arange(len(rows)), lengths), _ranges(lengths)] = flat
+        pred[np.repeat(np.arange(len(rows)), lengths), concat_ranges(lengths)] = flat
         _, ap = map_at_k(pred, positives, k)
         return _map_score(ap, sol.usage, k)
     ids = list(sub)
