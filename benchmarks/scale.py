@@ -334,7 +334,8 @@ def _set_threads(n: int) -> int:
 def merge_top(
     results: list[tuple[np.ndarray, np.ndarray]], starts: list[int], k: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-part rankings into the ranking over all parts.
+    """Merge per-part rankings into the ranking over all parts, as the product does
+    (:func:`retrieval.index.sharded.merge_topk`, a heap of the parts' heads).
 
     Args:
         results: per part, ``(ids, scores)`` int64 / float64 (n_queries, k_part), each row by
@@ -343,18 +344,14 @@ def merge_top(
         k: results to keep (None: all).
 
     Returns:
-        ``(ids, scores)`` (n_queries, k): ties stay by ascending id, because a stable sort of
-        the concatenation keeps part order and, within a part, id order.
+        ``(ids, scores)`` (n_queries, k), global ids.
     """
-    if len(results) != len(starts):
+    from retrieval.index.sharded import merge_topk
+
+    if len(results) != len(starts) or not results:
         raise ValueError(f"merge_top: {len(results)} results for {len(starts)} parts")
-    if len(results) == 1:
-        ids, sc = results[0]
-        return ids + starts[0], sc
-    ids = np.concatenate([r[0] + s for r, s in zip(results, starts, strict=True)], axis=1)
-    sc = np.concatenate([r[1] for r in results], axis=1)
-    order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(sc, order, 1)
+    ids = [r[0] + s for r, s in zip(results, starts, strict=True)]
+    return merge_topk(ids, [r[1] for r in results], k)
 
 
 # ---------------------------------------------------------------------- children

@@ -25,7 +25,7 @@ def _keys(rng: np.random.Generator, case: str, n: int) -> np.ndarray:
         )
     if case == "long_runs":
         # three values of the top bits, random low 31 bits: runs of ~n/3 keys equal in every
-        # sorted bit (bits 40-63), ordered by the fix-up passes below bit 40
+        # sorted bit (bits 40-63), ordered by the fix-up merge sort below bit 40
         top = rng.integers(0, 3, n).astype(np.uint64) << np.uint64(62)
         return top | rng.integers(0, 2**31, n).astype(np.uint64)
     if case == "short_runs":
@@ -49,7 +49,7 @@ def test_sort_keys_is_a_stable_sort(case: str, n: int) -> None:
     np.testing.assert_array_equal(got_k, keys[want])
 
 
-def test_long_runs_take_the_fix_up_passes() -> None:
+def test_long_runs_take_the_fix_up_sort() -> None:
     """The long-run case really has runs of over 32 keys equal in the radix-sorted bits."""
     keys = _keys(np.random.default_rng(0), "long_runs", 5000)
     _, counts = np.unique(keys >> np.uint64(40), return_counts=True)
@@ -81,3 +81,29 @@ def test_key_bits_inverts_order_key() -> None:
     np.testing.assert_array_equal(
         np.argsort(keys, kind="stable"), np.argsort(-(s + 0.0), kind="stable")
     )
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 17])
+def test_merge_topk_equals_lexsort_of_the_concatenation(n_parts: int) -> None:
+    """Ranked parts (ties and empty parts included) merged by the heap: the order of a lexsort
+    of everything by (score descending, id ascending), for every k."""
+    from retrieval.index.sharded import merge_topk
+
+    rng = np.random.default_rng(n_parts)
+    sizes = rng.integers(0, 40, n_parts)
+    sizes[0] = max(sizes[0], 1)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    ids, scs = [], []
+    for start, n in zip(starts, sizes, strict=True):
+        s = rng.integers(-2, 3, (5, n)).astype(np.float64) / 2  # many ties, 0.0 and -0.0
+        s[s == 0] = rng.choice([0.0, -0.0], int((s == 0).sum()))
+        order = np.lexsort((np.arange(n)[None].repeat(5, 0), -s), axis=-1)
+        ids.append(order + start)
+        scs.append(np.take_along_axis(s, order, 1))
+    all_ids, all_sc = np.concatenate(ids, axis=1), np.concatenate(scs, axis=1)
+    want = np.lexsort((all_ids, -all_sc), axis=-1)
+    for k in (1, 7, None):
+        got_i, got_s = merge_topk(ids, scs, k)
+        kk = all_ids.shape[1] if k is None else k
+        np.testing.assert_array_equal(got_i, np.take_along_axis(all_ids, want, 1)[:, :kk])
+        np.testing.assert_array_equal(got_s, np.take_along_axis(all_sc, want, 1)[:, :kk])
