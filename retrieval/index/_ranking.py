@@ -235,8 +235,8 @@ def merge_ranked(
     runs of equal scores by id (insertion sort, or :func:`sort_keys` on the ids of a long run
     such as the many images scoring 0).
 
-    Merges an index's ranked parts without a comparison sort (a million-image full ranking in
-    8 parts: about 10 ms a query, against about 100 ms for the lexsort).
+    Merges an index's parts without a comparison sort (a million-image full ranking in 8 parts:
+    about 55 ms a query, against 108 ms for the lexsort).
 
     Args:
         ids, scores: int64 (ids >= 0) and float64 (n_rows, T), no NaN.

@@ -36,8 +36,11 @@ def merge_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-part rankings into one: score descending, then global id ascending.
 
-    By a radix sort of the scores' keys, ties by id (:func:`retrieval.index._ranking.merge_ranked`,
-    no comparison sort: a million-image full ranking in 8 parts in about 10 ms a query).
+    Each part's rows are ranked (as :meth:`InvertedFile.search` returns them, ids made global):
+    one part is returned as it is (cut to ``k``); several are ranked together by a radix sort
+    of the scores' keys, ties by id (:func:`retrieval.index._ranking.merge_ranked`, no
+    comparison sort: a million-image full ranking in 8 parts in about 55 ms, against 108 ms
+    for a lexsort).
 
     Args:
         ids: per part, int64 (n_queries, k_p) global image ids (>= 0).
@@ -58,6 +61,8 @@ def merge_topk(
     if np.isnan(all_sc).any() or (all_ids.size and int(all_ids.min()) < 0):
         raise ValueError("merge_topk: NaN scores or negative ids")
     kk = all_ids.shape[1] if k is None else min(int(k), all_ids.shape[1])
+    if len(ids) == 1:  # already ranked
+        return all_ids[:, :kk], all_sc[:, :kk]
     out_ids = np.empty((all_ids.shape[0], kk), np.int64)
     out_sc = np.empty((all_ids.shape[0], kk), np.float64)
     merge_ranked(all_ids, np.ascontiguousarray(all_sc), out_ids, out_sc)
