@@ -335,7 +335,7 @@ def merge_top(
     results: list[tuple[np.ndarray, np.ndarray]], starts: list[int], k: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-part rankings into the ranking over all parts, as the product does
-    (:func:`retrieval.index.sharded.merge_topk`, a heap of the parts' heads).
+    (:func:`retrieval.index.sharded.merge_topk`).
 
     Args:
         results: per part, ``(ids, scores)`` int64 / float64 (n_queries, k_part), each row by

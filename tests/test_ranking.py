@@ -85,8 +85,8 @@ def test_key_bits_inverts_order_key() -> None:
 
 @pytest.mark.parametrize("n_parts", [1, 3, 17])
 def test_merge_topk_equals_lexsort_of_the_concatenation(n_parts: int) -> None:
-    """Ranked parts (ties and empty parts included) merged by the heap: the order of a lexsort
-    of everything by (score descending, id ascending), for every k."""
+    """Ranked parts (ties, 0.0 / -0.0 and empty parts included), one part returned as it is:
+    the order of a lexsort of everything by (score descending, id ascending), for every k."""
     from retrieval.index.sharded import merge_topk
 
     rng = np.random.default_rng(n_parts)

@@ -10,12 +10,10 @@ ascending id: ``np.argsort(-s, kind="stable")``. Here that order comes without c
   sorted on the 24 bits below it in two passes of 12 bits (4,096 counters, one histogram pass
   for both; 36 bits in three passes from 262,144 keys on), then the few runs still unordered
   below those bits (equal in the sorted bits) are put in order by the full key: insertion
-  sort, or a stable merge sort on a run of over 32. Scores of 100,000 items sort in under a
-  millisecond, 2x the 8-bit radix sort it replaced.
+  sort, or a stable merge sort on a run of over 32 (``benchmarks/ranking.py`` times it against
+  numpy's stable argsort).
 * :func:`rank_descending`: the full ranking of every row of a score matrix.
 * :func:`better` and :func:`sift_down`: the bounded heap of the top-k.
-* :func:`merge_ranked`: the ranking of (score, id) pairs in any order (an index's ranked parts
-  side by side), by the same radix sort and then ties by id.
 
 :func:`retrieval.index._kernels.search_binary` ranks its candidates with these; the tests check
 them against ``np.argsort(-s, kind="stable")``.
@@ -32,7 +30,6 @@ __all__ = [
     "COUNTS_SHAPE",
     "better",
     "key_bits",
-    "merge_ranked",
     "order_key",
     "rank_descending",
     "sift_down",
@@ -161,10 +158,8 @@ def sort_keys(
             r1 += 1
         if r1 - r0 > 32:  # a stable merge sort of the run (no fixed cost per run)
             perm = np.argsort(keys[r0:r1], kind="mergesort")
-            keys2[r0:r1] = keys[r0:r1][perm]
-            ids2[r0:r1] = ids[r0:r1][perm]
-            keys[r0:r1] = keys2[r0:r1]
-            ids[r0:r1] = ids2[r0:r1]
+            keys[r0:r1] = keys[r0:r1][perm]
+            ids[r0:r1] = ids[r0:r1][perm]
         else:
             for x in range(r0 + 1, r1):  # stable: moves past strictly greater keys
                 kx = keys[x]
@@ -221,62 +216,3 @@ def sift_down(hs: np.ndarray, hi: np.ndarray, size: int, r: int) -> None:  # pra
         hs[r], hs[c] = hs[c], hs[r]
         hi[r], hi[c] = hi[c], hi[r]
         r = c
-
-
-@njit(cache=True, nogil=True)
-def merge_ranked(
-    ids: np.ndarray,
-    scores: np.ndarray,
-    out_ids: np.ndarray,
-    out_scores: np.ndarray,
-) -> None:  # pragma: no cover - compiled
-    """The first k entries of every row by score descending, ties by ascending id: the order of
-    ``np.lexsort((ids, -scores))``, by :func:`sort_keys` on the scores' keys and then the
-    runs of equal scores by id (insertion sort, or :func:`sort_keys` on the ids of a long run
-    such as the many images scoring 0).
-
-    Merges an index's parts without a comparison sort (a million-image full ranking in 8 parts:
-    about 55 ms a query, against 108 ms for the lexsort).
-
-    Args:
-        ids, scores: int64 (ids >= 0) and float64 (n_rows, T), no NaN.
-        out_ids, out_scores: int64 and float64 (n_rows, k), k <= T (written).
-    """
-    n_rows, total = ids.shape
-    k = out_ids.shape[1]
-    keys = np.empty((2, total), np.uint64)
-    cols = np.empty((2, total), np.int64)
-    idk = np.empty((2, total), np.uint64)
-    tmp = np.empty((2, total), np.int64)
-    counts = np.empty(COUNTS_SHAPE, np.int64)
-    bits = scores.view(np.uint64)
-    for q in range(n_rows):
-        for t in range(total):
-            keys[0, t] = order_key(bits[q, t])
-            cols[0, t] = t
-        moved = sort_keys(keys[0], cols[0], keys[1], cols[1], counts)
-        ks = keys[1] if moved else keys[0]
-        cs = cols[1] if moved else cols[0]
-        t = 0
-        while t < total:  # each run of equal scores, by id
-            r1 = t + 1
-            while r1 < total and ks[r1] == ks[t]:
-                r1 += 1
-            if r1 - t > 32:
-                for x in range(t, r1):
-                    idk[0, x] = np.uint64(ids[q, cs[x]])
-                if sort_keys(idk[0, t:r1], cs[t:r1], idk[1, t:r1], tmp[1, t:r1], counts):
-                    cs[t:r1] = tmp[1, t:r1]
-            else:
-                for x in range(t + 1, r1):
-                    cx = cs[x]
-                    ix = ids[q, cx]
-                    y = x - 1
-                    while y >= t and ids[q, cs[y]] > ix:
-                        cs[y + 1] = cs[y]
-                        y -= 1
-                    cs[y + 1] = cx
-            t = r1
-        for r in range(k):
-            out_ids[q, r] = ids[q, cs[r]]
-            out_scores[q, r] = scores[q, cs[r]]
